@@ -1,0 +1,34 @@
+"""The seam between where GPU facts come from and what the agent does with them.
+
+A ``DeviceSource`` answers, at a sampling instant, who holds each GPU and how busy
+it is. The simulated fleet (``agent.simulate``) implements it for tests and the
+demo; the NVML source implements it on GPU hosts. Nothing past this seam knows
+which one it is talking to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    gpu_uuid: str
+    gpu_class: str
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One GPU at one sampling instant. ``None`` means unavailable, never zero."""
+
+    gpu_uuid: str
+    firm_id: str | None  # None: nobody holds the GPU (idle)
+    util_percent: float | None
+    energy_mj_total: int | None  # the device's cumulative energy counter (mJ since driver load)
+
+
+class DeviceSource(Protocol):
+    def devices(self) -> list[DeviceInfo]: ...
+
+    def observe(self, now_s: int) -> list[Observation]: ...

@@ -1,0 +1,70 @@
+"""Sends framed usage batches to Kafka with acks=all. The only module here that imports kafka."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kafka import KafkaProducer
+
+from gpumeter.errors import GpumeterError
+from gpumeter.record import Window, encode_batch, signature_headers
+
+MAX_WINDOWS_PER_MESSAGE = 500
+
+
+class SendError(GpumeterError):
+    code = "send_failed"
+
+
+class KafkaSink:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        signing_key: tuple[str, bytes] | None = None,
+        **producer_config: Any,
+    ) -> None:
+        config: dict[str, Any] = {
+            "acks": "all",
+            "linger_ms": 20,
+            "retries": 5,
+            "max_in_flight_requests_per_connection": 1,  # keep a host's batches in order
+            "request_timeout_ms": 15_000,
+        }
+        config.update(producer_config)
+        self.topic = topic
+        self.signing_key = signing_key
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap, **config)
+        self._pending: list[Any] = []
+        self.messages_sent = 0
+        self.windows_sent = 0
+
+    def send(self, host_id: str, agent_version: str, windows: Sequence[Window]) -> None:
+        """Queue windows (split into messages of at most MAX_WINDOWS_PER_MESSAGE)."""
+        for i in range(0, len(windows), MAX_WINDOWS_PER_MESSAGE):
+            chunk = windows[i : i + MAX_WINDOWS_PER_MESSAGE]
+            value = encode_batch(host_id, agent_version, chunk)
+            headers = signature_headers(value, *self.signing_key) if self.signing_key else []
+            fut = self._producer.send(self.topic, key=host_id.encode(), value=value, headers=headers)
+            self._pending.append((fut, len(chunk)))
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until the broker acknowledged everything queued; SendError if anything failed."""
+        self._producer.flush(timeout=timeout_s)
+        failed = 0
+        first: BaseException | None = None
+        for fut, n in self._pending:
+            exc = fut.exception if fut.is_done else TimeoutError("not acknowledged in time")
+            if exc is not None:
+                failed += n
+                first = first or exc
+            else:
+                self.messages_sent += 1
+                self.windows_sent += n
+        self._pending = []
+        if failed:
+            raise SendError(f"{failed} window(s) not acknowledged by Kafka: {first}")
+
+    def close(self) -> None:
+        self._producer.close(timeout=10)

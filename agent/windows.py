@@ -1,0 +1,119 @@
+"""Window integration: samples in, closed usage windows out. Pure; no clock, no I/O.
+
+Each sample taken at ``t`` stands for the half-open interval ``[t, t + interval)``:
+the firm holding the GPU at ``t`` is credited ``interval`` allocated seconds, busy
+seconds of ``util% * interval``, and the energy counter's growth until the next
+sample. Windows are aligned to wall-clock multiples of ``window_s``; one window
+record per (GPU, firm) that held the GPU in it. Sampling times are whole seconds
+and ``window_s`` is a multiple of ``interval_s``, so allocated seconds are exact
+when ownership changes on sample boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.devices import DeviceInfo, Observation
+from gpumeter.record import Window, record_id
+
+
+@dataclass(slots=True)
+class _FirmTotals:
+    allocated_seconds: int = 0
+    busy_seconds: float | None = 0.0
+    energy_joules: float | None = 0.0
+
+
+@dataclass(slots=True)
+class _GpuState:
+    info: DeviceInfo
+    window_start_s: int | None = None
+    firms: dict[str, _FirmTotals] = field(default_factory=dict)
+    last_holder: str | None = None
+    last_energy_mj: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostIdentity:
+    provider_id: str
+    host_id: str
+
+
+class WindowAccumulator:
+    def __init__(self, host: HostIdentity, devices: list[DeviceInfo], window_s: int, interval_s: int) -> None:
+        if window_s <= 0 or interval_s <= 0 or window_s % interval_s:
+            raise ValueError(
+                f"window_s ({window_s}) must be a positive multiple of interval_s ({interval_s})"
+            )
+        self.host = host
+        self.window_s = window_s
+        self.interval_s = interval_s
+        self._gpus = {d.gpu_uuid: _GpuState(d) for d in devices}
+        self.next_seq = 0
+
+    def add(self, now_s: int, observations: list[Observation]) -> list[Window]:
+        """Feed one sampling instant; return the windows this instant closed."""
+        closed: list[Window] = []
+        window_start = now_s - now_s % self.window_s
+        for obs in observations:
+            st = self._gpus[obs.gpu_uuid]
+            # energy grown since the previous sample belongs to whoever held the GPU then
+            if st.last_holder is not None:
+                totals = st.firms[st.last_holder]
+                now_mj, last_mj = obs.energy_mj_total, st.last_energy_mj
+                # unavailable, or the counter went back (driver reload): the window has no energy figure
+                if now_mj is None or last_mj is None or now_mj < last_mj:
+                    totals.energy_joules = None
+                elif totals.energy_joules is not None:
+                    totals.energy_joules += (now_mj - last_mj) / 1000.0
+            if st.window_start_s is not None and st.window_start_s != window_start:
+                closed.extend(self._close(st))
+            st.window_start_s = window_start
+            st.last_energy_mj = obs.energy_mj_total
+            st.last_holder = obs.firm_id
+            if obs.firm_id is None:
+                continue
+            totals = st.firms.setdefault(obs.firm_id, _FirmTotals())
+            totals.allocated_seconds += self.interval_s
+            if obs.util_percent is None or totals.busy_seconds is None:
+                totals.busy_seconds = None
+            else:
+                totals.busy_seconds += obs.util_percent * self.interval_s / 100.0
+        return closed
+
+    def flush(self) -> list[Window]:
+        """Close every open window (agent shutdown)."""
+        out: list[Window] = []
+        for st in self._gpus.values():
+            out.extend(self._close(st))
+            st.window_start_s = None
+            st.last_holder = None
+        return out
+
+    def _close(self, st: _GpuState) -> list[Window]:
+        if st.window_start_s is None:
+            return []
+        start_ms = st.window_start_s * 1000
+        out: list[Window] = []
+        for firm_id in sorted(st.firms):
+            t = st.firms[firm_id]
+            out.append(
+                {
+                    "record_id": record_id(self.host.host_id, st.info.gpu_uuid, firm_id, start_ms),
+                    "seq": self.next_seq,
+                    "provider_id": self.host.provider_id,
+                    "host_id": self.host.host_id,
+                    "gpu_uuid": st.info.gpu_uuid,
+                    "gpu_class": st.info.gpu_class,
+                    "firm_id": firm_id,
+                    "window_start": start_ms,
+                    "window_end": start_ms + self.window_s * 1000,
+                    "allocated_seconds": t.allocated_seconds,
+                    "busy_seconds": None if t.busy_seconds is None else round(t.busy_seconds, 3),
+                    "energy_joules": None if t.energy_joules is None else round(t.energy_joules, 3),
+                    "signature": None,
+                }
+            )
+            self.next_seq += 1
+        st.firms = {}
+        return out

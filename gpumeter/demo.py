@@ -1,0 +1,160 @@
+"""``gpumeter demo``: a simulated month of a city compute platform, end to end, on real components.
+
+simulated fleet -> agents -> Avro -> Kafka (a real local broker) -> loader ->
+ClickHouse (embedded chDB) -> GPU-hours per firm and class, checked exactly
+against the simulator's ground truth.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import click
+
+from agent.kafka_sink import KafkaSink
+from agent.runner import Agent, run_simulated
+from agent.simulate import SimulatedFleet, TruthKey
+from gpumeter.cli import settings_from
+from gpumeter.errors import GpumeterError
+from gpumeter.local_broker import LocalBroker, create_topic
+from pipeline import clickhouse
+from pipeline.loader import Loader, make_consumer
+from pipeline.report import gpu_hours_table, hours_text
+
+MARKER = ".gpumeter-demo"
+
+
+class DemoMismatch(GpumeterError):
+    code = "demo_mismatch"
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.exists():
+        if not (path / MARKER).exists():
+            raise GpumeterError(f"{path} exists and is not a gpumeter demo folder; choose another --workdir")
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / MARKER).write_text("created by gpumeter demo; safe to delete\n")
+    return path
+
+
+@click.command()
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the demo's stores and logs (default $GPUMETER_HOME/demo; recreated each run).",
+)
+@click.option("--month", default="2026-03", show_default=True, help="Simulated month YYYY-MM.")
+@click.option("--timezone", "tz", default="Asia/Shanghai", show_default=True, help="Billing time zone.")
+@click.option("--seed", default=2026, show_default=True, help="Simulation seed.")
+@click.option("--interval", "interval_s", default=20, show_default=True, help="Agent sampling interval (s).")
+@click.pass_context
+def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: int, interval_s: int) -> None:
+    """Run a simulated city compute platform for a month, end to end, and check it exactly.
+
+    Starts a local Kafka-protocol broker and an embedded ClickHouse, meters a
+    simulated fleet (time-compressed), loads it through Kafka, prints GPU-hours
+    per firm and class, and compares every (firm, day, provider, class) total
+    with the simulator's ground truth. Exit code 1 on any difference.
+    """
+    settings = settings_from(ctx)
+    work = _fresh_dir(workdir or settings.home / "demo")
+    zone = ZoneInfo(tz)
+    year, mon = (int(x) for x in month.split("-"))
+    start = datetime(year, mon, 1, tzinfo=zone)
+    nxt = datetime(year + (mon == 12), mon % 12 + 1, 1, tzinfo=zone)
+    days = (nxt - start).days
+    t0 = time.monotonic()
+
+    def step(text: str) -> None:
+        click.echo(f"[{time.monotonic() - t0:6.1f}s] {text}")
+
+    fleet = SimulatedFleet(
+        seed=seed,
+        start=start,
+        days=days,
+        providers=3,
+        hosts_per_provider=2,
+        gpus_per_host=4,
+        firms=6,
+        quantum_s=60,
+    )
+    step(
+        f"fleet: {len(fleet.hosts())} hosts, {len(fleet.gpus)} GPUs, {len(fleet.firm_ids)} firms, "
+        f"{sum(len(j) for j in fleet.jobs.values())} jobs in {month} ({tz})"
+    )
+    with LocalBroker(log_path=work / "broker.log") as broker:
+        step(f"Kafka-protocol broker (Tansu) listening on {broker.bootstrap}")
+        create_topic(broker.bootstrap, settings.topic, partitions=4)
+        sink = KafkaSink(broker.bootstrap, settings.topic)
+        agents = [
+            Agent(
+                fleet.host_source(h.host_id), h, sink, window_s=60, interval_s=interval_s, batch_windows=400
+            )
+            for h in fleet.hosts()
+        ]
+        start_s, end_s = int(start.timestamp()), int(nxt.timestamp())
+
+        def progress(now_s: int) -> None:
+            done = (now_s - start_s) / (end_s - start_s)
+            click.echo(f"\r  metering: {done:6.1%} of the month", nl=False)
+
+        run_simulated(agents, start_s, end_s, interval_s, progress=progress)
+        click.echo()
+        sink.flush()
+        sink.close()
+        step(
+            f"agents: {sum(a.samples for a in agents)} samples -> {sink.windows_sent} windows "
+            f"in {sink.messages_sent} Kafka messages (acks=all)"
+        )
+
+        dsn = f"chdb://{(work / 'clickhouse').resolve()}"
+        client = clickhouse.connect(dsn, settings.clickhouse_database)
+        clickhouse.ensure_schema(client, settings.clickhouse_database)
+        consumer = make_consumer(
+            broker.bootstrap, settings.topic, "gpumeter-demo-loader", fast_rebalance=True
+        )
+        loader = Loader(consumer, client, settings.clickhouse_database, settings.topic)
+        try:
+            stats = loader.run(until=lambda st: st.messages >= sink.messages_sent, idle_timeout_s=60)
+        finally:
+            consumer.close()
+        step(
+            f"loader: {stats.messages} messages -> {stats.windows} windows in ClickHouse "
+            f"({stats.inserts} inserts, {stats.commits} commits, {stats.quarantined} quarantined)"
+        )
+
+    rows = clickhouse.gpu_seconds_by_day(client, settings.clickhouse_database, tz)
+    click.echo()
+    click.echo(f"GPU-hours per firm and class, {month} ({tz}), from ClickHouse:")
+    click.echo(gpu_hours_table(rows))
+    click.echo()
+    measured = {(f, d, p, c): s for f, d, p, c, s, _ in rows}
+    truth = fleet.ground_truth(tz)
+    problems = _compare(measured, truth)
+    if problems:
+        for line in problems[:20]:
+            click.echo(f"  MISMATCH {line}", err=True)
+        raise DemoMismatch(
+            f"{len(problems)} of {len(truth)} (firm, day, provider, class) totals differ "
+            "from the simulator's ground truth"
+        )
+    total = sum(truth.values())
+    step(
+        f"CHECK PASSED: all {len(truth)} (firm, day, provider, class) totals equal the simulator's "
+        f"ground truth exactly ({hours_text(total)} GPU-hours, {total} GPU-seconds)"
+    )
+    click.echo(f"stores and logs: {work}")
+
+
+def _compare(measured: dict[TruthKey, int], truth: dict[TruthKey, int]) -> list[str]:
+    out = []
+    for key in sorted(set(measured) | set(truth), key=str):
+        m, t = measured.get(key, 0), truth.get(key, 0)
+        if m != t:
+            out.append(f"{key}: ClickHouse {m} s, ground truth {t} s")
+    return out

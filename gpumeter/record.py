@@ -1,0 +1,161 @@
+"""The usage-record contract: Avro schemas, the Kafka framing, record ids, signatures.
+
+Framing (see CONTRACT.md for the why):
+
+- one Kafka message = one ``UsageBatch`` of windows from one host; key = host_id,
+  so one host's windows stay ordered in one partition;
+- value = Avro single-object encoding: ``C3 01`` + the writer schema's 8-byte
+  CRC-64-AVRO fingerprint (little-endian) + the Avro binary body. A reader keeps
+  every schema version ever shipped (``schemas/usage_batch.v*.avsc``) and resolves
+  the writer's version to the current reader schema, so old and new agents mix;
+- headers ``gm-key-id`` and ``gm-sig``: the host key's id and the hex
+  HMAC-SHA256 of the whole value bytes.
+
+Timestamps cross the wire as ``timestamp-millis`` longs (UTC); this module keeps
+them as integer milliseconds so decoding stays cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from gpumeter.errors import RecordError
+
+SOE_MAGIC = b"\xc3\x01"
+HEADER_KEY_ID = "gm-key-id"
+HEADER_SIG = "gm-sig"
+UNATTRIBUTED = "unattributed"
+CURRENT_VERSION = 1
+
+Window = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaVersion:
+    version: int
+    fingerprint: bytes  # 8 bytes, little-endian CRC-64-AVRO of the parsing canonical form
+
+
+def _load_json(version: int) -> dict[str, Any]:
+    text = resources.files("gpumeter.schemas").joinpath(f"usage_batch.v{version}.avsc").read_text()
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def _strip_logical_types(node: Any) -> Any:
+    """Same schema without logicalType: timestamps decode to int ms, not datetime."""
+    if isinstance(node, dict):
+        return {k: _strip_logical_types(v) for k, v in node.items() if k != "logicalType"}
+    if isinstance(node, list):
+        return [_strip_logical_types(v) for v in node]
+    return node
+
+
+@cache
+def schema_versions() -> dict[bytes, SchemaVersion]:
+    """Every writer schema this build can read, by fingerprint."""
+    out: dict[bytes, SchemaVersion] = {}
+    version = 1
+    while True:
+        try:
+            raw = _load_json(version)
+        except FileNotFoundError:
+            break
+        parsed = fastavro.parse_schema(copy.deepcopy(raw))
+        fp_hex = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
+        fp = int(fp_hex, 16).to_bytes(8, "little")
+        out[fp] = SchemaVersion(version, fp)
+        version += 1
+    return out
+
+
+@cache
+def _writer_for(version: int) -> SchemaVersion:
+    for sv in schema_versions().values():
+        if sv.version == version:
+            return sv
+    raise RecordError(f"no usage schema version {version}")
+
+
+@cache
+def _reader_schema() -> Any:
+    return fastavro.parse_schema(_strip_logical_types(_load_json(CURRENT_VERSION)))
+
+
+@cache
+def _plain_writer(fp: bytes) -> Any:
+    sv = schema_versions()[fp]
+    return fastavro.parse_schema(_strip_logical_types(_load_json(sv.version)))
+
+
+def record_id(host_id: str, gpu_uuid: str, firm_id: str, window_start_ms: int) -> str:
+    """Deterministic id of a (host, GPU, firm, window): a re-emitted window dedups downstream."""
+    material = f"{host_id}\x1f{gpu_uuid}\x1f{firm_id}\x1f{window_start_ms}".encode()
+    return hashlib.sha256(material).hexdigest()[:32]
+
+
+def encode_batch(
+    host_id: str, agent_version: str, windows: Sequence[Window], version: int = CURRENT_VERSION
+) -> bytes:
+    """Frame windows as one Kafka message value (single-object encoding)."""
+    sv = _writer_for(version)
+    buf = io.BytesIO()
+    buf.write(SOE_MAGIC)
+    buf.write(sv.fingerprint)
+    batch = {"host_id": host_id, "agent_version": agent_version, "windows": list(windows)}
+    fastavro.schemaless_writer(buf, _plain_writer(sv.fingerprint), batch)
+    return buf.getvalue()
+
+
+def decode_batch(value: bytes) -> dict[str, Any]:
+    """Decode one message value to the current reader schema; RecordError if it is not one."""
+    if len(value) < 10 or value[:2] != SOE_MAGIC:
+        raise RecordError("not an Avro single-object message (bad magic)")
+    fp = bytes(value[2:10])
+    if fp not in schema_versions():
+        raise RecordError(f"unknown writer schema fingerprint {fp.hex()}")
+    body = io.BytesIO(value[10:])
+    try:
+        batch = fastavro.schemaless_reader(body, _plain_writer(fp), _reader_schema())
+    except Exception as exc:  # fastavro raises many types on corrupt input
+        raise RecordError(f"corrupt Avro body: {type(exc).__name__}: {exc}") from exc
+    if body.tell() != len(value) - 10:
+        raise RecordError(f"trailing bytes after Avro body ({len(value) - 10 - body.tell()})")
+    if not isinstance(batch, dict):
+        raise RecordError("Avro body is not a UsageBatch record")
+    return batch
+
+
+def sign(value: bytes, key: bytes) -> str:
+    return hmac.new(key, value, hashlib.sha256).hexdigest()
+
+
+def signature_headers(value: bytes, key_id: str, key: bytes) -> list[tuple[str, bytes]]:
+    return [(HEADER_KEY_ID, key_id.encode()), (HEADER_SIG, sign(value, key).encode())]
+
+
+def verify(value: bytes, headers: Iterable[tuple[str, bytes]], keys: dict[str, bytes]) -> str:
+    """Check the batch signature; return the key id, or raise RecordError saying why not."""
+    found = dict(headers)
+    key_id_raw, sig_raw = found.get(HEADER_KEY_ID), found.get(HEADER_SIG)
+    if key_id_raw is None or sig_raw is None:
+        raise RecordError("unsigned batch")
+    key_id = key_id_raw.decode(errors="replace")
+    key = keys.get(key_id)
+    if key is None:
+        raise RecordError(f"unknown signing key id {key_id!r}")
+    if not hmac.compare_digest(sign(value, key).encode(), sig_raw):
+        raise RecordError(f"bad signature for key id {key_id!r}")
+    return key_id

@@ -1,0 +1,1 @@
+"""The pipeline: Kafka usage batches -> ClickHouse, each window counted once."""
