@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime
 
 import pytest
@@ -36,5 +37,5 @@ def test_jobs_are_quantized_and_never_overlap() -> None:
     for jobs in fleet.jobs.values():
         for j in jobs:
             assert j.start_s % 20 == 0 and j.end_s % 20 == 0 and j.start_s < j.end_s
-        for prev, nxt in zip(jobs, jobs[1:], strict=False):
+        for prev, nxt in itertools.pairwise(jobs):
             assert prev.end_s < nxt.start_s

@@ -1,0 +1,46 @@
+"""CLI behaviour at the edges: exact messages, exit codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpumeter.cli import _missing, main
+from gpumeter.errors import MissingExtraError
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return int(exit_info.value.code or 0), out, err
+
+
+def test_agent_without_simulate_or_nvml_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["agent", "run", "--kafka", "127.0.0.1:1"], capsys)
+    assert code == 1
+    assert err == (
+        "Error: NVML metering is not in this build yet (it comes with the agent issue); "
+        "use --simulate N to meter simulated GPUs\n"
+    )
+
+
+def test_window_must_be_a_multiple_of_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["agent", "run", "--simulate", "1", "--interval", "7", "--window", "60"], capsys)
+    assert code == 2
+    assert "--window (60) must be a multiple of --interval (7)" in err
+
+
+def test_missing_extra_names_the_extra(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = _missing("pipeline", "pipeline", "clickhouse_connect", "Load usage.")
+    with pytest.raises(MissingExtraError) as err:
+        stub.main([], standalone_mode=False)
+    assert str(err.value) == (
+        "this command needs the 'pipeline' extra (module 'clickhouse_connect' is not installed); "
+        "install it with: pip install 'gpumeter[pipeline]'"
+    )
+
+
+def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["nope"], capsys)
+    assert code == 2
+    assert "No such command 'nope'" in err
