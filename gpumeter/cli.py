@@ -20,7 +20,7 @@ from gpumeter.settings import Settings, load_settings
 GROUPS: dict[str, tuple[str, str, str]] = {
     "agent": ("agent.cli:agent", "base", "Meter GPUs on this host and send usage windows to Kafka."),
     "pipeline": ("pipeline.cli:pipeline", "pipeline", "Load usage from Kafka into ClickHouse, exactly once."),
-    "usage": ("pipeline.cli:usage", "pipeline", "Inspect and import usage in ClickHouse."),
+    "usage": ("pipeline.usage_cli:usage", "pipeline", "Inspect and import usage in ClickHouse."),
     "billing": (
         "billing.cli:billing",
         "billing",
