@@ -1,0 +1,262 @@
+"""Voucher netting (billing-rules.md section 3) as one pure function.
+
+Facts in (items, programs, vouchers, what earlier settlements drew), a result out:
+the credits, the vouchers auto-granted by this settlement, a trail with one step per
+voucher tried on an item, and the drawn totals to carry into the next settlement.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal
+from itertools import pairwise
+
+from billing.model import (
+    AUTO_GRANT_PRIORITY,
+    COMPUTE,
+    ChargeItem,
+    Credit,
+    InvalidBillingDataError,
+    ItemKey,
+    Program,
+    Voucher,
+)
+from billing.money import exact_decimal, subsidy_amount
+
+ZERO = Decimal("0.00")
+FirmProgram = tuple[str, str]  # (firm_id, program_id)
+
+
+@dataclass(frozen=True, slots=True)
+class NettingState:
+    """Credits already drawn by earlier settlements (all > 0 entries, money Decimals)."""
+
+    drawn_by_voucher: Mapping[str, Decimal] = field(default_factory=dict)
+    drawn_by_firm_program: Mapping[FirmProgram, Decimal] = field(default_factory=dict)
+    drawn_by_program: Mapping[str, Decimal] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("drawn_by_voucher", "drawn_by_firm_program", "drawn_by_program"):
+            for key, amount in getattr(self, name).items():
+                if not isinstance(amount, Decimal) or not amount.is_finite() or amount < 0:
+                    raise InvalidBillingDataError(f"{name}[{key!r}] must be a Decimal >= 0")
+
+    @classmethod
+    def from_credits(cls, credits: Iterable[Credit]) -> NettingState:
+        return cls().plus(credits)
+
+    @exact_decimal
+    def plus(self, credits: Iterable[Credit]) -> NettingState:
+        """This state with ``credits`` drawn as well."""
+        by_voucher: dict[str, Decimal] = dict(self.drawn_by_voucher)
+        by_firm_program: dict[FirmProgram, Decimal] = dict(self.drawn_by_firm_program)
+        by_program: dict[str, Decimal] = dict(self.drawn_by_program)
+        for credit in credits:
+            fp = (credit.firm_id, credit.program_id)
+            by_voucher[credit.voucher_id] = by_voucher.get(credit.voucher_id, ZERO) + credit.amount
+            by_firm_program[fp] = by_firm_program.get(fp, ZERO) + credit.amount
+            by_program[credit.program_id] = by_program.get(credit.program_id, ZERO) + credit.amount
+        return NettingState(
+            dict(sorted(by_voucher.items())),
+            dict(sorted(by_firm_program.items())),
+            dict(sorted(by_program.items())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NettingStep:
+    """Why a voucher tried on an item gave what it gave.
+
+    credit = min(subsidy, voucher_balance, firm_cap_left, program_budget_left);
+    ``limited_by`` names the first term equal to the minimum, in that order.
+    A step with credit 0 records a voucher that was eligible but could give nothing.
+    """
+
+    item: ItemKey
+    voucher_id: str
+    program_id: str
+    uncovered_before: Decimal
+    subsidy_rate: Decimal
+    subsidy: Decimal  # round_half_up(subsidy_rate x uncovered_before)
+    voucher_balance: Decimal
+    firm_cap_left: Decimal
+    program_budget_left: Decimal
+    credit: Decimal
+    limited_by: str  # "subsidy" | "voucher_balance" | "firm_cap" | "program_budget"
+
+
+@dataclass(frozen=True, slots=True)
+class NettingResult:
+    credits: tuple[Credit, ...]  # in netting order
+    auto_granted: tuple[Voucher, ...]  # sorted by voucher_id; persist them with the credits
+    trail: tuple[NettingStep, ...]
+    state_after: NettingState
+
+
+def auto_grant_id(program_id: str, firm_id: str) -> str:
+    return f"AUTO-{program_id}-{firm_id}"
+
+
+def _index_programs(programs: Iterable[Program]) -> dict[str, Program]:
+    by_id: dict[str, Program] = {}
+    for program in programs:
+        if program.program_id in by_id and by_id[program.program_id] != program:
+            raise InvalidBillingDataError(f"two different programs with id {program.program_id}")
+        by_id[program.program_id] = program
+    return by_id
+
+
+def _index_vouchers(vouchers: Iterable[Voucher], programs: Mapping[str, Program]) -> dict[str, Voucher]:
+    by_id: dict[str, Voucher] = {}
+    for voucher in vouchers:
+        if voucher.voucher_id in by_id and by_id[voucher.voucher_id] != voucher:
+            raise InvalidBillingDataError(f"two different vouchers with id {voucher.voucher_id}")
+        if voucher.program_id not in programs:
+            raise InvalidBillingDataError(
+                f"voucher {voucher.voucher_id} names unknown program {voucher.program_id}"
+            )
+        by_id[voucher.voucher_id] = voucher
+    return by_id
+
+
+def _check_items(items: Iterable[ChargeItem]) -> list[ChargeItem]:
+    ordered = sorted(items, key=lambda i: i.key.netting_order)
+    for before, after in pairwise(ordered):
+        if before.key == after.key:
+            raise InvalidBillingDataError(f"two charge items share the key {after.key}")
+    return ordered
+
+
+def grant_automatic_vouchers(
+    items: Iterable[ChargeItem], programs: Mapping[str, Program], vouchers: Mapping[str, Voucher]
+) -> list[Voucher]:
+    """Vouchers this settlement must auto-grant, sorted by voucher_id.
+
+    For each *compute* program with ``auto_grant``: every firm with an item of
+    allocated_seconds > 0 dated in the program year, holding no voucher of that program
+    (whatever its validity or balance), gets AUTO-<program_id>-<firm_id>, valid
+    Jan 1 .. Dec 31 of the program year, priority 1000.
+    """
+    holders = {(v.program_id, v.firm_id) for v in vouchers.values()}
+    firms_by_year: dict[int, set[str]] = defaultdict(set)
+    for item in items:
+        if item.allocated_seconds > 0:
+            firms_by_year[item.day.year].add(item.firm_id)
+    granted: list[Voucher] = []
+    for program in programs.values():
+        grant = program.auto_grant
+        if grant is None or program.category != COMPUTE:
+            continue
+        for firm_id in firms_by_year.get(program.year, set()):
+            if (program.program_id, firm_id) in holders:
+                continue
+            voucher_id = auto_grant_id(program.program_id, firm_id)
+            if voucher_id in vouchers:
+                raise InvalidBillingDataError(f"voucher id {voucher_id} is taken by another program or firm")
+            granted.append(
+                Voucher(
+                    voucher_id=voucher_id,
+                    program_id=program.program_id,
+                    firm_id=firm_id,
+                    face_value=grant.face_value,
+                    subsidy_rate=grant.subsidy_rate,
+                    valid_from=date(program.year, 1, 1),
+                    valid_until=date(program.year, 12, 31),
+                    priority=AUTO_GRANT_PRIORITY,
+                )
+            )
+    return sorted(granted, key=lambda v: v.voucher_id)
+
+
+def _left(limit: Decimal, drawn: Decimal) -> Decimal:
+    """What is left under a limit; never below zero (a lowered limit just stops credits)."""
+    return max(limit - drawn, ZERO)
+
+
+@exact_decimal
+def net_items(
+    items: Iterable[ChargeItem],
+    programs: Iterable[Program],
+    vouchers: Iterable[Voucher],
+    state: NettingState | None = None,
+) -> NettingResult:
+    """Apply voucher credits to ``items`` (one settlement), starting from ``state``.
+
+    ``vouchers`` must hold every voucher ever issued, including earlier auto-grants,
+    in any state: holding one decides whether an auto-grant is due.
+    """
+    if state is None:
+        state = NettingState()
+    program_by_id = _index_programs(programs)
+    voucher_by_id = _index_vouchers(vouchers, program_by_id)
+    unknown = sorted(set(state.drawn_by_voucher) - set(voucher_by_id))
+    if unknown:
+        raise InvalidBillingDataError(
+            f"carried state draws from vouchers not given (earlier auto-grants?): {', '.join(unknown)}"
+        )
+    ordered_items = _check_items(items)
+    granted = grant_automatic_vouchers(ordered_items, program_by_id, voucher_by_id)
+
+    vouchers_by_firm: dict[str, list[Voucher]] = defaultdict(list)
+    for voucher in sorted([*voucher_by_id.values(), *granted], key=lambda v: v.try_order):
+        vouchers_by_firm[voucher.firm_id].append(voucher)
+
+    drawn_v: dict[str, Decimal] = dict(state.drawn_by_voucher)
+    drawn_fp: dict[FirmProgram, Decimal] = dict(state.drawn_by_firm_program)
+    drawn_p: dict[str, Decimal] = dict(state.drawn_by_program)
+    credits: list[Credit] = []
+    trail: list[NettingStep] = []
+
+    for item in ordered_items:
+        uncovered = item.amount
+        for voucher in vouchers_by_firm.get(item.firm_id, []):
+            program = program_by_id[voucher.program_id]
+            if (
+                not voucher.valid_on_inclusive(item.day)
+                or program.category != COMPUTE
+                or program.year != item.day.year
+            ):
+                continue
+            balance = _left(voucher.face_value, drawn_v.get(voucher.voucher_id, ZERO))
+            if balance <= 0:
+                continue
+            fp = (item.firm_id, program.program_id)
+            terms = {
+                "subsidy": subsidy_amount(voucher.subsidy_rate, uncovered),
+                "voucher_balance": balance,
+                "firm_cap": _left(program.firm_cap, drawn_fp.get(fp, ZERO)),
+                "program_budget": _left(program.budget, drawn_p.get(program.program_id, ZERO)),
+            }
+            credit = min(terms.values())
+            trail.append(
+                NettingStep(
+                    item=item.key,
+                    voucher_id=voucher.voucher_id,
+                    program_id=program.program_id,
+                    uncovered_before=uncovered,
+                    subsidy_rate=voucher.subsidy_rate,
+                    subsidy=terms["subsidy"],
+                    voucher_balance=balance,
+                    firm_cap_left=terms["firm_cap"],
+                    program_budget_left=terms["program_budget"],
+                    credit=credit,
+                    limited_by=next(name for name, value in terms.items() if value == credit),
+                )
+            )
+            if credit <= 0:
+                continue
+            credits.append(Credit(item.key, voucher.voucher_id, program.program_id, item.firm_id, credit))
+            uncovered -= credit
+            drawn_v[voucher.voucher_id] = drawn_v.get(voucher.voucher_id, ZERO) + credit
+            drawn_fp[fp] = drawn_fp.get(fp, ZERO) + credit
+            drawn_p[program.program_id] = drawn_p.get(program.program_id, ZERO) + credit
+
+    return NettingResult(
+        credits=tuple(credits),
+        auto_granted=tuple(granted),
+        trail=tuple(trail),
+        state_after=state.plus(credits),
+    )
