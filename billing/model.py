@@ -14,6 +14,8 @@ from datetime import date
 from decimal import Decimal
 from fractions import Fraction
 
+from gpumeter.errors import GpumeterError
+
 ANY_PROVIDER = "*"
 COMPUTE = "compute"
 CATEGORIES = frozenset({"compute", "model", "data"})
@@ -22,7 +24,7 @@ DEFAULT_PAYMENT_TERMS_DAYS = 30
 _MONTH_RE = re.compile(r"\A(\d{4})-(0[1-9]|1[0-2])\Z")
 
 
-class BillingError(Exception):
+class BillingError(GpumeterError):
     """Base of every error the billing core raises; ``code`` is stable for callers."""
 
     code = "billing_error"

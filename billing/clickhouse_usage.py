@@ -1,0 +1,152 @@
+"""What billing reads from (and, for CSV import, writes to) ClickHouse.
+
+Billing reads only ``usage_windows``: each record_id once, its first delivery.
+A settlement bills the records that are dated up to the end of its month and
+were ingested up to its cutoff, minus those the previous settlement already
+billed (dated up to the end of the previous month and ingested up to the previous
+cutoff). So a record is billed by exactly one settlement: the first one whose
+month reaches its day and whose cutoff reaches its arrival.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from billing.files import UsageRow
+from pipeline import clickhouse
+
+UNATTRIBUTED = "unattributed"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    firm_id: str
+    day: date
+    provider_id: str
+    gpu_class: str
+    allocated_seconds: int
+    records: int
+    busy_seconds: int
+    energy_joules: int
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The part of the usage stream a settlement bills: (last day, cutoff), minus the previous one."""
+
+    last_day: date
+    cutoff: datetime
+    prev_last_day: date | None = None
+    prev_cutoff: datetime | None = None
+
+    def where(self) -> tuple[str, dict[str, Any]]:
+        sql = "toDate(window_start, {tz:String}) <= {last_day:Date} AND ingested_at <= {cutoff:DateTime64(6, 'UTC')}"
+        params: dict[str, Any] = {"last_day": self.last_day, "cutoff": _naive_utc(self.cutoff)}
+        if self.prev_last_day is not None and self.prev_cutoff is not None:
+            sql += (
+                " AND NOT (toDate(window_start, {tz:String}) <= {prev_last_day:Date}"
+                " AND ingested_at <= {prev_cutoff:DateTime64(6, 'UTC')})"
+            )
+            params.update(prev_last_day=self.prev_last_day, prev_cutoff=_naive_utc(self.prev_cutoff))
+        return sql, params
+
+
+def _naive_utc(t: datetime) -> datetime:
+    return t.astimezone(UTC).replace(tzinfo=None)
+
+
+class ClickHouseUsage:
+    def __init__(self, client: Any, database: str) -> None:
+        self.client = client
+        self.db = database
+
+    def groups(self, tz: str, window: Window) -> list[UsageGroup]:
+        """Usage per (firm, billing day, provider, class) inside ``window``."""
+        where, params = window.where()
+        rows = self.client.query(
+            f"""
+            SELECT firm_id, toDate(window_start, {{tz:String}}) AS day, provider_id, gpu_class,
+                   sum(allocated_seconds), count(), sum(ifNull(busy_seconds, 0)), sum(ifNull(energy_joules, 0))
+            FROM {self.db}.usage_windows
+            WHERE {where}
+            GROUP BY firm_id, day, provider_id, gpu_class
+            ORDER BY day, firm_id, provider_id, gpu_class
+            """,
+            parameters={"tz": tz, **params},
+        ).result_rows
+        return [
+            UsageGroup(str(r[0]), r[1], str(r[2]), str(r[3]), int(r[4]), int(r[5]), round(r[6]), round(r[7]))
+            for r in rows
+        ]
+
+    def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]:
+        """Months before ``first_day`` that have usage ingested up to ``cutoff``."""
+        rows = self.client.query(
+            f"""
+            SELECT DISTINCT formatDateTime(toDate(window_start, {{tz:String}}), '%Y-%m') AS m
+            FROM {self.db}.usage_windows
+            WHERE toDate(window_start, {{tz:String}}) < {{first:Date}}
+              AND ingested_at <= {{cutoff:DateTime64(6, 'UTC')}}
+            ORDER BY m
+            """,
+            parameters={"tz": tz, "first": first_day, "cutoff": _naive_utc(cutoff)},
+        ).result_rows
+        return [str(r[0]) for r in rows]
+
+    def conflicting_records(self, limit: int = 20) -> tuple[int, list[str]]:
+        """record_ids delivered more than once with different content (only the first is billed)."""
+        rows = self.client.query(
+            f"""
+            SELECT record_id FROM {self.db}.usage_raw
+            GROUP BY record_id
+            HAVING uniqExact((provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end,
+                              allocated_seconds)) > 1
+            ORDER BY record_id
+            """
+        ).result_rows
+        return len(rows), [str(r[0]) for r in rows[:limit]]
+
+    def seconds_by_month(self, tz: str, cutoff: datetime | None = None) -> dict[tuple[str, str], tuple[int, int]]:
+        """(month, firm_id) -> (allocated_seconds, records) of every record ingested up to ``cutoff``."""
+        where = "WHERE ingested_at <= {cutoff:DateTime64(6, 'UTC')}" if cutoff else ""
+        params: dict[str, Any] = {"tz": tz}
+        if cutoff:
+            params["cutoff"] = _naive_utc(cutoff)
+        rows = self.client.query(
+            f"""
+            SELECT formatDateTime(toDate(window_start, {{tz:String}}), '%Y-%m') AS m, firm_id,
+                   sum(allocated_seconds), count()
+            FROM {self.db}.usage_windows {where}
+            GROUP BY m, firm_id
+            """,
+            parameters=params,
+        ).result_rows
+        return {(str(r[0]), str(r[1])): (int(r[2]), int(r[3])) for r in rows}
+
+    def known_record_ids(self, record_ids: Sequence[str]) -> set[str]:
+        known: set[str] = set()
+        for i in range(0, len(record_ids), 50_000):
+            chunk = list(record_ids[i : i + 50_000])
+            rows = self.client.query(
+                f"SELECT DISTINCT record_id FROM {self.db}.usage_raw WHERE record_id IN {{ids:Array(String)}}",
+                parameters={"ids": chunk},
+            ).result_rows
+            known.update(str(r[0]) for r in rows)
+        return known
+
+    def import_rows(self, rows: Sequence[UsageRow], source: str, token: str, now: datetime) -> None:
+        """Insert CSV usage as deliveries: line number as the offset, so the first line is the first delivery."""
+        ingested = _naive_utc(now)
+        data = [
+            (
+                r.record_id, 0, r.provider_id, r.host_id, r.gpu_uuid, r.gpu_class, r.firm_id,
+                _naive_utc(r.window_start), _naive_utc(r.window_end), r.allocated_seconds, r.busy_seconds,
+                r.energy_joules, "import", source, -1, r.line, ingested,
+            )
+            for r in rows
+        ]  # fmt: skip
+        for i in range(0, len(data), 100_000):
+            clickhouse.insert_raw(self.client, self.db, data[i : i + 100_000], f"{token}:{i}")

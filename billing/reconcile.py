@@ -1,0 +1,114 @@
+"""``gpumeter billing reconcile``: usage in ClickHouse vs what was invoiced, and every invariant.
+
+For a settled month M (excluding unattributed usage, which is never invoiced):
+
+    usage dated in M and ingested up to the latest settlement's cutoff
+      = hours on M's own invoice lines + hours on later adjustment lines for M
+
+and usage that arrived after that cutoff is shown as pending. Then the money
+invariants over the whole store: credits on an item <= its amount; no voucher
+below zero; no firm over a program's cap; no program over its budget; every
+invoice's lines, credits, gross, credit_total and amount_due add up.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from billing import state
+from billing.clickhouse_usage import UNATTRIBUTED, ClickHouseUsage
+from billing.store import Store, Tx
+
+
+@dataclass(slots=True)
+class Reconciliation:
+    month: str
+    rows: list[tuple[str, int, int, int, int, int]] = field(default_factory=list)
+    # (firm_id, usage_s, own_s, adjusted_later_s, pending_s, unbilled_s)
+    programs: list[tuple[str, int, Decimal, Decimal, Decimal]] = field(default_factory=list)
+    # (program_id, year, budget, drawn, left)
+    problems: list[str] = field(default_factory=list)
+    settled: bool = False
+
+
+def reconcile(store: Store, usage: ClickHouseUsage, month: str) -> Reconciliation:
+    out = Reconciliation(month)
+    with store.transaction() as tx:
+        done = state.settlements(tx)
+        tz = state.get_meta(tx, "timezone", state.DEFAULT_TIMEZONE)
+        out.settled = any(s.month == month for s in done)
+        latest_cutoff = done[-1].usage_cutoff if done else None
+        own: dict[str, int] = defaultdict(int)
+        later: dict[str, int] = defaultdict(int)
+        for firm_id, seconds, adj in tx.query(
+            "SELECT firm_id, allocated_seconds, adjustment_for FROM items WHERE (month = ? AND adjustment_for = '') "
+            "OR adjustment_for = ?",
+            (month, month),
+        ):
+            (later if adj else own)[firm_id] += int(seconds)
+        _check_money(tx, out)
+    as_of_cutoff = usage.seconds_by_month(tz, latest_cutoff) if latest_cutoff else {}
+    everything = usage.seconds_by_month(tz)
+    firms = sorted({f for (m, f) in everything if m == month} | set(own) | set(later))
+    for firm in firms:
+        if firm == UNATTRIBUTED:
+            continue
+        billable = as_of_cutoff.get((month, firm), (0, 0))[0] if out.settled else 0
+        total = everything.get((month, firm), (0, 0))[0]
+        invoiced = own.get(firm, 0) + later.get(firm, 0)
+        unbilled = billable - invoiced
+        out.rows.append((firm, total, own.get(firm, 0), later.get(firm, 0), total - billable, unbilled))
+        if out.settled and unbilled != 0:
+            out.problems.append(
+                f"{firm}: {billable} s of {month} usage arrived before the last cutoff but {invoiced} s were invoiced"
+            )
+    return out
+
+
+def _check_money(tx: Tx, out: Reconciliation) -> None:
+    programs = state.programs(tx)
+    vouchers = state.vouchers(tx)
+    drawn = state.drawn_state(tx)
+    for pid, program in sorted(programs.items()):
+        used = drawn.drawn_by_program.get(pid, Decimal(0))
+        out.programs.append((pid, program.year, program.budget, used, program.budget - used))
+        if used > program.budget:
+            out.problems.append(f"program {pid}: credits {used} exceed the budget {program.budget}")
+    for (firm, pid), used in sorted(drawn.drawn_by_firm_program.items()):
+        cap = programs[pid].firm_cap if pid in programs else Decimal(0)
+        if used > cap:
+            out.problems.append(f"firm {firm} drew {used} from program {pid}, over its cap {cap}")
+    for vid, used in sorted(drawn.drawn_by_voucher.items()):
+        face = vouchers[vid].face_value if vid in vouchers else Decimal(0)
+        if used > face:
+            out.problems.append(f"voucher {vid}: credits {used} exceed its face value {face}")
+    item_amount: dict[tuple[str, ...], Decimal] = {
+        (r[0], r[1], r[2], r[3], r[4], r[5]): Decimal(r[6])
+        for r in tx.query("SELECT month, firm_id, day, provider_id, gpu_class, adjustment_for, amount FROM items")
+    }
+    credited: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
+    for r in tx.query("SELECT month, firm_id, day, provider_id, gpu_class, adjustment_for, amount FROM credits"):
+        credited[tuple(r[:6])] += Decimal(r[6])
+    for key, amount in credited.items():
+        if key not in item_amount or amount > item_amount[key]:
+            out.problems.append(f"item {key}: credits {amount} exceed the item amount {item_amount.get(key)}")
+    items_by_invoice: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for (m, firm, *_rest), amount in item_amount.items():
+        items_by_invoice[(m, firm)] += amount
+    credits_by_invoice: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for (m, firm, *_rest), amount in credited.items():
+        credits_by_invoice[(m, firm)] += amount
+    for inv in state.invoices(tx):
+        key = (inv.month, inv.firm_id)
+        lines = sum((ln.amount for ln in inv.lines), Decimal(0))
+        creds = sum((c.amount for c in inv.credits), Decimal(0))
+        checks = [
+            (lines == inv.gross, f"lines add up to {lines}, gross is {inv.gross}"),
+            (creds == inv.credit_total, f"credits add up to {creds}, credit_total is {inv.credit_total}"),
+            (inv.gross - inv.credit_total == inv.amount_due, "gross - credit_total != amount_due"),
+            (items_by_invoice[key] == inv.gross, f"items add up to {items_by_invoice[key]}, gross is {inv.gross}"),
+            (credits_by_invoice[key] == inv.credit_total, "item credits differ from the invoice's credits"),
+        ]
+        out.problems += [f"invoice {inv.invoice_id}: {text}" for ok, text in checks if not ok]

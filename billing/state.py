@@ -1,0 +1,400 @@
+"""Reading and writing billing objects in the store (one ``Tx`` at a time).
+
+Only SQL lives here; the rules live in the pure core and in ``settle.py``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from fractions import Fraction
+
+from billing.invoicing import Invoice, InvoiceCredit, InvoiceLine
+from billing.ledger import Payment
+from billing.model import AutoGrant, ChargeItem, Credit, Firm, ItemKey, Program, Rate, Voucher
+from billing.netting import NettingState
+from billing.pricing import RateCard
+from billing.store import Tx
+
+DEFAULT_TIMEZONE = "UTC"
+DEFAULT_CURRENCY = "CNY"
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementRow:
+    month: str
+    seq: int
+    usage_cutoff: datetime
+    settled_at: datetime
+    timezone: str
+    currency: str
+    items: int
+    invoices: int
+    records: int
+    unattributed_seconds: int
+    unattributed_records: int
+    conflicting_records: int
+
+
+# ---------------------------------------------------------------- meta
+
+
+def get_meta(tx: Tx, key: str, default: str) -> str:
+    row = tx.one("SELECT value FROM meta WHERE key = ?", (key,))
+    return str(row[0]) if row else default
+
+
+def set_meta(tx: Tx, key: str, value: str) -> None:
+    tx.execute("DELETE FROM meta WHERE key = ?", (key,))
+    tx.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def rates(tx: Tx) -> list[Rate]:
+    return [
+        Rate(
+            gpu_class=r[0],
+            provider=r[1],
+            effective_from=date.fromisoformat(r[2]),
+            price_per_gpu_hour=Decimal(r[3]),
+        )
+        for r in tx.query("SELECT gpu_class, provider, effective_from, price_per_gpu_hour FROM rates")
+    ]
+
+
+def programs(tx: Tx) -> dict[str, Program]:
+    out = {}
+    for pid, year, category, budget, cap, face, rate in tx.query(
+        "SELECT program_id, year, category, budget, firm_cap, auto_face_value, auto_subsidy_rate FROM programs"
+    ):
+        grant = AutoGrant(Decimal(face), Decimal(rate)) if face is not None else None
+        out[pid] = Program(pid, int(year), category, Decimal(budget), Decimal(cap), grant)
+    return out
+
+
+def vouchers(tx: Tx) -> dict[str, Voucher]:
+    return {
+        r[0]: Voucher(
+            voucher_id=r[0],
+            program_id=r[1],
+            firm_id=r[2],
+            face_value=Decimal(r[3]),
+            subsidy_rate=Decimal(r[4]),
+            valid_from=date.fromisoformat(r[5]),
+            valid_until=date.fromisoformat(r[6]),
+            priority=int(r[7]),
+        )
+        for r in tx.query(
+            "SELECT voucher_id, program_id, firm_id, face_value, subsidy_rate, valid_from, valid_until, priority "
+            "FROM vouchers"
+        )
+    }
+
+
+def firms(tx: Tx) -> dict[str, Firm]:
+    return {r[0]: Firm(r[0], r[1], int(r[2])) for r in tx.query("SELECT firm_id, name, payment_terms_days FROM firms")}
+
+
+def put_rate(tx: Tx, rate: Rate, now: datetime) -> None:
+    tx.execute(
+        "DELETE FROM rates WHERE gpu_class = ? AND provider = ? AND effective_from = ?",
+        (rate.gpu_class, rate.provider, rate.effective_from.isoformat()),
+    )
+    tx.execute(
+        "INSERT INTO rates (gpu_class, provider, effective_from, price_per_gpu_hour, loaded_at) VALUES (?, ?, ?, ?, ?)",
+        (
+            rate.gpu_class,
+            rate.provider,
+            rate.effective_from.isoformat(),
+            str(rate.price_per_gpu_hour),
+            now.isoformat(),
+        ),
+    )
+
+
+def put_program(tx: Tx, p: Program) -> None:
+    tx.execute("DELETE FROM programs WHERE program_id = ?", (p.program_id,))
+    grant = p.auto_grant
+    tx.execute(
+        "INSERT INTO programs (program_id, year, category, budget, firm_cap, auto_face_value, auto_subsidy_rate) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            p.program_id,
+            p.year,
+            p.category,
+            str(p.budget),
+            str(p.firm_cap),
+            str(grant.face_value) if grant else None,
+            str(grant.subsidy_rate) if grant else None,
+        ),
+    )
+
+
+def put_voucher(tx: Tx, v: Voucher, granted_by: str | None = None) -> None:
+    tx.execute("DELETE FROM vouchers WHERE voucher_id = ?", (v.voucher_id,))
+    tx.execute(
+        "INSERT INTO vouchers (voucher_id, program_id, firm_id, face_value, subsidy_rate, valid_from, valid_until, "
+        "priority, granted_by_settlement) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            v.voucher_id,
+            v.program_id,
+            v.firm_id,
+            str(v.face_value),
+            str(v.subsidy_rate),
+            v.valid_from.isoformat(),
+            v.valid_until.isoformat(),
+            v.priority,
+            granted_by,
+        ),
+    )
+
+
+def put_firm(tx: Tx, f: Firm) -> None:
+    tx.execute("DELETE FROM firms WHERE firm_id = ?", (f.firm_id,))
+    tx.execute(
+        "INSERT INTO firms (firm_id, name, payment_terms_days) VALUES (?, ?, ?)",
+        (f.firm_id, f.name, f.payment_terms_days),
+    )
+
+
+# ---------------------------------------------------------------- settlements
+
+
+def settlements(tx: Tx) -> list[SettlementRow]:
+    return [
+        SettlementRow(
+            month=r[0],
+            seq=int(r[1]),
+            usage_cutoff=datetime.fromisoformat(r[2]),
+            settled_at=datetime.fromisoformat(r[3]),
+            timezone=r[4],
+            currency=r[5],
+            items=int(r[6]),
+            invoices=int(r[7]),
+            records=int(r[8]),
+            unattributed_seconds=int(r[9]),
+            unattributed_records=int(r[10]),
+            conflicting_records=int(r[11]),
+        )
+        for r in tx.query(
+            "SELECT month, seq, usage_cutoff, settled_at, timezone, currency, items, invoices, records, "
+            "unattributed_seconds, unattributed_records, conflicting_records FROM settlements ORDER BY seq"
+        )
+    ]
+
+
+def drawn_state(tx: Tx) -> NettingState:
+    """What every earlier settlement drew, per voucher, per (firm, program), per program."""
+    by_v: dict[str, Decimal] = defaultdict(Decimal)
+    by_fp: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    by_p: dict[str, Decimal] = defaultdict(Decimal)
+    for voucher_id, firm_id, program_id, amount in tx.query(
+        "SELECT voucher_id, firm_id, program_id, amount FROM credits"
+    ):
+        a = Decimal(amount)
+        by_v[voucher_id] += a
+        by_fp[(firm_id, program_id)] += a
+        by_p[program_id] += a
+    return NettingState(dict(by_v), dict(by_fp), dict(by_p))
+
+
+def write_settlement(
+    tx: Tx,
+    row: SettlementRow,
+    items: list[ChargeItem],
+    credits: tuple[Credit, ...],
+    granted: tuple[Voucher, ...],
+    invoices: tuple[Invoice, ...],
+    rate_card: RateCard,
+) -> None:
+    tx.execute(
+        "INSERT INTO settlements (month, seq, usage_cutoff, settled_at, timezone, currency, items, invoices, "
+        "records, unattributed_seconds, unattributed_records, conflicting_records) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            row.month,
+            row.seq,
+            row.usage_cutoff.isoformat(),
+            row.settled_at.isoformat(),
+            row.timezone,
+            row.currency,
+            row.items,
+            row.invoices,
+            row.records,
+            row.unattributed_seconds,
+            row.unattributed_records,
+            row.conflicting_records,
+        ),
+    )
+    item_rows = []
+    for i in items:
+        rate = rate_card.rate_for(i.provider_id, i.gpu_class, i.day)
+        assert rate is not None  # priced items always have one
+        item_rows.append(
+            (
+                row.month,
+                i.firm_id,
+                i.day.isoformat(),
+                i.provider_id,
+                i.gpu_class,
+                i.adjustment_for or "",
+                i.allocated_seconds,
+                i.record_count,
+                i.busy_seconds,
+                i.energy_joules,
+                str(i.unit_price),
+                str(i.amount),
+                rate.provider,
+                rate.effective_from.isoformat(),
+            )
+        )
+    tx.executemany(
+        "INSERT INTO items (month, firm_id, day, provider_id, gpu_class, adjustment_for, allocated_seconds, "
+        "record_count, busy_seconds, energy_joules, unit_price, amount, rate_provider, rate_effective_from) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        item_rows,
+    )
+    tx.executemany(
+        "INSERT INTO credits (month, firm_id, day, provider_id, gpu_class, adjustment_for, voucher_id, program_id, "
+        "amount) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                row.month,
+                c.firm_id,
+                c.item.day.isoformat(),
+                c.item.provider_id,
+                c.item.gpu_class,
+                c.item.adjustment_for or "",
+                c.voucher_id,
+                c.program_id,
+                str(c.amount),
+            )
+            for c in credits
+        ],
+    )
+    for v in granted:
+        put_voucher(tx, v, granted_by=row.month)
+    for inv in invoices:
+        tx.execute(
+            "INSERT INTO invoices (invoice_id, firm_id, month, issue_date, due_date, currency, gross, credit_total, "
+            "amount_due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                inv.invoice_id,
+                inv.firm_id,
+                inv.month,
+                inv.issue_date.isoformat(),
+                inv.due_date.isoformat(),
+                inv.currency,
+                str(inv.gross),
+                str(inv.credit_total),
+                str(inv.amount_due),
+            ),
+        )
+        tx.executemany(
+            "INSERT INTO invoice_lines (invoice_id, line_no, provider_id, gpu_class, unit_price, allocated_seconds, "
+            "record_count, amount, adjustment_for) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    inv.invoice_id,
+                    n,
+                    ln.provider_id,
+                    ln.gpu_class,
+                    str(ln.unit_price),
+                    ln.allocated_seconds,
+                    ln.record_count,
+                    str(ln.amount),
+                    ln.adjustment_for,
+                )
+                for n, ln in enumerate(inv.lines, start=1)
+            ],
+        )
+        tx.executemany(
+            "INSERT INTO invoice_credits (invoice_id, voucher_id, program_id, amount) VALUES (?, ?, ?, ?)",
+            [(inv.invoice_id, c.voucher_id, c.program_id, str(c.amount)) for c in inv.credits],
+        )
+
+
+def invoices(tx: Tx, month: str | None = None, firm_id: str | None = None) -> list[Invoice]:
+    where, params = [], []
+    if month is not None:
+        where.append("month = ?")
+        params.append(month)
+    if firm_id is not None:
+        where.append("firm_id = ?")
+        params.append(firm_id)
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    heads = tx.query(
+        "SELECT invoice_id, firm_id, month, issue_date, due_date, currency, gross, credit_total, amount_due "
+        f"FROM invoices{clause} ORDER BY month, firm_id",
+        params,
+    )
+    lines: dict[str, list[InvoiceLine]] = defaultdict(list)
+    credits: dict[str, list[InvoiceCredit]] = defaultdict(list)
+    ids = {h[0] for h in heads}
+    for r in tx.query(
+        "SELECT invoice_id, provider_id, gpu_class, unit_price, allocated_seconds, record_count, amount, "
+        "adjustment_for FROM invoice_lines ORDER BY invoice_id, line_no"
+    ):
+        if r[0] in ids:
+            seconds = int(r[4])
+            lines[r[0]].append(
+                InvoiceLine(
+                    provider_id=r[1],
+                    gpu_class=r[2],
+                    unit_price=Decimal(r[3]),
+                    gpu_hours=Fraction(seconds, 3600),
+                    amount=Decimal(r[6]),
+                    adjustment_for=r[7],
+                    allocated_seconds=seconds,
+                    record_count=int(r[5]),
+                    busy_seconds=0,
+                    energy_joules=0,
+                    item_count=0,
+                )
+            )
+    for r in tx.query(
+        "SELECT invoice_id, voucher_id, program_id, amount FROM invoice_credits ORDER BY invoice_id, voucher_id"
+    ):
+        if r[0] in ids:
+            credits[r[0]].append(InvoiceCredit(r[1], r[2], Decimal(r[3])))
+    return [
+        Invoice(
+            invoice_id=h[0],
+            firm_id=h[1],
+            month=h[2],
+            issue_date=date.fromisoformat(h[3]),
+            due_date=date.fromisoformat(h[4]),
+            currency=h[5],
+            lines=tuple(lines[h[0]]),
+            credits=tuple(credits[h[0]]),
+            gross=Decimal(h[6]),
+            credit_total=Decimal(h[7]),
+            amount_due=Decimal(h[8]),
+        )
+        for h in heads
+    ]
+
+
+def items_key(month: str, firm_id: str, day: date, provider_id: str, gpu_class: str, adj: str) -> ItemKey:
+    return ItemKey(day, firm_id, provider_id, gpu_class, adj or None)
+
+
+# ---------------------------------------------------------------- payments
+
+
+def payments(tx: Tx) -> list[Payment]:
+    return [
+        Payment(firm_id=r[0], amount=Decimal(r[2]), paid_on=date.fromisoformat(r[3]), reference=r[1])
+        for r in tx.query("SELECT firm_id, reference, amount, paid_on FROM payments ORDER BY paid_on, reference")
+    ]
+
+
+def put_payment(tx: Tx, p: Payment, now: datetime) -> None:
+    tx.execute(
+        "INSERT INTO payments (firm_id, reference, amount, paid_on, recorded_at) VALUES (?, ?, ?, ?, ?)",
+        (p.firm_id, p.reference, str(p.amount), p.paid_on.isoformat(), now.isoformat()),
+    )
