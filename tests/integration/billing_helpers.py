@@ -1,0 +1,82 @@
+"""Helpers for driving the gpumeter CLI in-process against real chDB and SQLite."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpumeter.cli import main
+
+USAGE_HEADER = (
+    "record_id,window_start,window_end,provider_id,host_id,gpu_uuid,gpu_class,firm_id,"
+    "allocated_seconds,busy_seconds,energy_joules"
+)
+
+RATES = """currency = "CNY"
+timezone = "UTC"
+
+[[rate]]
+gpu_class = "H100"
+provider = "*"
+price_per_gpu_hour = "10.00"
+effective_from = 2025-01-01
+"""
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+class Cli:
+    def __init__(self, tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.tmp = tmp
+        self.capsys = capsys
+        self.n = 0
+
+    def __call__(self, *args: str) -> Result:
+        self.capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = self.capsys.readouterr()
+        return Result(code, out, err)
+
+    def ok(self, *args: str) -> Result:
+        r = self(*args)
+        assert r.code == 0, f"{args} failed: {r.err}"
+        return r
+
+    def file(self, name: str, text: str) -> str:
+        path = self.tmp / name
+        path.write_text(text)
+        return str(path)
+
+    def usage(self, *rows: str, name: str | None = None) -> str:
+        self.n += 1
+        return self.file(name or f"usage{self.n}.csv", "\n".join([USAGE_HEADER, *rows]) + "\n")
+
+
+def row(rid: str, start: str, seconds: int, firm: str = "F1", cls: str = "H100", provider: str = "P1",
+        hours: int = 24) -> str:  # fmt: skip
+    """A usage CSV line; the window is ``hours`` long from ``start`` (UTC)."""
+    from datetime import datetime, timedelta
+
+    begin = datetime.fromisoformat(start + "+00:00")
+    end = begin + timedelta(hours=hours)
+    return f"{rid},{begin.isoformat()},{end.isoformat()},{provider},h1,GPU-1,{cls},{firm},{seconds},,"
+
+
+def amounts(doc: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
+    return {i["firm_id"]: (i["gross"], i["credit_total"], i["amount_due"]) for i in doc["invoices"]}
