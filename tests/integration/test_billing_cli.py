@@ -230,8 +230,10 @@ def test_a_bad_row_refuses_the_whole_load(cli: Cli, option: str, name: str, text
 
 
 def test_a_bad_usage_row_refuses_the_whole_file(cli: Cli) -> None:
-    path = cli.usage(row("ok", "2026-03-01T00:00:00", 3600), "bad,2026-03-01T00:00:00,2026-03-01T01:00:00,P1,h,G,H100,F1,60,,",
-                     row("big", "2026-03-01T00:00:00", 99999, hours=1))  # fmt: skip
+    no_offset = "bad,2026-03-01T00:00:00,2026-03-01T01:00:00,P1,h,G,H100,F1,60,,"
+    path = cli.usage(
+        row("ok", "2026-03-01T00:00:00", 3600), no_offset, row("big", "2026-03-01T00:00:00", 99999, hours=1)
+    )
     r = cli("usage", "import", path)
     assert r.code == 1
     assert f"{path}:3: window_start '2026-03-01T00:00:00' has no UTC offset" in r.err
