@@ -112,8 +112,7 @@ def _credits(credits: list[Credit]) -> tuple[InvoiceCredit, ...]:
     for credit in credits:
         by_voucher[(credit.voucher_id, credit.program_id)] += credit.amount
     return tuple(
-        InvoiceCredit(voucher_id, program_id, amount)
-        for (voucher_id, program_id), amount in sorted(by_voucher.items())
+        InvoiceCredit(voucher_id, program_id, amount) for (voucher_id, program_id), amount in sorted(by_voucher.items())
     )
 
 

@@ -155,8 +155,7 @@ class Program:
             raise _fail(f"program {self.program_id}: year must be an int year, got {self.year!r}")
         if self.category not in CATEGORIES:
             raise _fail(
-                f"program {self.program_id}: category must be one of "
-                f"{sorted(CATEGORIES)}, got {self.category!r}"
+                f"program {self.program_id}: category must be one of {sorted(CATEGORIES)}, got {self.category!r}"
             )
         _check_money(self.budget, "budget")
         _check_money(self.firm_cap, "firm_cap")
@@ -209,9 +208,7 @@ class Firm:
 # ----------------------------------------------------------------- usage and items
 
 
-def _check_usage_key(
-    firm_id: str, day: date, provider_id: str, gpu_class: str, adjustment_for: str | None
-) -> None:
+def _check_usage_key(firm_id: str, day: date, provider_id: str, gpu_class: str, adjustment_for: str | None) -> None:
     _check_text(firm_id, "firm_id")
     _check_day(day, "day")
     _check_text(provider_id, "provider_id")

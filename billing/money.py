@@ -35,9 +35,7 @@ _MAX_DIGITS = 28  # the default Decimal precision: sums of such values stay exac
 _NUMBER_RE = re.compile(r"\A(-?)(\d+)(?:\.(\d+))?\Z")
 
 # Arithmetic that must never round: any inexact Decimal operation raises Inexact.
-EXACT_CONTEXT = Context(
-    prec=60, rounding=ROUND_HALF_UP, traps=[InvalidOperation, DivisionByZero, Overflow, Inexact]
-)
+EXACT_CONTEXT = Context(prec=60, rounding=ROUND_HALF_UP, traps=[InvalidOperation, DivisionByZero, Overflow, Inexact])
 # The one place a Decimal is rounded on purpose (round_money): explicit mode, no traps on rounding.
 _ROUNDING_CONTEXT = Context(prec=60, rounding=ROUND_HALF_UP, traps=[InvalidOperation, Overflow])
 

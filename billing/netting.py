@@ -115,9 +115,7 @@ def _index_vouchers(vouchers: Iterable[Voucher], programs: Mapping[str, Program]
         if voucher.voucher_id in by_id and by_id[voucher.voucher_id] != voucher:
             raise InvalidBillingDataError(f"two different vouchers with id {voucher.voucher_id}")
         if voucher.program_id not in programs:
-            raise InvalidBillingDataError(
-                f"voucher {voucher.voucher_id} names unknown program {voucher.program_id}"
-            )
+            raise InvalidBillingDataError(f"voucher {voucher.voucher_id} names unknown program {voucher.program_id}")
         by_id[voucher.voucher_id] = voucher
     return by_id
 
@@ -214,11 +212,7 @@ def net_items(
         uncovered = item.amount
         for voucher in vouchers_by_firm.get(item.firm_id, []):
             program = program_by_id[voucher.program_id]
-            if (
-                not voucher.valid_on_inclusive(item.day)
-                or program.category != COMPUTE
-                or program.year != item.day.year
-            ):
+            if not voucher.valid_on_inclusive(item.day) or program.category != COMPUTE or program.year != item.day.year:
                 continue
             balance = _left(voucher.face_value, drawn_v.get(voucher.voucher_id, ZERO))
             if balance <= 0:

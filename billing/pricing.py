@@ -40,8 +40,7 @@ class UnpricedUsageError(BillingError):
     def __init__(self, unpriced: Iterable[UnpricedUsage]) -> None:
         self.unpriced: tuple[UnpricedUsage, ...] = tuple(sorted(set(unpriced)))
         listing = ", ".join(
-            f"(provider={u.provider_id}, gpu_class={u.gpu_class}, day={u.day.isoformat()})"
-            for u in self.unpriced
+            f"(provider={u.provider_id}, gpu_class={u.gpu_class}, day={u.day.isoformat()})" for u in self.unpriced
         )
         super().__init__(f"no price for {len(self.unpriced)} usage key(s): {listing}")
 

@@ -296,7 +296,8 @@ def write_settlement(
         )
         tx.executemany(
             "INSERT INTO invoice_lines (invoice_id, line_no, provider_id, gpu_class, unit_price, allocated_seconds, "
-            "record_count, amount, adjustment_for) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "record_count, amount, adjustment_for, busy_seconds, energy_joules, item_count) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     inv.invoice_id,
@@ -308,6 +309,9 @@ def write_settlement(
                     ln.record_count,
                     str(ln.amount),
                     ln.adjustment_for,
+                    ln.busy_seconds,
+                    ln.energy_joules,
+                    ln.item_count,
                 )
                 for n, ln in enumerate(inv.lines, start=1)
             ],
@@ -337,7 +341,7 @@ def invoices(tx: Tx, month: str | None = None, firm_id: str | None = None) -> li
     ids = {h[0] for h in heads}
     for r in tx.query(
         "SELECT invoice_id, provider_id, gpu_class, unit_price, allocated_seconds, record_count, amount, "
-        "adjustment_for FROM invoice_lines ORDER BY invoice_id, line_no"
+        "adjustment_for, busy_seconds, energy_joules, item_count FROM invoice_lines ORDER BY invoice_id, line_no"
     ):
         if r[0] in ids:
             seconds = int(r[4])
@@ -351,9 +355,9 @@ def invoices(tx: Tx, month: str | None = None, firm_id: str | None = None) -> li
                     adjustment_for=r[7],
                     allocated_seconds=seconds,
                     record_count=int(r[5]),
-                    busy_seconds=0,
-                    energy_joules=0,
-                    item_count=0,
+                    busy_seconds=int(r[8]),
+                    energy_joules=int(r[9]),
+                    item_count=int(r[10]),
                 )
             )
     for r in tx.query(

@@ -63,6 +63,7 @@ SCHEMA = [
         invoice_id TEXT NOT NULL, line_no INTEGER NOT NULL, provider_id TEXT NOT NULL,
         gpu_class TEXT NOT NULL, unit_price TEXT NOT NULL, allocated_seconds BIGINT NOT NULL,
         record_count BIGINT NOT NULL, amount TEXT NOT NULL, adjustment_for TEXT,
+        busy_seconds BIGINT NOT NULL, energy_joules BIGINT NOT NULL, item_count INTEGER NOT NULL,
         PRIMARY KEY (invoice_id, line_no))""",
     """CREATE TABLE IF NOT EXISTS invoice_credits (
         invoice_id TEXT NOT NULL, voucher_id TEXT NOT NULL, program_id TEXT NOT NULL,
@@ -81,9 +82,7 @@ class DatabaseUrl:
 
 def parse_url(url: str) -> DatabaseUrl:
     if url.startswith("sqlite:///"):
-        return DatabaseUrl(
-            "sqlite", url[len("sqlite:///") - 1 :] if url.startswith("sqlite:////") else url[10:]
-        )
+        return DatabaseUrl("sqlite", url[len("sqlite:///") - 1 :] if url.startswith("sqlite:////") else url[10:])
     if url.startswith(("postgresql://", "postgres://")):
         return DatabaseUrl("postgres", url)
     raise ConfigError(
