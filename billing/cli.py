@@ -145,7 +145,9 @@ def settle(ctx: click.Context, month: str) -> None:
     if adjustments:
         click.echo(f"  adjustment lines for late usage of closed months: {adjustments}")
     if result.auto_granted:
-        click.echo(f"  vouchers granted automatically: {', '.join(result.auto_granted)}")
+        shown = ", ".join(result.auto_granted[:10])
+        more = f" and {len(result.auto_granted) - 10} more" if len(result.auto_granted) > 10 else ""
+        click.echo(f"  vouchers granted automatically ({len(result.auto_granted)}): {shown}{more}")
     if row.unattributed_records:
         click.echo(
             f"  unattributed usage (not invoiced): {row.unattributed_records} records, "

@@ -21,7 +21,7 @@ from billing.model import (
     month_of,
     parse_month,
 )
-from billing.money import exact_decimal, format_decimal, format_gpu_hours, format_money
+from billing.money import SECONDS_PER_HOUR, exact_decimal, format_decimal, format_gpu_hours, format_money
 
 ZERO = Decimal("0.00")
 DEFAULT_CURRENCY = "CNY"
@@ -93,7 +93,7 @@ def _lines(items: list[ChargeItem]) -> tuple[InvoiceLine, ...]:
             provider_id=provider_id,
             gpu_class=gpu_class,
             unit_price=group[0].unit_price,
-            gpu_hours=sum((i.gpu_hours for i in group), Fraction(0)),
+            gpu_hours=Fraction(sum(i.allocated_seconds for i in group), SECONDS_PER_HOUR),
             amount=sum((i.amount for i in group), ZERO),
             adjustment_for=adjustment_for,
             allocated_seconds=sum(i.allocated_seconds for i in group),

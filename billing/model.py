@@ -82,7 +82,8 @@ def _check_decimal(value: object, name: str) -> Decimal:
 
 def is_whole_cents(amount: Decimal) -> bool:
     """True when ``amount`` has no digit below the fen (checked exactly, context-free)."""
-    return (Fraction(amount) * 100).denominator == 1
+    numerator, denominator = amount.as_integer_ratio()
+    return (numerator * 100) % denominator == 0
 
 
 def _check_money(value: object, name: str) -> None:
@@ -281,7 +282,8 @@ class ChargeItem:
     def __post_init__(self) -> None:
         _check_usage_key(self.firm_id, self.day, self.provider_id, self.gpu_class, self.adjustment_for)
         _check_count(self.allocated_seconds, "allocated_seconds")
-        if self.gpu_hours != Fraction(self.allocated_seconds, 3600):
+        hours = self.gpu_hours
+        if not isinstance(hours, Fraction) or hours.numerator * 3600 != self.allocated_seconds * hours.denominator:
             raise _fail("gpu_hours must equal allocated_seconds / 3600 exactly")
         if _check_decimal(self.unit_price, "unit_price") < 0:
             raise _fail("unit_price must be >= 0")

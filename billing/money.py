@@ -90,14 +90,33 @@ def gpu_hours_of(allocated_seconds: int) -> Fraction:
     return Fraction(allocated_seconds, SECONDS_PER_HOUR)
 
 
+def _half_up_cents(numerator: int, denominator: int) -> Decimal:
+    """numerator/denominator (currency units, >= 0) rounded half-up to the cent, in integers."""
+    cents, remainder = divmod(numerator * 100, denominator)
+    if 2 * remainder >= denominator:
+        cents += 1
+    return Decimal(cents).scaleb(-2, context=EXACT_CONTEXT)
+
+
 def charge_amount(allocated_seconds: int, price_per_gpu_hour: Decimal) -> Decimal:
-    """round_half_up(allocated_seconds / 3600 x price) to the cent, from exact hours."""
-    return round_fraction_to_cent(gpu_hours_of(allocated_seconds) * Fraction(price_per_gpu_hour))
+    """round_half_up(allocated_seconds / 3600 x price) to the cent, from exact hours.
+
+    Integer arithmetic on the exact ratio of the price: the hot path of a settlement,
+    equal to ``round_fraction_to_cent(gpu_hours_of(s) * Fraction(price))`` (a test checks).
+    """
+    if allocated_seconds < 0 or price_per_gpu_hour < 0:
+        return round_fraction_to_cent(gpu_hours_of(allocated_seconds) * Fraction(price_per_gpu_hour))
+    n, d = price_per_gpu_hour.as_integer_ratio()
+    return _half_up_cents(allocated_seconds * n, SECONDS_PER_HOUR * d)
 
 
 def subsidy_amount(subsidy_rate: Decimal, uncovered: Decimal) -> Decimal:
     """round_half_up(subsidy_rate x uncovered) to the cent, computed exactly."""
-    return round_fraction_to_cent(Fraction(subsidy_rate) * Fraction(uncovered))
+    if subsidy_rate < 0 or uncovered < 0:
+        return round_fraction_to_cent(Fraction(subsidy_rate) * Fraction(uncovered))
+    rn, rd = subsidy_rate.as_integer_ratio()
+    un, ud = uncovered.as_integer_ratio()
+    return _half_up_cents(rn * un, rd * ud)
 
 
 def format_money(amount: Decimal) -> str:

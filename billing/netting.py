@@ -121,11 +121,11 @@ def _index_vouchers(vouchers: Iterable[Voucher], programs: Mapping[str, Program]
 
 
 def _check_items(items: Iterable[ChargeItem]) -> list[ChargeItem]:
-    ordered = sorted(items, key=lambda i: i.key.netting_order)
-    for before, after in pairwise(ordered):
-        if before.key == after.key:
-            raise InvalidBillingDataError(f"two charge items share the key {after.key}")
-    return ordered
+    keyed = sorted(((i.key.netting_order, i) for i in items), key=lambda pair: pair[0])
+    for (before, _), (after, item) in pairwise(keyed):
+        if before == after:
+            raise InvalidBillingDataError(f"two charge items share the key {item.key}")
+    return [item for _, item in keyed]
 
 
 def grant_automatic_vouchers(
@@ -209,6 +209,7 @@ def net_items(
     trail: list[NettingStep] = []
 
     for item in ordered_items:
+        key = item.key
         uncovered = item.amount
         for voucher in vouchers_by_firm.get(item.firm_id, []):
             program = program_by_id[voucher.program_id]
@@ -227,7 +228,7 @@ def net_items(
             credit = min(terms.values())
             trail.append(
                 NettingStep(
-                    item=item.key,
+                    item=key,
                     voucher_id=voucher.voucher_id,
                     program_id=program.program_id,
                     uncovered_before=uncovered,
@@ -242,7 +243,7 @@ def net_items(
             )
             if credit <= 0:
                 continue
-            credits.append(Credit(item.key, voucher.voucher_id, program.program_id, item.firm_id, credit))
+            credits.append(Credit(key, voucher.voucher_id, program.program_id, item.firm_id, credit))
             uncovered -= credit
             drawn_v[voucher.voucher_id] = drawn_v.get(voucher.voucher_id, ZERO) + credit
             drawn_fp[fp] = drawn_fp.get(fp, ZERO) + credit

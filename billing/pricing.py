@@ -53,7 +53,7 @@ class RateCard:
     """Rates indexed for lookup. Two rows with the same (gpu_class, provider,
     effective_from) but different prices are a conflict and are refused."""
 
-    __slots__ = ("_by_class",)
+    __slots__ = ("_by_class", "_memo")
 
     def __init__(self, rates: Iterable[Rate]) -> None:
         unique: dict[tuple[str, str, date], Rate] = {}
@@ -71,9 +71,16 @@ class RateCard:
         for key in sorted(unique):
             by_class[key[0]].append(unique[key])
         self._by_class: dict[str, tuple[Rate, ...]] = {k: tuple(v) for k, v in by_class.items()}
+        self._memo: dict[tuple[str, str, date], Rate | None] = {}
 
     def rate_for(self, provider_id: str, gpu_class: str, day: date) -> Rate | None:
-        """The rate in effect, or None when the usage is unpriced."""
+        """The rate in effect, or None when the usage is unpriced (memoised: the card is immutable)."""
+        key = (provider_id, gpu_class, day)
+        if key not in self._memo:
+            self._memo[key] = self._select(provider_id, gpu_class, day)
+        return self._memo[key]
+
+    def _select(self, provider_id: str, gpu_class: str, day: date) -> Rate | None:
         in_effect = [r for r in self._by_class.get(gpu_class, ()) if r.effective_from <= day]
         own = [r for r in in_effect if r.provider == provider_id]
         used = own or [r for r in in_effect if r.provider == ANY_PROVIDER]

@@ -153,7 +153,7 @@ def test_auto_grant_for_firms_without_a_voucher(cli: Cli) -> None:
     cli.ok("usage", "import", cli.usage(row("a", "2026-03-01T00:00:00", 3600, firm="FA"),
                                         row("b", "2026-03-01T00:00:00", 3600, firm="FB")))  # fmt: skip
     r = cli.ok("billing", "settle", "--month", "2026-03")
-    assert "vouchers granted automatically: AUTO-CITY-2026-FB" in r.out
+    assert "vouchers granted automatically (1): AUTO-CITY-2026-FB" in r.out
     doc = cli.ok("billing", "export", "--month", "2026-03").json()
     assert {i["firm_id"]: i["credits"] for i in doc["invoices"]} == {
         "FA": [{"voucher_id": "V1", "program_id": "CITY-2026", "amount": "10.00"}],

@@ -1,0 +1,158 @@
+"""Settle one month for 10,000 firms over 100 million usage windows.
+
+The windows are generated inside ClickHouse (INSERT ... SELECT FROM numbers),
+plus 0.5 % re-delivered duplicates so deduplication has real work. Then
+``gpumeter billing settle`` runs in its own process, exactly as billing staff
+run it; its wall time and peak RSS are the figures.
+
+Baseline, in the same script on the same data: one plain GROUP BY over every raw
+row with no deduplication and no billing - the floor any settlement must pay
+to read the month. ``BENCH_SETTLE_WINDOWS`` overrides the size for a quick run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+FIRMS = 10_000
+WINDOWS = int(os.environ.get("BENCH_SETTLE_WINDOWS", "100000000"))
+MONTH_MINUTES = 31 * 24 * 60
+
+GENERATE = """
+INSERT INTO {db}.usage_raw
+SELECT
+    hex(MD5(toString(number))) AS record_id, number AS seq,
+    concat('P', toString(firm % 7)) AS provider_id,
+    concat('P', toString(firm % 7), '-H', toString(number % 997)) AS host_id,
+    concat('GPU-', toString(number % 7919)) AS gpu_uuid,
+    ['H100-80G', 'A800-80G', 'Ascend-910B', 'L40S-48G'][(firm + intDiv(number, 1000003) % 2) % 4 + 1] AS gpu_class,
+    concat('F', leftPad(toString(firm), 5, '0')) AS firm_id,
+    toDateTime64('2026-03-01 00:00:00', 3, 'UTC') + toIntervalSecond(60 * ((number * 7) % {minutes})) AS window_start,
+    window_start + toIntervalSecond(60) AS window_end,
+    60 AS allocated_seconds, 30.0 AS busy_seconds, 21000.0 AS energy_joules,
+    'bench' AS agent_version, 'kafka' AS source, toInt32(number % 8) AS kafka_partition,
+    toInt64(number) AS kafka_offset, toDateTime64('2026-04-01 00:00:00', 6, 'UTC') AS ingested_at
+FROM (SELECT number, number % {firms} AS firm FROM numbers({start}, {count}))
+"""
+
+RATES = """currency = "CNY"
+timezone = "UTC"
+""" + "".join(
+    f'\n[[rate]]\ngpu_class = "{cls}"\nprovider = "*"\nprice_per_gpu_hour = "{price}"\neffective_from = 2026-01-01\n'
+    for cls, price in (("H100-80G", "21.50"), ("A800-80G", "12.80"), ("Ascend-910B", "9.90"), ("L40S-48G", "6.40"))
+)
+
+PROGRAMS = """[[program]]
+id = "SH-2026-COMPUTE"
+year = 2026
+category = "compute"
+budget = "10000000.00"
+firm_cap = "2500.00"
+
+[program.auto_grant]
+face_value = "2000.00"
+subsidy_rate = "0.50"
+"""
+
+
+def _write_inputs(work: Path) -> list[str]:
+    (work / "rates.toml").write_text(RATES)
+    (work / "programs.toml").write_text(PROGRAMS)
+    vouchers = ["voucher_id,program_id,firm_id,face_value,subsidy_rate,valid_from,valid_until,priority"]
+    for f in range(0, FIRMS, 10):  # one firm in ten holds its own voucher (30-100 %)
+        rate = ("0.3", "0.5", "0.8", "1")[f % 4]
+        vouchers.append(f"V{f:05d},SH-2026-COMPUTE,F{f:05d},3000.00,{rate},2026-01-01,2026-12-31,10")
+    (work / "vouchers.csv").write_text("\n".join(vouchers) + "\n")
+    firms = ["firm_id,name,payment_terms_days"] + [f"F{f:05d},Firm {f},30" for f in range(FIRMS)]
+    (work / "firms.csv").write_text("\n".join(firms) + "\n")
+    return [
+        "--ratecard",
+        str(work / "rates.toml"),
+        "--programs",
+        str(work / "programs.toml"),
+        "--vouchers",
+        str(work / "vouchers.csv"),
+        "--firms",
+        str(work / "firms.csv"),
+    ]
+
+
+PROBE = (
+    "import resource, sys, time; from gpumeter.cli import main; t = time.perf_counter()\n"
+    "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+    "print(f'PROBE {time.perf_counter() - t:.3f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}', "
+    "file=sys.stderr); sys.exit(code)"
+)
+
+
+def _run(env: dict[str, str], *args: str) -> tuple[float, float, str]:
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"gpumeter {' '.join(args)} failed:\n{proc.stderr}")
+    probe = [ln for ln in proc.stderr.splitlines() if ln.startswith("PROBE ")][-1].split()
+    return float(probe[1]), float(probe[2]), proc.stdout
+
+
+def _generate(home: Path) -> float:
+    from pipeline import clickhouse
+
+    client = clickhouse.connect(f"chdb://{home / 'clickhouse'}", "gpumeter")
+    clickhouse.ensure_schema(client, "gpumeter")
+    step = 20_000_000
+    for start in range(0, WINDOWS, step):
+        count = min(step, WINDOWS - start)
+        client.command(GENERATE.format(db="gpumeter", minutes=MONTH_MINUTES, firms=FIRMS, start=start, count=count))
+        print(f"  generated {start + count:,} of {WINDOWS:,} windows", file=sys.stderr, flush=True)
+    dups = max(1, WINDOWS // 200)  # re-delivered windows: same record_id, later ingestion
+    client.command(
+        GENERATE.format(db="gpumeter", minutes=MONTH_MINUTES, firms=FIRMS, start=0, count=dups).replace(
+            "'2026-04-01 00:00:00', 6", "'2026-04-01 00:05:00', 6"
+        )
+    )
+    t = time.perf_counter()
+    client.query(
+        "SELECT firm_id, toDate(window_start, 'UTC') AS d, provider_id, gpu_class, sum(allocated_seconds), count() "
+        "FROM gpumeter.usage_raw GROUP BY firm_id, d, provider_id, gpu_class"
+    )
+    return time.perf_counter() - t
+
+
+def run() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="gm-bench-settle-") as tmp:
+        work = Path(tmp)
+        home = work / "home"
+        env = {**os.environ, "GPUMETER_HOME": str(home)}
+        env.pop("GPUMETER_CLICKHOUSE_DSN", None)
+        env.pop("GPUMETER_BILLING_DB", None)
+        # generation and the floor query run in a child so this process never holds the chDB path
+        gen = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                f"import bench_settle as b, pathlib; print(b._generate(pathlib.Path({str(home)!r})))",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if gen.returncode != 0:
+            raise RuntimeError(gen.stderr)
+        floor_s = float(gen.stdout.strip().splitlines()[-1])
+        _run(env, "billing", "load", *_write_inputs(work))
+        seconds, rss_mb, out = _run(env, "billing", "settle", "--month", "2026-03")
+        print(out, file=sys.stderr)
+    name = f"settle_{FIRMS // 1000}k_firms_{WINDOWS // 1_000_000}m_windows_s"
+    yield f"BENCH {name} {seconds:.1f} s vs raw_sum_floor {seconds / floor_s:.2f}x"
+    yield f"BENCH settle_peak_rss_mb {rss_mb:.0f} MB"
+
+
+if __name__ == "__main__":
+    for line in run():
+        print(line, flush=True)
