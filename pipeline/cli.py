@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from types import FrameType
 
 import click
 
 from gpumeter.cli import settings_from
 from pipeline import clickhouse
-from pipeline.loader import Loader, make_consumer
+from pipeline.gaps import gaps_table
+from pipeline.keys import load_registry
+from pipeline.loader import DeadLetter, Loader, make_consumer
+
+CLUSTER_OPTION = click.option(
+    "--cluster",
+    envvar="GPUMETER_CLICKHOUSE_CLUSTER",
+    default=None,
+    help="Create the DDL ON CLUSTER with Replicated engines (env GPUMETER_CLICKHOUSE_CLUSTER).",
+)
+UNCHECKED = (
+    "WARNING: no --keys file: batch signatures and host/provider registrations are NOT checked; "
+    "only plausibility checks run. Pass --keys FILE in production."
+)
 
 
 @click.group()
@@ -18,12 +32,13 @@ def pipeline() -> None:
 
 
 @pipeline.command("init")
+@CLUSTER_OPTION
 @click.pass_context
-def init(ctx: click.Context) -> None:
+def init(ctx: click.Context, cluster: str | None) -> None:
     """Create the ClickHouse database and tables (idempotent)."""
     s = settings_from(ctx)
     client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
-    clickhouse.ensure_schema(client, s.clickhouse_database)
+    clickhouse.ensure_schema(client, s.clickhouse_database, cluster=cluster)
     click.echo(f"ClickHouse schema ready in {s.clickhouse_database} ({s.clickhouse_dsn_resolved})")
 
 
@@ -37,18 +52,48 @@ def init(ctx: click.Context) -> None:
     default=None,
     help="Exit after this many seconds without new messages (default: run until stopped).",
 )
+@click.option(
+    "--keys",
+    "keys_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keys registry (TOML: hosts, their provider and signing keys); see pipeline/README.md.",
+)
+@click.option(
+    "--dead-letter-topic",
+    default=None,
+    help="Topic for rejected messages and windows (default: <topic>.dead-letter; '-' for none).",
+)
+@CLUSTER_OPTION
 @click.pass_context
 def run(
-    ctx: click.Context, kafka_bootstrap: str | None, topic: str | None, group_id: str, idle_exit: float | None
+    ctx: click.Context,
+    kafka_bootstrap: str | None,
+    topic: str | None,
+    group_id: str,
+    idle_exit: float | None,
+    keys_file: Path | None,
+    dead_letter_topic: str | None,
+    cluster: str | None,
 ) -> None:
     """Consume usage batches and insert them into ClickHouse; offsets are committed only after the insert.
 
+    Verifies each batch's signature against --keys, checks every window, and
+    quarantines what fails (table usage_quarantine and the dead-letter topic).
     Run several with the same --group to share partitions.
+
+    \b
+    Example:
+      gpumeter pipeline run --keys /etc/gpumeter/keys.toml --group loaders
     """
     s = settings_from(ctx, kafka_bootstrap=kafka_bootstrap, topic=topic)
+    keys = load_registry(keys_file) if keys_file is not None else None
+    if keys is None:
+        click.echo(UNCHECKED, err=True)
     client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
-    clickhouse.ensure_schema(client, s.clickhouse_database)
+    clickhouse.ensure_schema(client, s.clickhouse_database, cluster=cluster)
     consumer = make_consumer(s.kafka_bootstrap, s.topic, group_id)
+    dlq_topic = dead_letter_topic or f"{s.topic}.dead-letter"
+    dead_letter = DeadLetter(s.kafka_bootstrap, dlq_topic) if dlq_topic != "-" else None
     stopping = False
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -57,9 +102,26 @@ def run(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    loader = Loader(consumer, client, s.clickhouse_database, s.topic)
+    loader = Loader(consumer, client, s.clickhouse_database, s.topic, keys=keys, dead_letter=dead_letter)
     try:
         stats = loader.run(until=lambda _: stopping, idle_timeout_s=idle_exit)
     finally:
-        consumer.close()
+        consumer.close(autocommit=False)
+        if dead_letter is not None:
+            dead_letter.close()
     click.echo(f"messages={stats.messages} windows={stats.windows} quarantined={stats.quarantined}", err=True)
+
+
+@pipeline.command("gaps")
+@click.pass_context
+def gaps(ctx: click.Context) -> None:
+    """List, per agent (host_id), the sequence numbers missing from usage_raw.
+
+    No gap means every window each agent numbered between its lowest and highest
+    seq reached ClickHouse; a gap shows exactly which ones did not.
+    """
+    s = settings_from(ctx)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    clickhouse.ensure_schema(client, s.clickhouse_database)
+    db = s.clickhouse_database
+    click.echo(gaps_table(clickhouse.seq_extents(client, db), clickhouse.seq_gaps(client, db)))

@@ -12,6 +12,11 @@ Tables (database from settings, default ``gpumeter``):
   ``insert_deduplication_token``) a no-op.
 - ``usage_quarantine``: messages that could not be decoded or verified: raw
   bytes, reason, source offset. Never billed.
+- ``usage_ingest_v<N>`` (Null engine, one per writer schema version): the loader
+  inserts Avro containers here; two materialized views check each window and
+  route it to ``usage_raw`` or ``usage_quarantine`` (``schema.py``).
+- ``usage_hourly``: dashboard rollup recomputed from ``usage_windows``
+  (``refresh_rollups``), never from raw deliveries, so replays cannot inflate it.
 - ``usage_windows`` (view): one row per record_id, the *first* delivery
   (earliest ``ingested_at``, then partition, offset). Billing reads only this.
 """
@@ -19,11 +24,13 @@ Tables (database from settings, default ``gpumeter``):
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from datetime import date
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime
 from typing import Any
 
 from gpumeter.errors import ConfigError, StoreBusyError
+from pipeline.framing import WriterVersion, shipped_versions
+from pipeline.schema import Ddl
 
 RAW_COLUMNS = (
     "record_id", "seq", "provider_id", "host_id", "gpu_uuid", "gpu_class", "firm_id",
@@ -62,74 +69,16 @@ def connect(dsn: str, database: str) -> Any:
     return client
 
 
-def ensure_schema(client: Any, database: str) -> None:
-    db = database
-    client.command(
-        f"""
-        CREATE TABLE IF NOT EXISTS {db}.usage_raw (
-            record_id String,
-            seq UInt64,
-            provider_id LowCardinality(String),
-            host_id LowCardinality(String),
-            gpu_uuid LowCardinality(String),
-            gpu_class LowCardinality(String),
-            firm_id LowCardinality(String),
-            window_start DateTime64(3, 'UTC'),
-            window_end DateTime64(3, 'UTC'),
-            allocated_seconds UInt32,
-            busy_seconds Nullable(Float64),
-            energy_joules Nullable(Float64),
-            agent_version LowCardinality(String),
-            source LowCardinality(String),
-            kafka_partition Int32,
-            kafka_offset Int64,
-            ingested_at DateTime64(6, 'UTC')
-        )
-        ENGINE = MergeTree
-        PARTITION BY toYYYYMM(window_start)
-        ORDER BY (record_id, ingested_at)
-        SETTINGS non_replicated_deduplication_window = 10000
-        """
-    )
-    client.command(
-        f"""
-        CREATE TABLE IF NOT EXISTS {db}.usage_quarantine (
-            raw String,
-            reason String,
-            source LowCardinality(String),
-            kafka_partition Int32,
-            kafka_offset Int64,
-            quarantined_at DateTime64(6, 'UTC')
-        )
-        ENGINE = MergeTree
-        ORDER BY (source, kafka_partition, kafka_offset)
-        SETTINGS non_replicated_deduplication_window = 10000
-        """
-    )
-    client.command(
-        f"""
-        CREATE VIEW IF NOT EXISTS {db}.usage_windows AS
-        SELECT
-            record_id,
-            first.1 AS provider_id, first.2 AS host_id, first.3 AS gpu_uuid, first.4 AS gpu_class,
-            first.5 AS firm_id, first.6 AS window_start, first.7 AS window_end,
-            first.8 AS allocated_seconds, first.9 AS busy_seconds, first.10 AS energy_joules,
-            first.11 AS ingested_at,
-            deliveries
-        FROM (
-            SELECT
-                record_id,
-                argMin(
-                    (provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end,
-                     allocated_seconds, busy_seconds, energy_joules, ingested_at),
-                    (ingested_at, kafka_partition, kafka_offset)
-                ) AS first,
-                count() AS deliveries
-            FROM {db}.usage_raw
-            GROUP BY record_id
-        )
-        """
-    )
+def ensure_schema(
+    client: Any,
+    database: str,
+    cluster: str | None = None,
+    writers: Iterable[WriterVersion] | None = None,
+) -> None:
+    """Create every table and view (idempotent); ``cluster``: ON CLUSTER with Replicated engines."""
+    versions = shipped_versions().values() if writers is None else writers
+    for statement in Ddl(database, cluster).statements(versions):
+        client.command(statement)
 
 
 def insert_raw(client: Any, database: str, rows: Sequence[Sequence[Any]], dedup_token: str | None) -> None:
@@ -137,9 +86,7 @@ def insert_raw(client: Any, database: str, rows: Sequence[Sequence[Any]], dedup_
     client.insert(f"{database}.usage_raw", rows, column_names=RAW_COLUMNS, settings=settings)
 
 
-def insert_quarantine(
-    client: Any, database: str, rows: Sequence[Sequence[Any]], dedup_token: str | None
-) -> None:
+def insert_quarantine(client: Any, database: str, rows: Sequence[Sequence[Any]], dedup_token: str | None) -> None:
     settings = {"insert_deduplication_token": dedup_token} if dedup_token else None
     client.insert(f"{database}.usage_quarantine", rows, column_names=QUARANTINE_COLUMNS, settings=settings)
 
@@ -175,3 +122,101 @@ def count_rows(client: Any, database: str, table: str) -> int:
     if not _NAME.match(table):
         raise ValueError(table)
     return int(client.query(f"SELECT count() FROM {database}.{table}").result_rows[0][0])
+
+
+def insert_ingest(client: Any, database: str, writer: WriterVersion, container: bytes, dedup_token: str) -> int:
+    """Insert one Avro container into ``usage_ingest_v<N>``; the views fan it out. Returns messages read."""
+    settings = {
+        "insert_deduplication_token": dedup_token,
+        "deduplicate_blocks_in_dependent_materialized_views": 1,
+    }
+    summary = client.raw_insert(f"{database}.{writer.ingest_table}", None, container, settings=settings, fmt="Avro")
+    return int(summary.written_rows or 0)
+
+
+def quarantined_in_range(
+    client: Any, database: str, partition: int, first_offset: int, last_offset: int
+) -> list[tuple[bytes, str, int, str]]:
+    """(raw, reason, offset, record_id) quarantined from one partition's offset range."""
+    result = client.query(
+        f"""
+        SELECT raw, reason, kafka_offset, record_id FROM {database}.usage_quarantine
+        WHERE source = 'kafka' AND kafka_partition = {{p:Int32}}
+          AND kafka_offset BETWEEN {{a:Int64}} AND {{b:Int64}}
+        ORDER BY kafka_offset, record_id, reason
+        """,
+        parameters={"p": partition, "a": first_offset, "b": last_offset},
+        column_formats={"raw": "bytes"},
+    )
+    return [(bytes(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in result.result_rows]
+
+
+def seq_gaps(client: Any, database: str) -> list[tuple[str, int, int, int]]:
+    """(host_id, first missing seq, last missing seq, windows seen) per gap, from every delivery."""
+    result = client.query(
+        f"""
+        SELECT host_id, prev + 1 AS first_missing, seq - 1 AS last_missing, seen
+        FROM (
+            SELECT host_id, seq,
+                   lagInFrame(seq, 1, seq) OVER w AS prev,
+                   count() OVER (PARTITION BY host_id) AS seen
+            FROM (SELECT DISTINCT host_id, seq FROM {database}.usage_raw WHERE source = 'kafka')
+            WINDOW w AS (PARTITION BY host_id ORDER BY seq ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
+        )
+        WHERE seq > prev + 1
+        ORDER BY host_id, first_missing
+        """
+    )
+    return [(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in result.result_rows]
+
+
+def seq_extents(client: Any, database: str) -> list[tuple[str, int, int, int]]:
+    """(host_id, lowest seq, highest seq, distinct seqs) per agent."""
+    result = client.query(
+        f"""
+        SELECT host_id, min(seq), max(seq), uniqExact(seq) FROM {database}.usage_raw
+        WHERE source = 'kafka' GROUP BY host_id ORDER BY host_id
+        """
+    )
+    return [(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in result.result_rows]
+
+
+def refresh_rollups(client: Any, database: str, ingested_since: datetime) -> int:
+    """Recompute ``usage_hourly`` for every hour that received a delivery since ``ingested_since``.
+
+    Built from ``usage_windows`` (first deliveries), so replays and re-sent windows
+    cannot inflate it; read it with FINAL. Returns the hours recomputed.
+    """
+    hours = client.query(
+        f"SELECT DISTINCT toStartOfHour(window_start) FROM {database}.usage_raw "
+        "WHERE ingested_at >= {since:DateTime64(6)}",
+        parameters={"since": ingested_since},
+    ).result_rows
+    if not hours:
+        return 0
+    client.command(
+        f"""
+        INSERT INTO {database}.usage_hourly
+        SELECT toStartOfHour(window_start) AS hour, provider_id, gpu_class, firm_id,
+               sum(allocated_seconds), count(), now64(6)
+        FROM {database}.usage_windows
+        WHERE toStartOfHour(window_start) IN (
+            SELECT DISTINCT toStartOfHour(window_start) FROM {database}.usage_raw
+            WHERE ingested_at >= {{since:DateTime64(6)}}
+        )
+        GROUP BY hour, provider_id, gpu_class, firm_id
+        """,
+        parameters={"since": ingested_since},
+    )
+    return len(hours)
+
+
+def hourly_totals(client: Any, database: str) -> list[tuple[datetime, str, str, str, int, int]]:
+    """(hour, provider_id, gpu_class, firm_id, allocated_seconds, records) from the rollup."""
+    result = client.query(
+        f"""
+        SELECT hour, provider_id, gpu_class, firm_id, allocated_seconds, records
+        FROM {database}.usage_hourly FINAL ORDER BY hour, provider_id, gpu_class, firm_id
+        """
+    )
+    return [(r[0], str(r[1]), str(r[2]), str(r[3]), int(r[4]), int(r[5])) for r in result.result_rows]

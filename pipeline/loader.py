@@ -1,15 +1,28 @@
-"""Kafka -> ClickHouse loader: a consumer-group member that decodes usage batches and inserts them.
+"""Kafka -> ClickHouse loader: a consumer-group member that verifies usage batches and inserts them.
 
-Durability order, per poll (never reorder these steps):
+Per partition, fetched messages are buffered and cut into blocks aligned to
+fixed offset boundaries (``BLOCK_OFFSETS``): a block is ``[k*B, (k+1)*B)`` or,
+at the live tail, whatever has arrived of it. A replay after a crash or a
+rebalance therefore rebuilds the same blocks and the same tokens.
 
-1. decode every fetched message; undecodable ones become quarantine rows;
-2. insert the rows into ClickHouse, one insert per partition's contiguous offset
-   range with ``insert_deduplication_token = topic:partition:first-last``, so a
-   replay of the same range is dropped by ClickHouse;
-3. only then commit the consumer offsets.
+Durability order, per block (never reorder these steps):
 
-A crash between 2 and 3 replays the range: the token absorbs an identical
-block, and ``usage_windows`` reads each record_id once whatever was replayed.
+1. verify each message (signature, framing); a failure becomes a quarantine row
+   with the raw bytes, the reason and the offset;
+2. insert the quarantine rows, then the verified bodies as one Avro container
+   into ``usage_ingest_v<N>``, each with ``insert_deduplication_token =
+   topic:partition:first-last[...]``; ClickHouse checks every window and routes
+   it to ``usage_raw`` or ``usage_quarantine``; a replayed block is dropped;
+3. send this block's quarantined items to the dead-letter topic and wait for
+   the broker's acknowledgement;
+4. only then commit the offset after the block.
+
+A failure in 2 or 3 (ClickHouse or Kafka unavailable) commits nothing: the
+loader pauses its partitions, backs off, retries the same blocks and catches up.
+A crash anywhere replays from the last commit; the token absorbs an identical
+block and ``usage_windows`` reads each record_id once whatever was replayed.
+Partitions revoked in a rebalance lose their buffered messages here and are
+never committed by this member; the new owner replays them.
 """
 
 from __future__ import annotations
@@ -21,20 +34,89 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from kafka import ConsumerRebalanceListener
+
 from gpumeter.errors import RecordError
-from gpumeter.record import decode_batch, verify
 from pipeline import clickhouse
+from pipeline.framing import (
+    Framed,
+    WriterVersion,
+    container,
+    decode_body,
+    shipped_versions,
+    split_value,
+    window_count,
+)
+from pipeline.keys import KeyRegistry
 
 log = logging.getLogger(__name__)
+
+BLOCK_OFFSETS = 1000  # block boundaries: multiples of this offset
+LINGER_S = 0.5  # a partial block at the tail waits at most this long for more messages
+BACKOFF_S = (0.2, 30.0)  # first and longest wait after a failed flush
 
 
 @dataclass(slots=True)
 class LoaderStats:
-    messages: int = 0
-    windows: int = 0
-    quarantined: int = 0
+    messages: int = 0  # durable and committed (or committed by nobody after a commit failure)
+    windows: int = 0  # loaded into usage_raw
+    quarantined: int = 0  # messages and windows rejected
     inserts: int = 0
     commits: int = 0
+    flush_failures: int = 0  # ClickHouse / dead-letter failures that were retried
+    commit_failures: int = 0
+    dropped_on_revoke: int = 0  # buffered messages of partitions taken away in a rebalance
+
+
+class TransientError(Exception):
+    """ClickHouse or Kafka could not take the block now; retry it later, commit nothing."""
+
+
+class DeadLetter:
+    """Rejected items to a Kafka topic, with the reason and source offset in headers."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from kafka import KafkaProducer
+
+        self.topic = topic
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+
+    def send_and_wait(self, source_topic: str, partition: int, items: list[tuple[bytes, str, int, str]]) -> None:
+        futures = [
+            self._producer.send(
+                self.topic,
+                value=raw,
+                headers=[
+                    ("gm-reason", reason.encode()),
+                    ("gm-source", f"{source_topic}:{partition}:{offset}".encode()),
+                    ("gm-record-id", record_id.encode()),
+                ],
+            )
+            for raw, reason, offset, record_id in items
+        ]
+        self._producer.flush(timeout=30)
+        for fut in futures:
+            if not fut.is_done or fut.exception is not None:
+                raise TransientError(f"dead-letter topic {self.topic}: {fut.exception or 'not acknowledged'}")
+
+    def close(self) -> None:
+        self._producer.close(timeout=10)
+
+
+class RevocationListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Remembers revoked partitions; the loader drops their buffers after the poll that revoked them."""
+
+    def __init__(self) -> None:
+        self.revoked: set[int] = set()
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.revoked.update(tp.partition for tp in revoked)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        pass
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        self.on_partitions_revoked(lost)
 
 
 def consumer_config(group_id: str, fast_rebalance: bool = False) -> dict[str, Any]:
@@ -43,10 +125,12 @@ def consumer_config(group_id: str, fast_rebalance: bool = False) -> dict[str, An
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
-        "max_poll_records": 2000,
+        "max_poll_records": 4000,
         "fetch_max_bytes": 64 * 1024 * 1024,
-        "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        "max_partition_fetch_bytes": 16 * 1024 * 1024,
     }
+    # Kafka's record-batch CRCs are always checked. The crc32c package (a base dependency)
+    # makes that cheap; kafka-python's pure-Python fallback checks only ~10 MB/s.
     if fast_rebalance:
         # A JOIN waits for the rebalance timeout (= max_poll_interval_ms in kafka-python).
         config.update(max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=1_000)
@@ -60,84 +144,252 @@ class Loader:
         client: Any,
         database: str,
         topic: str,
-        keys: dict[str, bytes] | None = None,
+        keys: KeyRegistry | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        dead_letter: DeadLetter | None = None,
+        writers: dict[bytes, WriterVersion] | None = None,
+        block_offsets: int = BLOCK_OFFSETS,
+        linger_s: float = LINGER_S,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.consumer = consumer
         self.client = client
         self.database = database
         self.topic = topic
-        self.keys = keys  # None: signatures not checked (verification comes with the pipeline issue)
+        self.keys = keys  # None: signatures and host/provider are NOT checked (the CLI says so)
         self.clock = clock
+        self.dead_letter = dead_letter
+        self.writers = shipped_versions() if writers is None else writers
+        self.block_offsets = block_offsets
+        self.linger_s = linger_s
+        self.sleep = sleep
         self.stats = LoaderStats()
+        existing = getattr(consumer, "gpumeter_revocations", None)  # set by make_consumer
+        if isinstance(existing, RevocationListener):
+            self.listener = existing
+        else:
+            self.listener = RevocationListener()
+            consumer.subscribe([topic], listener=self.listener)
+        self._buffers: dict[int, list[Any]] = {}
+        self._since: dict[int, float] = {}  # partition -> monotonic time its oldest buffered message came
+        self._backoff = 0.0
+        self._retry_at = 0.0
 
-    def poll_once(self, timeout_ms: int = 1000) -> int:
-        """One poll -> decode -> insert -> commit cycle. Returns messages handled."""
-        fetched = self.consumer.poll(timeout_ms=timeout_ms)
-        if not fetched:
+    # --- the loop --------------------------------------------------------
+    def poll_once(self, timeout_ms: int = 200, drain: bool = False) -> int:
+        """Poll, buffer, flush whatever blocks are ready. Returns messages made durable and committed."""
+        fetched = self.consumer.poll(timeout_ms=0 if self._backoff else timeout_ms)
+        self._drop_revoked()
+        now = time.monotonic()
+        arrived: set[int] = set()
+        for tp, messages in fetched.items():
+            if messages:
+                self._buffers.setdefault(tp.partition, []).extend(messages)
+                self._since.setdefault(tp.partition, now)
+                arrived.add(tp.partition)
+        if self._backoff and now < self._retry_at:
+            self.sleep(min(self._retry_at - now, timeout_ms / 1000))
             return 0
-        now = self.clock()
-        handled = 0
-        for tp, messages in sorted(fetched.items(), key=lambda kv: kv[0].partition):
-            rows, bad = self._decode(tp.partition, messages, now)
-            token = f"{tp.topic}:{tp.partition}:{messages[0].offset}-{messages[-1].offset}"
-            if rows:
-                clickhouse.insert_raw(self.client, self.database, rows, token)
-                self.stats.inserts += 1
-            if bad:
-                clickhouse.insert_quarantine(self.client, self.database, bad, token)
-            self.stats.windows += len(rows)
-            self.stats.quarantined += len(bad)
-            handled += len(messages)
-        # the rows above are durable in ClickHouse: now, and only now, commit
-        self.consumer.commit()
-        self.stats.commits += 1
-        self.stats.messages += handled
-        return handled
-
-    def _decode(self, partition: int, messages: list[Any], now: datetime) -> tuple[list[Any], list[Any]]:
-        rows: list[Any] = []
-        bad: list[Any] = []
-        for msg in messages:
-            value = msg.value if msg.value is not None else b""
-            try:
-                if self.keys is not None:
-                    verify(value, msg.headers or [], self.keys)
-                batch = decode_batch(value)
-            except RecordError as exc:
-                bad.append((value, str(exc), "kafka", partition, msg.offset, now))
-                continue
-            version = batch["agent_version"]
-            for w in batch["windows"]:
-                rows.append(
-                    (
-                        w["record_id"], w["seq"], w["provider_id"], w["host_id"], w["gpu_uuid"],
-                        w["gpu_class"], w["firm_id"], w["window_start"], w["window_end"],
-                        w["allocated_seconds"], w["busy_seconds"], w["energy_joules"],
-                        version, "kafka", partition, msg.offset, now,
-                    )
-                )  # fmt: skip
-        return rows, bad
+        ready = self._ready_blocks(now, arrived, drain)
+        return self._flush(ready) if ready else 0
 
     def run(
         self,
         until: Callable[[LoaderStats], bool] = lambda s: False,
         idle_timeout_s: float | None = None,
-        poll_timeout_ms: int = 1000,
+        poll_timeout_ms: int = 200,
     ) -> LoaderStats:
-        """Poll until ``until(stats)`` holds, or nothing arrived for ``idle_timeout_s``."""
+        """Poll until ``until(stats)`` holds, or nothing arrived for ``idle_timeout_s``; then flush."""
         last_data = time.monotonic()
         while not until(self.stats):
-            if self.poll_once(poll_timeout_ms):
+            before = sum(len(b) for b in self._buffers.values())
+            done = self.poll_once(poll_timeout_ms)
+            if done or sum(len(b) for b in self._buffers.values()) != before:
                 last_data = time.monotonic()
             elif idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
                 break
+        self.flush_all()
         return self.stats
+
+    def flush_all(self, attempts: int = 3) -> None:
+        """Make everything buffered durable and committed (used when stopping)."""
+        for _ in range(attempts):
+            if not any(self._buffers.values()):
+                return
+            self._backoff = 0.0
+            self.poll_once(timeout_ms=0, drain=True)
+
+    # --- blocks ----------------------------------------------------------
+    def _drop_revoked(self) -> None:
+        if not self.listener.revoked:
+            return
+        for partition in self.listener.revoked:
+            dropped = self._buffers.pop(partition, [])
+            self._since.pop(partition, None)
+            if dropped:
+                self.stats.dropped_on_revoke += len(dropped)
+                log.info("partition %d revoked: dropped %d uncommitted messages", partition, len(dropped))
+        self.listener.revoked.clear()
+
+    def _ready_blocks(self, now: float, arrived: set[int], drain: bool) -> dict[int, list[list[Any]]]:
+        """Per partition, the blocks to flush now: every complete aligned block, and the tail when due."""
+        out: dict[int, list[list[Any]]] = {}
+        size = self.block_offsets
+        for partition, buf in self._buffers.items():
+            blocks: list[list[Any]] = []
+            start = 0
+            for i in range(1, len(buf) + 1):
+                if i == len(buf) or buf[i].offset // size != buf[start].offset // size:
+                    blocks.append(buf[start:i])
+                    start = i
+            last = blocks[-1] if blocks else []
+            tail_complete = bool(last) and last[-1].offset % size == size - 1
+            tail_due = drain or partition not in arrived or now - self._since.get(partition, now) >= self.linger_s
+            if blocks and not tail_complete and not tail_due:
+                blocks.pop()
+            if blocks:
+                out[partition] = blocks
+        return out
+
+    def _flush(self, ready: dict[int, list[list[Any]]]) -> int:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        commits: dict[Any, Any] = {}
+        handled = 0
+        try:
+            for partition, blocks in sorted(ready.items()):
+                for block in blocks:
+                    self._load_block(partition, block)
+                    handled += len(block)
+                    commits[TopicPartition(self.topic, partition)] = OffsetAndMetadata(block[-1].offset + 1, "", -1)
+                    done = len(block)
+                    self._buffers[partition] = self._buffers[partition][done:]
+                    self._since[partition] = time.monotonic()
+                if not self._buffers[partition]:
+                    del self._buffers[partition]
+                    self._since.pop(partition, None)
+        except TransientError as exc:
+            self.stats.flush_failures += 1
+            self._backoff = min(max(self._backoff * 2, BACKOFF_S[0]), BACKOFF_S[1])
+            self._retry_at = time.monotonic() + self._backoff
+            log.warning("flush failed, nothing committed, retrying in %.1f s: %s", self._backoff, exc)
+            self._pause(True)
+        else:
+            if self._backoff:
+                self._backoff = 0.0
+                self._pause(False)
+        if commits:
+            self._commit(commits)
+        self.stats.messages += handled
+        return handled
+
+    def _pause(self, paused: bool) -> None:
+        assigned = self.consumer.assignment()
+        if paused:
+            self.consumer.pause(*assigned)
+        else:
+            self.consumer.resume(*assigned)
+
+    def _commit(self, offsets: dict[Any, Any]) -> None:
+        # step 4: every block in `offsets` is durable in ClickHouse (and dead-lettered)
+        from kafka.errors import CommitFailedError, KafkaError
+
+        try:
+            self.consumer.commit(offsets=offsets)
+            self.stats.commits += 1
+        except (CommitFailedError, KafkaError) as exc:
+            # The rows are durable; the next owner of these partitions replays them and
+            # the tokens and usage_windows absorb the replay. Nothing is lost.
+            self.stats.commit_failures += 1
+            log.warning("offset commit failed (%s); the next owner replays, nothing is lost", exc)
+
+    def _load_block(self, partition: int, block: list[Any]) -> None:
+        token = f"{self.topic}:{partition}:{block[0].offset}-{block[-1].offset}"
+        now = self.clock()
+        by_version: dict[int, tuple[WriterVersion, list[Framed]]] = {}
+        bad: list[tuple[bytes, str, str, int, int, datetime]] = []
+        windows = 0
+        for msg in block:  # step 1: verify
+            value = msg.value if msg.value is not None else b""
+            try:
+                signer = self.keys.verify(value, msg.headers or []) if self.keys is not None else None
+                writer, body = split_value(value, self.writers)
+                count = window_count(body)
+            except RecordError as exc:
+                bad.append((value, str(exc), "kafka", partition, msg.offset, now))
+                continue
+            framed = Framed(
+                msg.offset,
+                msg.timestamp if msg.timestamp is not None else -1,
+                body,
+                signer.host_id if signer else "",
+                signer.provider_id if signer else "",
+            )
+            by_version.setdefault(writer.version, (writer, []))[1].append(framed)
+            windows += count
+        try:  # step 2: insert
+            for version, (writer, framed_list) in sorted(by_version.items()):
+                windows -= self._insert_container(partition, writer, framed_list, f"{token}:v{version}", bad, now)
+            if bad:
+                clickhouse.insert_quarantine(self.client, self.database, bad, f"{token}:q")
+            rejected = clickhouse.quarantined_in_range(
+                self.client, self.database, partition, block[0].offset, block[-1].offset
+            )
+        except TransientError:
+            raise
+        except Exception as exc:
+            raise TransientError(f"ClickHouse: {exc}") from exc
+        if self.dead_letter is not None and rejected:  # step 3
+            self.dead_letter.send_and_wait(self.topic, partition, rejected)
+        window_rejects = sum(1 for r in rejected if r[3])
+        self.stats.windows += windows - window_rejects
+        self.stats.quarantined += len(rejected)
+
+    def _insert_container(
+        self,
+        partition: int,
+        writer: WriterVersion,
+        framed: list[Framed],
+        token: str,
+        bad: list[tuple[bytes, str, str, int, int, datetime]],
+        now: datetime,
+    ) -> int:
+        """Insert; if ClickHouse refuses, find the bodies Python cannot decode, quarantine them and
+        insert the rest. Returns windows of messages moved to ``bad``."""
+        ingested_us = int(now.timestamp() * 1_000_000)
+        try:
+            clickhouse.insert_ingest(
+                self.client, self.database, writer, container(writer, partition, ingested_us, framed), token
+            )
+            self.stats.inserts += 1
+            return 0
+        except Exception as exc:
+            first_error = exc
+        good: list[Framed] = []
+        lost_windows = 0
+        for f in framed:
+            value = b"\xc3\x01" + writer.fingerprint + f.body
+            try:
+                decode_body(writer, f.body)
+                good.append(f)
+            except RecordError as exc:
+                bad.append((value, str(exc), "kafka", partition, f.offset, now))
+                lost_windows += window_count(f.body)  # read once already: cannot fail
+        if len(good) == len(framed):  # every body decodes: ClickHouse itself is the problem
+            raise TransientError(f"ClickHouse: {first_error}") from first_error
+        if good:
+            data = container(writer, partition, ingested_us, good)
+            clickhouse.insert_ingest(self.client, self.database, writer, data, token + ":checked")
+            self.stats.inserts += 1
+        return lost_windows
 
 
 def make_consumer(bootstrap: str, topic: str, group_id: str, fast_rebalance: bool = False) -> Any:
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, **consumer_config(group_id, fast_rebalance))
-    consumer.subscribe([topic])
+    listener = RevocationListener()
+    consumer.subscribe([topic], listener=listener)
+    consumer.gpumeter_revocations = listener  # the Loader drops revoked partitions' buffers through it
     return consumer

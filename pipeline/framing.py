@@ -1,0 +1,199 @@
+"""Kafka message values -> one Avro object container that ClickHouse parses itself.
+
+The fast path never decodes a window in Python. A message value is
+``C3 01 | fingerprint | Avro body of a UsageBatch``; an Avro record is just its
+fields one after another, so ``prefix + body`` is a valid ``IngestBatch`` record
+when ``IngestBatch`` is the ``UsageBatch`` record with a few leading fields
+(partition, offset, timestamps, the verified signer). Each message becomes one
+block of an Avro object container file (count 1, size, object, sync marker): a
+corrupt body cannot run into its neighbour, and ClickHouse's ``FORMAT Avro``
+reads the container into the ``usage_ingest_v<N>`` table (one per writer schema
+version), whose materialized views check every window and route it to
+``usage_raw`` or ``usage_quarantine`` (see ``schema.py``).
+
+Pure: bytes in, bytes out; no Kafka, no ClickHouse.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import fastavro
+
+from gpumeter.errors import RecordError
+from gpumeter.record import SOE_MAGIC, _load_json, _strip_logical_types, schema_versions
+
+SYNC = b"gpumeter:ingest1"  # 16 bytes; any fixed value works, it only delimits blocks
+assert len(SYNC) == 16
+
+# The fields the loader puts in front of each message body (name, Avro type, ClickHouse type).
+PREFIX_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("gm_partition", "int", "Int32"),
+    ("gm_offset", "long", "Int64"),
+    ("gm_timestamp_ms", "long", "Int64"),  # Kafka message timestamp; <= 0 when absent
+    ("gm_ingested_at_us", "long", "Int64"),  # the loader's clock
+    ("gm_signer_host", "string", "String"),  # host bound to the verified key; '' when unchecked
+    ("gm_signer_provider", "string", "String"),  # that host's provider; '' when unchecked
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WriterVersion:
+    """One writer schema the pipeline can load: its fingerprint and plain (no logical types) JSON."""
+
+    version: int
+    fingerprint: bytes
+    schema: dict[str, Any]
+
+    @property
+    def ingest_table(self) -> str:
+        return f"usage_ingest_v{self.version}"
+
+
+def shipped_versions() -> dict[bytes, WriterVersion]:
+    """Every writer version in gpumeter/schemas, by fingerprint."""
+    return {
+        fp: WriterVersion(sv.version, fp, _strip_logical_types(_load_json(sv.version)))
+        for fp, sv in schema_versions().items()
+    }
+
+
+def zigzag(n: int) -> bytes:
+    """Avro ``long``/``int`` encoding."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n & ~0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _avro_string(text: str) -> bytes:
+    raw = text.encode()
+    return zigzag(len(raw)) + raw
+
+
+def ingest_schema(writer: WriterVersion) -> dict[str, Any]:
+    """``IngestBatch``: the prefix fields, then the writer's UsageBatch fields unchanged."""
+    batch = copy.deepcopy(writer.schema)
+    namespace = batch.get("namespace", "")
+    fields = batch["fields"]
+    for field in fields:  # nested named types keep their full names under the new record
+        typ = field["type"]
+        if isinstance(typ, dict) and typ.get("type") == "array" and isinstance(typ["items"], dict):
+            typ["items"].setdefault("namespace", namespace)
+    prefix = [{"name": name, "type": avro} for name, avro, _ in PREFIX_FIELDS]
+    return {"type": "record", "name": "IngestBatch", "namespace": "io.gpumeter.ingest", "fields": prefix + fields}
+
+
+@cache
+def _header(version: int, schema_json: str) -> bytes:
+    meta = {"avro.schema": schema_json.encode(), "avro.codec": b"null"}
+    out = bytearray(b"Obj\x01")
+    out += zigzag(len(meta))
+    for key, value in meta.items():
+        out += _avro_string(key) + zigzag(len(value)) + value
+    out += b"\x00" + SYNC
+    return bytes(out)
+
+
+def container_header(writer: WriterVersion) -> bytes:
+    return _header(writer.version, json.dumps(ingest_schema(writer), sort_keys=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Framed:
+    """One verified message ready for the container."""
+
+    offset: int
+    timestamp_ms: int
+    body: bytes  # the Avro body, after the 10-byte single-object header
+    signer_host: str = ""
+    signer_provider: str = ""
+
+
+def container(writer: WriterVersion, partition: int, ingested_at_us: int, messages: Iterable[Framed]) -> bytes:
+    """An Avro object container with one block per message."""
+    parts = [container_header(writer)]
+    head = zigzag(partition)
+    now = zigzag(ingested_at_us)
+    one = zigzag(1)
+    for m in messages:
+        prefix = (
+            head
+            + zigzag(m.offset)
+            + zigzag(m.timestamp_ms)
+            + now
+            + _avro_string(m.signer_host)
+            + _avro_string(m.signer_provider)
+        )
+        parts += (one, zigzag(len(prefix) + len(m.body)), prefix, m.body, SYNC)
+    return b"".join(parts)
+
+
+def split_value(value: bytes, known: dict[bytes, WriterVersion]) -> tuple[WriterVersion, bytes]:
+    """(writer version, Avro body) of a message value; RecordError if the framing is wrong."""
+    if len(value) < 10 or value[:2] != SOE_MAGIC:
+        raise RecordError("not an Avro single-object message (bad magic)")
+    fp = bytes(value[2:10])
+    writer = known.get(fp)
+    if writer is None:
+        raise RecordError(f"unknown writer schema fingerprint {fp.hex()}")
+    return writer, value[10:]
+
+
+def _read_long(buf: bytes, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise RecordError("corrupt Avro body: truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+
+
+def window_count(body: bytes) -> int:
+    """Windows in a UsageBatch body (host_id, agent_version, then the array), without decoding them.
+
+    fastavro and the agent write an array as one block; a multi-block array is
+    counted by its first block only, which only affects the loader's statistics.
+    """
+    pos = 0
+    for _ in range(2):  # host_id, agent_version
+        length, pos = _read_long(body, pos)
+        if length < 0 or pos + length > len(body):
+            raise RecordError("corrupt Avro body: bad string length")
+        pos += length
+    count, pos = _read_long(body, pos)
+    return abs(count)
+
+
+@cache
+def _parsed(version: int, schema_json: str) -> Any:
+    return fastavro.parse_schema(json.loads(schema_json))
+
+
+def decode_body(writer: WriterVersion, body: bytes) -> dict[str, Any]:
+    """Decode one body with its writer schema (the slow path's check); RecordError if it is not one."""
+    stream = io.BytesIO(body)
+    try:
+        batch = fastavro.schemaless_reader(
+            stream, _parsed(writer.version, json.dumps(writer.schema, sort_keys=True)), None
+        )
+    except Exception as exc:  # fastavro raises many types on corrupt input
+        raise RecordError(f"corrupt Avro body: {type(exc).__name__}: {exc}") from exc
+    if stream.tell() != len(body):
+        raise RecordError(f"trailing bytes after Avro body ({len(body) - stream.tell()})")
+    if not isinstance(batch, dict):
+        raise RecordError("Avro body is not a UsageBatch record")
+    return batch

@@ -1,0 +1,271 @@
+"""The ClickHouse DDL as text, and the window checks as SQL. Pure: strings in, strings out.
+
+Generated, not hand-written, so the unit tests can read every statement, on a
+single server and ON CLUSTER with Replicated engines (``cluster=``).
+
+Window checks (plausibility, the record id, the signer's host and provider) run
+inside ClickHouse, in the materialized views that take each ``usage_ingest_v<N>``
+block apart: the loader never decodes a window in Python. ``WINDOW_CHECKS`` is
+the single list of rules; the first that matches names the quarantine reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pipeline.framing import PREFIX_FIELDS, WriterVersion
+
+DEDUP_WINDOW = 10_000  # insert blocks remembered per table for insert_deduplication_token
+FUTURE_TOLERANCE_S = 300  # a window may end at most this long after its Kafka message was produced
+EARLIEST_WINDOW_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+
+# Highest power one GPU of a class can draw, in watts (board limit with headroom). A window's
+# energy_joules above watts * window length is impossible and quarantined.
+MAX_WATTS_BY_CLASS: dict[str, int] = {
+    "A100-40G": 450,
+    "A100-80G": 450,
+    "A800-80G": 450,
+    "Ascend-910B": 450,
+    "B200": 1_200,
+    "H100-80G": 800,
+    "H20": 450,
+    "H200": 800,
+    "H800": 800,
+    "L20": 320,
+    "L40S-48G": 400,
+    "RTX-4090": 500,
+}
+DEFAULT_MAX_WATTS = 1_500  # an unknown class: more than any single accelerator sold today
+
+# (reason, SQL condition over the ARRAY JOINed window `w` and the batch columns); first match wins.
+WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
+    (
+        "record_id does not match (host_id, gpu_uuid, firm_id, window_start)",
+        "w.record_id != substring(lower(hex(SHA256(concat(w.host_id, '\\x1f', w.gpu_uuid, '\\x1f', "
+        "w.firm_id, '\\x1f', toString(w.window_start))))), 1, 32)",
+    ),
+    ("window host_id differs from the batch host_id", "w.host_id != b.host_id"),
+    ("batch host_id is not the signing key's host", "b.gm_signer_host != '' AND b.host_id != b.gm_signer_host"),
+    (
+        "provider_id is not the registered provider of the host",
+        "b.gm_signer_provider != '' AND w.provider_id != b.gm_signer_provider",
+    ),
+    ("window_end <= window_start", "w.window_end <= w.window_start"),
+    ("window_start before 2000-01-01", f"w.window_start < {EARLIEST_WINDOW_MS}"),
+    ("seq < 0", "w.seq < 0"),
+    ("allocated_seconds < 0", "w.allocated_seconds < 0"),
+    ("allocated_seconds > window length", "w.allocated_seconds * 1000 > w.window_end - w.window_start"),
+    (
+        "busy_seconds outside [0, allocated_seconds]",
+        "w.busy_seconds IS NOT NULL AND (isNaN(assumeNotNull(w.busy_seconds)) "
+        "OR assumeNotNull(w.busy_seconds) < 0 OR assumeNotNull(w.busy_seconds) > w.allocated_seconds)",
+    ),
+    (
+        "energy_joules above what the GPU class can draw",
+        "w.energy_joules IS NOT NULL AND (isNaN(assumeNotNull(w.energy_joules)) "
+        "OR assumeNotNull(w.energy_joules) < 0 "
+        "OR assumeNotNull(w.energy_joules) > {max_watts} * (w.window_end - w.window_start) / 1000)",
+    ),
+    (
+        f"window_end more than {FUTURE_TOLERANCE_S} s after the message was produced",
+        f"b.gm_timestamp_ms > 0 AND w.window_end > b.gm_timestamp_ms + {FUTURE_TOLERANCE_S * 1000}",
+    ),
+)
+
+_AVRO_TO_CH = {"string": "String", "long": "Int64", "int": "Int32", "double": "Float64",
+               "float": "Float32", "boolean": "Bool", "bytes": "String"}  # fmt: skip
+
+
+def ch_type(avro: Any) -> str:
+    """ClickHouse column type that FORMAT Avro reads an Avro type into."""
+    if isinstance(avro, str):
+        return _AVRO_TO_CH[avro]
+    if isinstance(avro, list):
+        inner = [t for t in avro if t != "null"]
+        if len(inner) == 1 and len(avro) == 2:
+            return f"Nullable({ch_type(inner[0])})"
+        raise ValueError(f"unsupported Avro union {avro}")
+    if avro["type"] == "array":
+        return f"Array({ch_type(avro['items'])})"
+    if avro["type"] == "record":
+        return "Tuple(" + ", ".join(f"{f['name']} {ch_type(f['type'])}" for f in avro["fields"]) + ")"
+    return ch_type(avro["type"])
+
+
+def _max_watts_sql() -> str:
+    classes = sorted(MAX_WATTS_BY_CLASS)
+    names = ", ".join(f"'{c}'" for c in classes)
+    watts = ", ".join(str(MAX_WATTS_BY_CLASS[c]) for c in classes)
+    return f"transform(w.gpu_class, [{names}], [{watts}], {DEFAULT_MAX_WATTS})"
+
+
+OPTIONAL_WINDOW_FIELDS = ("busy_seconds", "energy_joules")  # a writer version may lack these
+
+
+def reject_reason_sql(window_fields: Iterable[str] | None = None) -> str:
+    """multiIf over WINDOW_CHECKS: '' for a window that passes, else the first failed rule's reason.
+
+    ``window_fields``: the writer version's window fields; an optional one it lacks reads as NULL.
+    """
+    present = set(OPTIONAL_WINDOW_FIELDS if window_fields is None else window_fields)
+    parts = []
+    for reason, condition in WINDOW_CHECKS:
+        for name in OPTIONAL_WINDOW_FIELDS:
+            if name not in present:
+                condition = condition.replace(f"w.{name}", "CAST(NULL, 'Nullable(Float64)')")
+        parts.append("(" + condition.replace("{max_watts}", _max_watts_sql()) + ")")
+        parts.append("'" + reason.replace("'", "\\'") + "'")
+    return "multiIf(" + ", ".join(parts) + ", '')"
+
+
+class Ddl:
+    """Statement text for one database, optionally ON CLUSTER with Replicated engines."""
+
+    def __init__(self, database: str, cluster: str | None = None) -> None:
+        self.db = database
+        self.cluster = cluster
+        self.on = f" ON CLUSTER {cluster}" if cluster else ""
+
+    def engine(self, table: str, kind: str = "MergeTree", args: str = "") -> str:
+        if not self.cluster:
+            return f"{kind}({args})" if args else kind
+        path = f"'/clickhouse/tables/{{shard}}/{self.db}/{table}', '{{replica}}'"
+        return f"Replicated{kind}({path}{', ' + args if args else ''})"
+
+    def dedup_setting(self) -> str:
+        name = "replicated_deduplication_window" if self.cluster else "non_replicated_deduplication_window"
+        return f"{name} = {DEDUP_WINDOW}"
+
+    def raw_table(self) -> str:
+        return f"""CREATE TABLE IF NOT EXISTS {self.db}.usage_raw{self.on} (
+    record_id String,
+    seq UInt64,
+    provider_id LowCardinality(String),
+    host_id LowCardinality(String),
+    gpu_uuid LowCardinality(String),
+    gpu_class LowCardinality(String),
+    firm_id LowCardinality(String),
+    window_start DateTime64(3, 'UTC'),
+    window_end DateTime64(3, 'UTC'),
+    allocated_seconds UInt32,
+    busy_seconds Nullable(Float64),
+    energy_joules Nullable(Float64),
+    agent_version LowCardinality(String),
+    source LowCardinality(String),
+    kafka_partition Int32,
+    kafka_offset Int64,
+    ingested_at DateTime64(6, 'UTC')
+)
+ENGINE = {self.engine("usage_raw")}
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (record_id, ingested_at)
+SETTINGS {self.dedup_setting()}"""
+
+    def quarantine_table(self) -> str:
+        return f"""CREATE TABLE IF NOT EXISTS {self.db}.usage_quarantine{self.on} (
+    raw String,
+    reason String,
+    source LowCardinality(String),
+    kafka_partition Int32,
+    kafka_offset Int64,
+    quarantined_at DateTime64(6, 'UTC'),
+    record_id String DEFAULT ''
+)
+ENGINE = {self.engine("usage_quarantine")}
+ORDER BY (source, kafka_partition, kafka_offset)
+SETTINGS {self.dedup_setting()}"""
+
+    def quarantine_record_id_column(self) -> str:
+        """For databases created before quarantine rows named their window."""
+        return f"ALTER TABLE {self.db}.usage_quarantine{self.on} ADD COLUMN IF NOT EXISTS record_id String DEFAULT ''"
+
+    def ingest_table(self, writer: WriterVersion) -> str:
+        cols = [f"    {name} {ch}" for name, _, ch in PREFIX_FIELDS]
+        cols += [f"    {f['name']} {ch_type(f['type'])}" for f in writer.schema["fields"]]
+        body = ",\n".join(cols)
+        return f"CREATE TABLE IF NOT EXISTS {self.db}.{writer.ingest_table}{self.on} (\n{body}\n)\nENGINE = Null"
+
+    def ingest_views(self, writer: WriterVersion) -> list[str]:
+        """Two views per writer version: passing windows -> usage_raw, failing ones -> usage_quarantine."""
+        window_fields = _window_fields(writer)
+        src = f"{self.db}.{writer.ingest_table}"
+
+        def opt(name: str) -> str:  # a field an older writer version lacks reads as NULL
+            return f"w.{name}" if name in window_fields else "CAST(NULL, 'Nullable(Float64)')"
+
+        raw = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{writer.ingest_table}_to_raw{self.on}
+TO {self.db}.usage_raw AS
+SELECT
+    w.record_id AS record_id, toUInt64(w.seq) AS seq, w.provider_id AS provider_id, w.host_id AS host_id,
+    w.gpu_uuid AS gpu_uuid, w.gpu_class AS gpu_class, w.firm_id AS firm_id,
+    fromUnixTimestamp64Milli(w.window_start, 'UTC') AS window_start,
+    fromUnixTimestamp64Milli(w.window_end, 'UTC') AS window_end,
+    toUInt32(w.allocated_seconds) AS allocated_seconds,
+    {opt("busy_seconds")} AS busy_seconds, {opt("energy_joules")} AS energy_joules,
+    b.agent_version AS agent_version, 'kafka' AS source, b.gm_partition AS kafka_partition,
+    b.gm_offset AS kafka_offset, fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS ingested_at
+FROM {src} AS b
+ARRAY JOIN windows AS w
+WHERE {reject_reason_sql(window_fields)} = ''"""
+        quarantine = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{writer.ingest_table}_to_quarantine{self.on}
+TO {self.db}.usage_quarantine AS
+SELECT
+    toJSONString(w) AS raw, {reject_reason_sql(window_fields)} AS reason, 'kafka' AS source,
+    b.gm_partition AS kafka_partition, b.gm_offset AS kafka_offset,
+    fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS quarantined_at, w.record_id AS record_id
+FROM {src} AS b
+ARRAY JOIN windows AS w
+WHERE reason != ''"""
+        return [raw, quarantine]
+
+    def windows_view(self) -> str:
+        return f"""CREATE VIEW IF NOT EXISTS {self.db}.usage_windows{self.on} AS
+SELECT
+    record_id,
+    first.1 AS provider_id, first.2 AS host_id, first.3 AS gpu_uuid, first.4 AS gpu_class,
+    first.5 AS firm_id, first.6 AS window_start, first.7 AS window_end,
+    first.8 AS allocated_seconds, first.9 AS busy_seconds, first.10 AS energy_joules,
+    first.11 AS ingested_at,
+    deliveries
+FROM (
+    SELECT
+        record_id,
+        argMin(
+            (provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end,
+             allocated_seconds, busy_seconds, energy_joules, ingested_at),
+            (ingested_at, kafka_partition, kafka_offset)
+        ) AS first,
+        count() AS deliveries
+    FROM {self.db}.usage_raw
+    GROUP BY record_id
+)"""
+
+    def hourly_table(self) -> str:
+        return f"""CREATE TABLE IF NOT EXISTS {self.db}.usage_hourly{self.on} (
+    hour DateTime('UTC'),
+    provider_id LowCardinality(String),
+    gpu_class LowCardinality(String),
+    firm_id LowCardinality(String),
+    allocated_seconds UInt64,
+    records UInt64,
+    refreshed_at DateTime64(6, 'UTC')
+)
+ENGINE = {self.engine("usage_hourly", "ReplacingMergeTree", "refreshed_at")}
+ORDER BY (hour, provider_id, gpu_class, firm_id)"""
+
+    def statements(self, writers: Iterable[WriterVersion]) -> list[str]:
+        """Every statement, in order; each is idempotent."""
+        out = [self.raw_table(), self.quarantine_table(), self.quarantine_record_id_column()]
+        for writer in sorted(writers, key=lambda w: w.version):
+            out.append(self.ingest_table(writer))
+            out += self.ingest_views(writer)
+        out += [self.windows_view(), self.hourly_table()]
+        return out
+
+
+def _window_fields(writer: WriterVersion) -> set[str]:
+    for field in writer.schema["fields"]:
+        if field["name"] == "windows":
+            return {f["name"] for f in field["type"]["items"]["fields"]}
+    raise ValueError(f"writer version {writer.version} has no windows array")

@@ -1,0 +1,86 @@
+"""Two writer schema versions on one topic both load (Avro schema evolution).
+
+The previous version here is test-only: v1 without the optional ``energy_joules``
+and ``signature`` fields, registered as version 900. When a real v2 ships in
+gpumeter/schemas, ``test_every_shipped_version_has_an_ingest_path`` covers it too.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any
+
+import fastavro
+import pytest
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+from kafka import KafkaProducer
+from test_end_to_end import START, measured
+
+from agent.simulate import SimulatedFleet
+from gpumeter.record import SOE_MAGIC, encode_batch
+from pipeline import clickhouse
+from pipeline.framing import WriterVersion, shipped_versions
+from pipeline.loader import Loader, make_consumer
+
+pytestmark = pytest.mark.integration
+
+
+def older_version() -> WriterVersion:
+    schema = copy.deepcopy(next(iter(shipped_versions().values())).schema)
+    items = schema["fields"][2]["type"]["items"]
+    items["fields"] = [f for f in items["fields"] if f["name"] not in ("energy_joules", "signature")]
+    fp_hex = fingerprint(to_parsing_canonical_form(fastavro.parse_schema(copy.deepcopy(schema))), "CRC-64-AVRO")
+    return WriterVersion(900, int(fp_hex, 16).to_bytes(8, "little"), schema)
+
+
+def encode_old(writer: WriterVersion, host: str, windows: list[dict[str, Any]]) -> bytes:
+    buf = io.BytesIO()
+    buf.write(SOE_MAGIC + writer.fingerprint)
+    old = [{k: v for k, v in w.items() if k not in ("energy_joules", "signature")} for w in windows]
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(copy.deepcopy(writer.schema)),
+                               {"host_id": host, "agent_version": "old", "windows": old})  # fmt: skip
+    return buf.getvalue()
+
+
+def test_previous_and_current_writer_versions_both_load(kafka_bootstrap: str, topic: str, ch: Any) -> None:
+    from agent.runner import Agent, run_simulated
+
+    fleet = SimulatedFleet(seed=2, start=START, days=1, providers=2, hosts_per_provider=1, gpus_per_host=2, firms=2)
+    old = older_version()
+    captured: list[tuple[str, list[dict[str, Any]]]] = []
+
+    class Capture:
+        def send(self, host_id: str, agent_version: str, windows: list[dict[str, Any]]) -> None:
+            captured.append((host_id, list(windows)))
+
+    agents = [Agent(fleet.host_source(h.host_id), h, Capture(), 60, 20, 100) for h in fleet.hosts()]
+    run_simulated(agents, fleet.start_s, fleet.end_s, 20)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    for n, (host, windows) in enumerate(captured):  # alternate old and new agents
+        value = encode_old(old, host, windows) if n % 2 else encode_batch(host, "new", windows)
+        producer.send(topic, key=host.encode(), value=value)
+    producer.flush()
+    producer.close()
+    client, db = ch
+    writers = {**shipped_versions(), old.fingerprint: old}
+    clickhouse.ensure_schema(client, db, writers=writers.values())
+    consumer = make_consumer(kafka_bootstrap, topic, "g-evo", fast_rebalance=True)
+    loader = Loader(consumer, client, db, topic, writers=writers)
+    try:
+        loader.run(until=lambda s: s.messages >= len(captured), idle_timeout_s=20)
+    finally:
+        consumer.close(autocommit=False)
+    assert loader.stats.quarantined == 0
+    assert measured(ch, "UTC") == fleet.ground_truth("UTC")
+    versions = dict(client.query(
+        f"SELECT agent_version, countIf(energy_joules IS NULL) = count() FROM {db}.usage_raw GROUP BY agent_version"
+    ).result_rows)  # fmt: skip
+    assert versions == {"old": True, "new": False}
+
+
+def test_every_shipped_version_has_an_ingest_path(ch: Any) -> None:
+    client, db = ch
+    tables = {r[0] for r in client.query(f"SHOW TABLES FROM {db}").result_rows}
+    for writer in shipped_versions().values():
+        assert {writer.ingest_table, writer.ingest_table + "_to_raw", writer.ingest_table + "_to_quarantine"} <= tables

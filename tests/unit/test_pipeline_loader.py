@@ -1,0 +1,174 @@
+"""The loader's loop logic against fakes (real Kafka and ClickHouse are in tests/integration)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import TopicPartition
+from kafka.errors import CommitFailedError
+
+from gpumeter.record import encode_batch, record_id
+from pipeline.loader import Loader
+
+TOPIC = "usage"
+
+
+@dataclass
+class Msg:
+    offset: int
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    timestamp: int = 1
+
+
+def value(n: int = 2) -> bytes:
+    ws = [
+        {"record_id": record_id("h", "G", "F", i), "seq": i, "provider_id": "P", "host_id": "h", "gpu_uuid": "G",
+         "gpu_class": "H100-80G", "firm_id": "F", "window_start": i, "window_end": i + 60_000,
+         "allocated_seconds": 60, "busy_seconds": None, "energy_joules": None, "signature": None}
+        for i in range(n)
+    ]  # fmt: skip
+    return encode_batch("h", "t", ws)
+
+
+class FakeConsumer:
+    def __init__(self, polls: list[dict[int, list[Msg]]]) -> None:
+        self.polls = polls
+        self.listener: Any = None
+        self.commits: list[dict[int, int]] = []
+        self.paused: set[int] = set()
+        self.revoke_on_poll: dict[int, set[int]] = {}
+        self.commit_error: Exception | None = None
+        self.n = 0
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list[Msg]]:
+        self.n += 1
+        if self.n in self.revoke_on_poll:
+            self.listener.on_partitions_revoked([TopicPartition(TOPIC, p) for p in self.revoke_on_poll[self.n]])
+        batch = self.polls.pop(0) if self.polls else {}
+        return {TopicPartition(TOPIC, p): ms for p, ms in batch.items() if p not in self.paused}
+
+    def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+        if self.commit_error is not None:
+            raise self.commit_error
+        self.commits.append({tp.partition: om.offset for tp, om in offsets.items()})
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(TOPIC, p) for p in (0, 1)}
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused |= {tp.partition for tp in tps}
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused -= {tp.partition for tp in tps}
+
+
+@dataclass
+class Summary:
+    written_rows: int
+
+
+@dataclass
+class Result:
+    result_rows: list[Any]
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.fail: Callable[[], bool] = lambda: False
+
+    def raw_insert(self, table: str, cols: Any, data: bytes, settings: dict[str, Any], fmt: str) -> Summary:
+        if self.fail():
+            raise ConnectionError("ClickHouse is down")
+        self.tokens.append(settings["insert_deduplication_token"])
+        return Summary(0)
+
+    def insert(self, table: str, rows: Any, column_names: Any, settings: dict[str, Any]) -> None:
+        self.tokens.append(settings["insert_deduplication_token"])
+
+    def query(self, sql: str, parameters: Any = None, column_formats: Any = None) -> Result:
+        if self.fail():
+            raise ConnectionError("ClickHouse is down")
+        return Result([])
+
+
+def loader(consumer: FakeConsumer, client: FakeClient, **kw: Any) -> Loader:
+    return Loader(consumer, client, "db", TOPIC, block_offsets=10, linger_s=60, sleep=lambda s: None, **kw)
+
+
+def msgs(first: int, last: int) -> list[Msg]:
+    return [Msg(o, value()) for o in range(first, last + 1)]
+
+
+def test_blocks_are_cut_at_fixed_offset_boundaries() -> None:
+    consumer = FakeConsumer([{0: msgs(5, 23)}, {0: msgs(24, 29)}])
+    client = FakeClient()
+    ld = loader(consumer, client)
+    assert ld.poll_once() == 5 + 10  # 5..9 and 10..19 are complete; 20..23 waits (more arrived)
+    assert ld.poll_once() == 10  # 20..29 complete
+    assert client.tokens == ["usage:0:5-9:v1", "usage:0:10-19:v1", "usage:0:20-29:v1"]
+    assert consumer.commits == [{0: 20}, {0: 30}]
+    assert ld.stats.windows == 2 * 25
+
+
+def test_tail_is_flushed_when_nothing_more_arrives() -> None:
+    consumer = FakeConsumer([{0: msgs(0, 3)}, {}])
+    ld = loader(consumer, FakeClient())
+    assert ld.poll_once() == 0
+    assert ld.poll_once() == 4
+    assert consumer.commits == [{0: 4}]
+
+
+def test_revoked_partition_is_dropped_and_never_committed() -> None:
+    consumer = FakeConsumer([{0: msgs(0, 3), 1: msgs(0, 3)}, {}])
+    consumer.revoke_on_poll = {2: {1}}
+    client = FakeClient()
+    ld = loader(consumer, client)
+    ld.poll_once()
+    ld.poll_once()
+    assert consumer.commits == [{0: 4}]
+    assert client.tokens == ["usage:0:0-3:v1"]
+    assert ld.stats.dropped_on_revoke == 4
+
+
+def test_clickhouse_down_commits_nothing_backs_off_and_catches_up() -> None:
+    consumer = FakeConsumer([{0: msgs(0, 9)}, {}, {}, {}])
+    client = FakeClient()
+    down = [True, True]
+    client.fail = lambda: bool(down) and down.pop(0)
+    ld = loader(consumer, client)
+    ld._retry_at = 0  # no real waiting in the test
+    assert ld.poll_once() == 0
+    assert consumer.commits == [] and consumer.paused == {0, 1}
+    ld._retry_at = 0
+    assert ld.poll_once() == 0
+    ld._retry_at = 0
+    assert ld.poll_once() == 10
+    assert consumer.commits == [{0: 10}] and consumer.paused == set()
+    assert ld.stats.flush_failures == 2
+    assert client.tokens == ["usage:0:0-9:v1"]
+
+
+def test_commit_failure_loses_nothing_and_keeps_running() -> None:
+    consumer = FakeConsumer([{0: msgs(0, 9)}, {0: msgs(10, 19)}])
+    consumer.commit_error = CommitFailedError("rebalanced")
+    ld = loader(consumer, FakeClient())
+    assert ld.poll_once() == 10
+    consumer.commit_error = None
+    assert ld.poll_once() == 10
+    assert ld.stats.commit_failures == 1
+    assert consumer.commits == [{0: 20}]
+
+
+def test_garbage_is_quarantined_without_touching_the_container() -> None:
+    consumer = FakeConsumer([{0: [Msg(0, b"junk"), *msgs(1, 9)]}])
+    client = FakeClient()
+    ld = loader(consumer, client)
+    assert ld.poll_once() == 10
+    assert client.tokens == ["usage:0:0-9:v1", "usage:0:0-9:q"]

@@ -1,0 +1,54 @@
+"""The generated DDL: single server, and ON CLUSTER with Replicated engines (no cluster here to run it on)."""
+
+from __future__ import annotations
+
+import re
+
+from pipeline.framing import shipped_versions
+from pipeline.schema import WINDOW_CHECKS, Ddl, ch_type, reject_reason_sql
+
+
+def test_single_server_ddl_uses_plain_engines_and_a_dedup_window() -> None:
+    text = "\n".join(Ddl("gm").statements(shipped_versions().values()))
+    assert "ON CLUSTER" not in text and "Replicated" not in text
+    assert text.count("non_replicated_deduplication_window = 10000") == 2  # usage_raw, usage_quarantine
+    assert "CREATE TABLE IF NOT EXISTS gm.usage_ingest_v1 (" in text
+    assert "ENGINE = Null" in text
+
+
+def test_cluster_ddl_is_on_cluster_and_replicated() -> None:
+    statements = Ddl("gm", cluster="metering").statements(shipped_versions().values())
+    for statement in statements:
+        head = statement.splitlines()[0]
+        assert "ON CLUSTER metering" in head, head
+    text = "\n".join(statements)
+    assert "ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/gm/usage_raw', '{replica}')" in text
+    assert (
+        "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/gm/usage_hourly', '{replica}', "
+        "refreshed_at)" in text
+    )
+    assert "non_replicated_deduplication_window" not in text
+    assert text.count("replicated_deduplication_window = 10000") == 2
+    assert not re.search(r"ENGINE = MergeTree\b", text)
+
+
+def test_one_ingest_table_and_two_views_per_writer_version() -> None:
+    statements = Ddl("gm").statements(shipped_versions().values())
+    views = [s.splitlines()[0] for s in statements if "MATERIALIZED VIEW" in s]
+    assert views == [
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v1_to_raw",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v1_to_quarantine",
+    ]
+
+
+def test_reject_reason_names_every_rule_in_order() -> None:
+    sql = reject_reason_sql()
+    positions = [sql.index("'" + reason.replace("'", "\\'") + "'") for reason, _ in WINDOW_CHECKS]
+    assert positions == sorted(positions)
+    assert sql.endswith(", '')")
+
+
+def test_avro_types_map_to_clickhouse_types() -> None:
+    assert ch_type(["null", "double"]) == "Nullable(Float64)"
+    assert ch_type({"type": "array", "items": "long"}) == "Array(Int64)"
+    assert ch_type({"type": "long", "logicalType": "timestamp-millis"}) == "Int64"
