@@ -316,3 +316,92 @@ def _emit(header: tuple[str, ...], rows: list[tuple[Any, ...]], fmt: str, right:
         w.writerows(rows)
     else:
         click.echo(_table(header, rows, right))
+
+
+@billing.command("summary")
+@click.option("--month", required=True, callback=lambda c, p, v: _month(v), help="Settled month, YYYY-MM.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
+@click.pass_context
+def summary_cmd(ctx: click.Context, month: str, fmt: str) -> None:
+    """A settled month at a glance: firms invoiced, gross, credits by program, amount
+    due, and each program's budget drawn (all settlements so far) and left."""
+    s = settings_from(ctx)
+    with _store(s).transaction() as tx:
+        rows = {r.month: r for r in state.settlements(tx)}
+        if month not in rows:
+            raise BillingError(f"{month} is not settled")
+        invoices = state.invoices(tx, month=month)
+        programs = state.programs(tx)
+        drawn = state.drawn_state(tx).drawn_by_program
+        by_program: dict[str, Decimal] = {}
+        for inv in invoices:
+            for c in inv.credits:
+                by_program[c.program_id] = by_program.get(c.program_id, Decimal(0)) + c.amount
+    gross = sum((i.gross for i in invoices), Decimal(0))
+    credits = sum((i.credit_total for i in invoices), Decimal(0))
+    due = sum((i.amount_due for i in invoices), Decimal(0))
+    head = ("month", "firms_invoiced", "gross", "credits", "amount_due", "currency")
+    _emit(
+        head,
+        [
+            (
+                month,
+                str(len(invoices)),
+                format_money(gross),
+                format_money(credits),
+                format_money(due),
+                rows[month].currency,
+            )
+        ],
+        fmt,
+        right={1, 2, 3, 4},
+    )
+    click.echo("")
+    prog = [
+        (
+            pid,
+            str(p.year),
+            format_money(by_program.get(pid, Decimal(0))),
+            format_money(p.budget),
+            format_money(drawn.get(pid, Decimal(0))),
+            format_money(max(p.budget - drawn.get(pid, Decimal(0)), Decimal(0))),
+        )
+        for pid, p in sorted(programs.items())
+    ]
+    _emit(
+        ("program_id", "year", "credits_this_month", "budget", "drawn_to_date", "left"), prog, fmt, right={2, 3, 4, 5}
+    )
+
+
+@billing.command("provider-statement")
+@click.option("--provider", "provider_id", required=True, help="Provider id.")
+@click.option("--month", required=True, callback=lambda c, p, v: _month(v), help="Month, YYYY-MM.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
+@click.pass_context
+def provider_statement(ctx: click.Context, provider_id: str, month: str, fmt: str) -> None:
+    """What a provider's GPUs delivered in a month: GPU-hours by class and host (from
+    ClickHouse, each record once), and the amount billed on that capacity (items
+    dated in the month, including late usage billed on adjustment lines)."""
+    s = settings_from(ctx)
+    with _store(s).transaction() as tx:
+        tz = state.get_meta(tx, "timezone", state.DEFAULT_TIMEZONE)
+        billed: dict[str, tuple[int, Decimal]] = {}
+        for cls, seconds, amount in tx.query(
+            "SELECT gpu_class, allocated_seconds, amount FROM items WHERE provider_id = ? AND "
+            "((month = ? AND adjustment_for = '') OR adjustment_for = ?)",
+            (provider_id, month, month),
+        ):
+            old = billed.get(cls, (0, Decimal(0)))
+            billed[cls] = (old[0] + int(seconds), old[1] + Decimal(amount))
+    delivered = _usage(s).hours_by_host(tz, month, provider_id)
+
+    def h(seconds: int) -> str:
+        return f"{Decimal(seconds) / 3600:.6f}"
+
+    rows = [(cls, host, h(sec), str(n)) for cls, host, sec, n in delivered]
+    _emit(("gpu_class", "host_id", "gpu_hours_delivered", "records"), rows, fmt, right={2, 3})
+    click.echo("")
+    billed_rows = [(cls, h(sec), format_money(amt)) for cls, (sec, amt) in sorted(billed.items())]
+    total = sum((amt for _, amt in billed.values()), Decimal(0))
+    billed_rows.append(("TOTAL", h(sum(sec for sec, _ in billed.values())), format_money(total)))
+    _emit(("gpu_class", "gpu_hours_billed", "amount_billed"), billed_rows, fmt, right={1, 2})

@@ -173,3 +173,23 @@ class ClickHouseUsage:
         ]  # fmt: skip
         for i in range(0, len(data), 100_000):
             clickhouse.insert_raw(self.client, self.db, data[i : i + 100_000], f"{token}:{i}")
+
+    def hours_by_host(self, tz: str, month: str, provider_id: str) -> list[tuple[str, str, int, int]]:
+        """(gpu_class, host_id, allocated_seconds, records) of a provider's usage dated in ``month``."""
+        rows = self.client.query(
+            f"""
+            SELECT gpu_class, host_id, sum(allocated_seconds), count()
+            FROM (
+                SELECT gpu_class, host_id, window_start, allocated_seconds, provider_id
+                FROM {self.db}.usage_raw
+                ORDER BY record_id, ingested_at, kafka_partition, kafka_offset
+                LIMIT 1 BY record_id
+            )
+            WHERE provider_id = {{provider:String}}
+              AND formatDateTime(toDate(window_start, {{tz:String}}), '%Y-%m') = {{month:String}}
+            GROUP BY gpu_class, host_id ORDER BY gpu_class, host_id
+            """,
+            parameters={"tz": tz, "month": month, "provider": provider_id},
+            settings=READ_IN_ORDER,
+        ).result_rows
+        return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpumeter.errors import ConfigError, MissingExtraError
+from gpumeter.errors import ConfigError, GpumeterError, MissingExtraError
+
+SCHEMA_VERSION = "1"
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
@@ -136,6 +138,13 @@ class Store:
         with self.transaction() as tx:
             for statement in SCHEMA:
                 tx.execute(statement)
+            row = tx.one("SELECT value FROM meta WHERE key = 'schema_version'")
+            if row is None:
+                tx.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise GpumeterError(
+                    f"the billing store {url} has schema version {row[0]}; this gpumeter needs {SCHEMA_VERSION}"
+                )
 
     def _connect(self) -> Any:
         if self.url.dialect == "sqlite":

@@ -92,9 +92,7 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
         create_topic(broker.bootstrap, settings.topic, partitions=4)
         sink = KafkaSink(broker.bootstrap, settings.topic)
         agents = [
-            Agent(
-                fleet.host_source(h.host_id), h, sink, window_s=60, interval_s=interval_s, batch_windows=400
-            )
+            Agent(fleet.host_source(h.host_id), h, sink, window_s=60, interval_s=interval_s, batch_windows=400)
             for h in fleet.hosts()
         ]
         start_s, end_s = int(start.timestamp()), int(nxt.timestamp())
@@ -115,9 +113,7 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
         dsn = f"chdb://{(work / 'clickhouse').resolve()}"
         client = clickhouse.connect(dsn, settings.clickhouse_database)
         clickhouse.ensure_schema(client, settings.clickhouse_database)
-        consumer = make_consumer(
-            broker.bootstrap, settings.topic, "gpumeter-demo-loader", fast_rebalance=True
-        )
+        consumer = make_consumer(broker.bootstrap, settings.topic, "gpumeter-demo-loader", fast_rebalance=True)
         loader = Loader(consumer, client, settings.clickhouse_database, settings.topic)
         try:
             stats = loader.run(until=lambda st: st.messages >= sink.messages_sent, idle_timeout_s=60)

@@ -28,9 +28,7 @@ def free_port() -> int:
 
 
 class LocalBroker:
-    def __init__(
-        self, port: int | None = None, log_path: Path | None = None, ready_timeout_s: float = 30
-    ) -> None:
+    def __init__(self, port: int | None = None, log_path: Path | None = None, ready_timeout_s: float = 30) -> None:
         self.port = port or free_port()
         self.log_path = log_path
         self.ready_timeout_s = ready_timeout_s
@@ -92,9 +90,7 @@ class LocalBroker:
     def __enter__(self) -> LocalBroker:
         return self.start()
 
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
 

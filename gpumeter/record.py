@@ -106,9 +106,7 @@ def record_id(host_id: str, gpu_uuid: str, firm_id: str, window_start_ms: int) -
     return hashlib.sha256(material).hexdigest()[:32]
 
 
-def encode_batch(
-    host_id: str, agent_version: str, windows: Sequence[Window], version: int = CURRENT_VERSION
-) -> bytes:
+def encode_batch(host_id: str, agent_version: str, windows: Sequence[Window], version: int = CURRENT_VERSION) -> bytes:
     """Frame windows as one Kafka message value (single-object encoding)."""
     sv = _writer_for(version)
     buf = io.BytesIO()

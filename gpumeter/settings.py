@@ -79,9 +79,7 @@ def _read_config(path: Path) -> dict[str, str]:
     known = set(ENV_VARS.values())
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(
-            f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     bad = sorted(k for k, v in data.items() if not isinstance(v, str))
     if bad:
         raise ConfigError(f"{path}: setting(s) {', '.join(bad)} must be strings")

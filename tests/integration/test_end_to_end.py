@@ -35,9 +35,7 @@ def load(bootstrap: str, topic: str, ch: tuple[Any, str], group: str, until_mess
     client, db = ch
     consumer = make_consumer(bootstrap, topic, group, fast_rebalance=True)
     try:
-        return Loader(consumer, client, db, topic).run(
-            until=lambda s: s.messages >= until_messages, idle_timeout_s=30
-        )
+        return Loader(consumer, client, db, topic).run(until=lambda s: s.messages >= until_messages, idle_timeout_s=30)
     finally:
         consumer.close()
 
@@ -49,9 +47,7 @@ def measured(ch: tuple[Any, str], tz: str) -> dict[tuple[Any, ...], int]:
 
 @pytest.mark.parametrize("tz", ["UTC", "Asia/Shanghai"])
 def test_billed_gpu_seconds_equal_ground_truth_exactly(kafka_bootstrap: str, topic: str, ch, tz: str) -> None:  # type: ignore[no-untyped-def]
-    fleet = SimulatedFleet(
-        seed=11, start=START, days=2, providers=2, hosts_per_provider=1, gpus_per_host=2, firms=3
-    )
+    fleet = SimulatedFleet(seed=11, start=START, days=2, providers=2, hosts_per_provider=1, gpus_per_host=2, firms=3)
     sink = meter_fleet(kafka_bootstrap, topic, fleet)
     stats = load(kafka_bootstrap, topic, ch, "g-e2e", sink.messages_sent)
     assert stats.messages == sink.messages_sent
@@ -64,9 +60,7 @@ def test_billed_gpu_seconds_equal_ground_truth_exactly(kafka_bootstrap: str, top
 
 def test_replay_after_crash_before_commit_is_absorbed(kafka_bootstrap: str, topic: str, ch) -> None:  # type: ignore[no-untyped-def]
     """Rows inserted, then the loader dies before committing: the next owner replays, nothing doubles."""
-    fleet = SimulatedFleet(
-        seed=5, start=START, days=1, providers=1, hosts_per_provider=2, gpus_per_host=2, firms=2
-    )
+    fleet = SimulatedFleet(seed=5, start=START, days=1, providers=1, hosts_per_provider=2, gpus_per_host=2, firms=2)
     sink = meter_fleet(kafka_bootstrap, topic, fleet)
     client, db = ch
 
@@ -95,9 +89,7 @@ def test_replay_after_crash_before_commit_is_absorbed(kafka_bootstrap: str, topi
 
 
 def test_garbage_is_quarantined_and_good_batches_still_load(kafka_bootstrap: str, topic: str, ch) -> None:  # type: ignore[no-untyped-def]
-    fleet = SimulatedFleet(
-        seed=9, start=START, days=1, providers=1, hosts_per_provider=1, gpus_per_host=2, firms=2
-    )
+    fleet = SimulatedFleet(seed=9, start=START, days=1, providers=1, hosts_per_provider=1, gpus_per_host=2, firms=2)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     for junk in (b"", b"not avro", b"\xc3\x01" + b"\x00" * 8 + b"zz"):
         producer.send(topic, key=b"h", value=junk)

@@ -129,9 +129,7 @@ def test_credits_one_per_voucher_and_totals() -> None:
 )
 def test_issue_and_due_dates(month: str, firms: list[Firm], issue: date, due: date) -> None:
     year, month_number = (int(x) for x in month.split("-"))
-    items = price_items(
-        [usage("F1", date(year, month_number, 5), 60)], [Rate("A100", "*", D("1"), date(2000, 1, 1))]
-    )
+    items = price_items([usage("F1", date(year, month_number, 5), 60)], [Rate("A100", "*", D("1"), date(2000, 1, 1))])
     invoice = one_invoice(build_invoices(month, items, [], firms))
     assert (invoice.invoice_id, invoice.issue_date, invoice.due_date) == (f"INV-{month}-F1", issue, due)
 
@@ -239,9 +237,7 @@ def test_export_shape_exactly() -> None:
     ],
     ids=["other-month-unmarked", "adjustment-of-current-month", "credit-without-item", "over-credited"],
 )
-def test_invoices_refuse_inconsistent_inputs(
-    items: list[ChargeItem], credits: list[Credit], match: str
-) -> None:
+def test_invoices_refuse_inconsistent_inputs(items: list[ChargeItem], credits: list[Credit], match: str) -> None:
     with pytest.raises(InvalidBillingDataError, match=match):
         build_invoices("2025-03", items, credits, [])
 

@@ -192,9 +192,7 @@ def test_ledger_refuses_inconsistent_inputs(invoices: list[Inv], payments: list[
         apply_payments(invoices, payments, MAY1)
 
 
-@pytest.mark.parametrize(
-    "amount", [D("0"), D("-5.00"), D("1.001"), 5.0], ids=["zero", "negative", "3-places", "float"]
-)
+@pytest.mark.parametrize("amount", [D("0"), D("-5.00"), D("1.001"), 5.0], ids=["zero", "negative", "3-places", "float"])
 def test_payment_amount_must_be_positive_money(amount: object) -> None:
     with pytest.raises(InvalidBillingDataError):
         Payment("F1", amount, APR1, "R1")  # type: ignore[arg-type]

@@ -348,15 +348,11 @@ def scenario(draw: st.DrawFn) -> tuple[list[ChargeItem], list[Program], list[Vou
             )
         )
     keys = draw(
-        st.lists(
-            st.tuples(st.sampled_from(FIRMS), DAYS, st.sampled_from(["P1", "P2"])), unique=True, max_size=12
-        )
+        st.lists(st.tuples(st.sampled_from(FIRMS), DAYS, st.sampled_from(["P1", "P2"])), unique=True, max_size=12)
     )
     items = [
         ChargeItem(firm, day, provider, "A100", 3600, Fraction(1), amount, amount, 1)
-        for (firm, day, provider), amount in zip(
-            keys, draw(st.lists(money, min_size=len(keys))), strict=False
-        )
+        for (firm, day, provider), amount in zip(keys, draw(st.lists(money, min_size=len(keys))), strict=False)
     ]
     return items, programs, vouchers
 

@@ -266,9 +266,7 @@ def test_item_amount_is_rounded_once_from_exact_total_hours() -> None:
     # Two aggregates of 18 s each at 1.00/h: 0.005 each (would be 0.01 + 0.01 if rounded
     # separately); one item of 36 s = 0.01 h -> 0.01.
     items = price_items([usage(MAR1, 18), usage(MAR1, 18)], [rate("1.00", JAN1)])
-    assert [(i.allocated_seconds, i.gpu_hours, i.amount) for i in items] == [
-        (36, Fraction(1, 100), D("0.01"))
-    ]
+    assert [(i.allocated_seconds, i.gpu_hours, i.amount) for i in items] == [(36, Fraction(1, 100), D("0.01"))]
 
 
 def test_half_up_at_half_cent() -> None:

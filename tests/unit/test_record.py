@@ -75,9 +75,7 @@ def test_random_bytes_never_crash_the_decoder(data: bytes) -> None:
         decode_batch(data)
 
 
-@given(
-    st.integers(min_value=0, max_value=len(encode_batch("h1", "0.1.0", [window()])) - 1), st.integers(1, 255)
-)
+@given(st.integers(min_value=0, max_value=len(encode_batch("h1", "0.1.0", [window()])) - 1), st.integers(1, 255))
 def test_bit_flips_decode_or_fail_cleanly(pos: int, xor: int) -> None:
     value = bytearray(encode_batch("h1", "0.1.0", [window()]))
     value[pos] ^= xor
