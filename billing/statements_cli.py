@@ -23,7 +23,8 @@ def write_statements(
     written: list[Path] = []
     with store.transaction() as tx:
         targets = firms if firms else [i.firm_id for i in state.invoices(tx, month=month)]
-        with click.progressbar(targets, label=f"statements {month}", file=sys.stderr if progress else io.StringIO()) as bar:
+        sink = sys.stderr if progress else io.StringIO()
+        with click.progressbar(targets, label=f"statements {month}", file=sink) as bar:
             for firm_id in bar:
                 st = firm_statement(tx, firm_id, month, as_of)
                 check_statement(st)
