@@ -127,7 +127,7 @@ def _chart(st: FirmStatement) -> str:
     width, height, left, bottom = 720, 220, 48, 28
     bar_w = (width - left) / len(days)
     parts = [
-        f'<svg role="img" aria-label="Daily GPU-hours by class" viewBox="0 0 {width} {height + bottom}" '
+        f'<svg role="img" aria-label="Daily GPU-hours by class" viewBox="0 -12 {width} {height + bottom + 12}" '
         f'width="100%" xmlns="http://www.w3.org/2000/svg">'
     ]
     for frac in (0, 0.5, 1):

@@ -19,6 +19,7 @@ from agent.kafka_sink import KafkaSink
 from agent.runner import Agent, run_simulated
 from agent.simulate import SimulatedFleet, TruthKey
 from gpumeter.cli import settings_from
+from gpumeter.demo_billing import run_billing
 from gpumeter.errors import GpumeterError
 from gpumeter.local_broker import LocalBroker, create_topic
 from pipeline import clickhouse
@@ -59,7 +60,10 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
     Starts a local Kafka-protocol broker and an embedded ClickHouse, meters a
     simulated fleet (time-compressed), loads it through Kafka, prints GPU-hours
     per firm and class, and compares every (firm, day, provider, class) total
-    with the simulator's ground truth. Exit code 1 on any difference.
+    with the simulator's ground truth. Then settles the month under a city voucher
+    program (automatic 30 % grants, a per-firm cap) and a small district pool
+    (50-100 %, runs dry), reconciles it, and writes every firm's statement.
+    Exit code 1 on any difference.
     """
     settings = settings_from(ctx)
     work = _fresh_dir(workdir or settings.home / "demo")
@@ -144,7 +148,9 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
         f"CHECK PASSED: all {len(truth)} (firm, day, provider, class) totals equal the simulator's "
         f"ground truth exactly ({hours_text(total)} GPU-hours, {total} GPU-seconds)"
     )
-    click.echo(f"stores and logs: {work}")
+    click.echo()
+    run_billing(work, client, settings.clickhouse_database, month, step)
+    click.echo(f"stores, statements and logs: {work}")
 
 
 def _compare(measured: dict[TruthKey, int], truth: dict[TruthKey, int]) -> list[str]:
