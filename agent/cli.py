@@ -1,23 +1,22 @@
-"""``gpumeter agent``: run the meter on a GPU host."""
+"""``gpumeter agent``: run the meter on a GPU host, or check that it can run."""
 
 from __future__ import annotations
 
+import logging
 import signal
-import socket
 import sys
 import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
-from agent.kafka_sink import KafkaSink
-from agent.runner import Agent, run_realtime
-from agent.simulate import SimulatedFleet
-from agent.windows import HostIdentity
+from agent import checks
+from agent.config import AgentConfig, json_logging, load_agent_config
+from agent.service import SimSpec, run_agent
 from gpumeter.cli import settings_from
-from gpumeter.errors import ConfigError
 
 
 @click.group()
@@ -25,91 +24,89 @@ def agent() -> None:
     """Meter GPUs on this host and send usage windows to Kafka."""
 
 
+def _agent_options(f: Any) -> Any:
+    options = [
+        click.option(
+            "--agent-config",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Agent settings (TOML; default $GPUMETER_HOME/agent.toml if it exists).",
+        ),
+        click.option("--kafka", "kafka_bootstrap", metavar="BOOTSTRAP", help="Kafka bootstrap servers."),
+        click.option("--topic", help="Kafka topic (default gpumeter.usage.v1)."),
+        click.option(
+            "--spool",
+            "spool_dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Spool directory: windows wait here, fsync'd, until Kafka acknowledged them "
+            "(default $GPUMETER_HOME/spool).",
+        ),
+        click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), help="HMAC key (hex)."),
+        click.option("--key-id", help="Id of the signing key (default: the key file's name)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _config(ctx: click.Context, agent_config: Path | None, **overrides: Any) -> tuple[AgentConfig, Any]:
+    settings = settings_from(ctx, kafka_bootstrap=overrides.pop("kafka_bootstrap"), topic=overrides.pop("topic"))
+    if agent_config is None and (settings.home / "agent.toml").exists():
+        agent_config = settings.home / "agent.toml"
+    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}
+    return load_agent_config(agent_config, **given), settings
+
+
 @agent.command("run")
-@click.option(
-    "--simulate",
-    "simulate",
-    type=click.IntRange(min=1),
-    metavar="N",
-    help="Meter N simulated GPUs instead of NVML (benchmarks, demos, hosts without GPUs).",
-)
-@click.option(
-    "--interval",
-    "interval_s",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Seconds between samples.",
-)
-@click.option(
-    "--window",
-    "window_s",
-    type=click.IntRange(min=1),
-    default=60,
-    show_default=True,
-    help="Window length in seconds; windows align to wall-clock multiples of it.",
-)
-@click.option(
-    "--kafka",
-    "kafka_bootstrap",
-    metavar="BOOTSTRAP",
-    help="Kafka bootstrap servers (default: GPUMETER_KAFKA_BOOTSTRAP or config).",
-)
-@click.option("--topic", help="Kafka topic (default gpumeter.usage.v1).")
-@click.option(
-    "--spool",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Spool directory for windows not yet acknowledged by Kafka.",
-)
-@click.option("--provider", "provider_id", default="P01", show_default=True, help="Provider id of this host.")
-@click.option("--host-id", default=None, help="Host id (default: the machine's hostname).")
-@click.option(
-    "--duration", type=float, default=None, help="Stop after this many seconds (default: run until stopped)."
-)
+@_agent_options
+@click.option("--simulate", type=click.IntRange(min=1), metavar="N", help="Meter N simulated GPUs instead of NVML.")
+@click.option("--interval", "interval_s", type=click.IntRange(min=1), help="Seconds between samples [1].")
+@click.option("--window", "window_s", type=click.IntRange(min=1), help="Window length in seconds [60].")
+@click.option("--provider", "provider_id", help="Provider id of this host [P01].")
+@click.option("--host-id", help="Host id (default: the machine's hostname).")
+@click.option("--spool-max-bytes", type=click.IntRange(min=4096), help="Spool bound [256 MiB].")
+@click.option("--metrics-textfile", type=click.Path(dir_okay=False, path_type=Path), help="Prometheus textfile.")
+@click.option("--metrics-port", type=click.IntRange(min=1, max=65535), help="Serve /metrics on this port.")
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: run until stopped).")
+@click.option("--sim-seed", type=int, help="Simulation: fleet seed (default: from the host id).")
+@click.option("--sim-start", type=int, help="Simulation: fleet epoch, Unix seconds (default: this UTC month).")
+@click.option("--sim-days", type=click.IntRange(min=1), default=35, show_default=True, help="Simulation: days of jobs.")
+@click.option("--sim-mean-job", type=click.IntRange(min=1), default=3 * 3600, show_default=True,
+              help="Simulation: mean job length in seconds.")  # fmt: skip
 @click.pass_context
 def run(
     ctx: click.Context,
+    /,
+    agent_config: Path | None,
     simulate: int | None,
-    interval_s: int,
-    window_s: int,
-    kafka_bootstrap: str | None,
-    topic: str | None,
-    spool: Path | None,
-    provider_id: str,
-    host_id: str | None,
     duration: float | None,
+    sim_seed: int | None,
+    sim_start: int | None,
+    sim_days: int,
+    sim_mean_job: int,
+    **flags: Any,
 ) -> None:
-    """Sample GPUs every --interval seconds, close --window windows, send them to Kafka (acks=all).
+    """Sample GPUs every --interval seconds, close --window windows, spool them durably, send them to
+    Kafka (acks=all). Without --simulate the GPUs are read through NVML.
 
     \b
-    Example (no GPU needed):
-      gpumeter agent run --simulate 8 --interval 1 --kafka 127.0.0.1:9092 --duration 120
+    Examples:
+      gpumeter agent run --key-file /etc/gpumeter/keys/host.key
+      gpumeter agent run --simulate 8 --interval 1 --kafka 127.0.0.1:9092 --spool /tmp/spool --duration 120
     """
-    settings = settings_from(ctx, kafka_bootstrap=kafka_bootstrap, topic=topic)
-    if window_s % interval_s:
-        raise click.BadParameter(f"--window ({window_s}) must be a multiple of --interval ({interval_s})")
-    if simulate is None:
-        raise ConfigError(
-            "NVML metering is not in this build yet (it comes with the agent issue); "
-            "use --simulate N to meter simulated GPUs"
+    cfg, settings = _config(ctx, agent_config, **flags)
+    if cfg.window_s % cfg.interval_s:
+        raise click.BadParameter(f"--window ({cfg.window_s}) must be a multiple of --interval ({cfg.interval_s})")
+    json_logging(logging.INFO)
+    sim = None
+    if simulate is not None:
+        month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        sim = SimSpec(
+            gpus=simulate,
+            seed=zlib.crc32(cfg.host.encode()) if sim_seed is None else sim_seed,
+            start_s=int(month.timestamp()) if sim_start is None else sim_start,
+            days=sim_days,
+            mean_job_s=sim_mean_job,
         )
-    if spool is not None:
-        spool.mkdir(parents=True, exist_ok=True)
-    host = host_id or socket.gethostname()
-    now = datetime.now(UTC)
-    days = int((duration or 86400 * 365) // 86400) + 2
-    fleet = SimulatedFleet(
-        seed=zlib.crc32(host.encode()),
-        start=now.replace(microsecond=0),
-        days=days,
-        providers=1,
-        hosts_per_provider=1,
-        gpus_per_host=simulate,
-        quantum_s=interval_s,
-    )
-    source = fleet.host_source(fleet.hosts()[0].host_id)
-    sink = KafkaSink(settings.kafka_bootstrap, settings.topic)
-    meter = Agent(source, HostIdentity(provider_id, host), sink, window_s=window_s, interval_s=interval_s)
     stopping = False
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -118,12 +115,38 @@ def run(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    try:
-        run_realtime(meter, interval_s, duration, should_stop=lambda: stopping)
-        sink.flush()
-    finally:
-        sink.close()
+    meter, spool, sender = run_agent(
+        cfg, settings.kafka_bootstrap, settings.topic, sim, duration, lambda: stopping, settings.home
+    )
     click.echo(
-        f"samples={meter.samples} windows={meter.windows_closed} messages_sent={sink.messages_sent}",
+        f"samples={meter.samples} windows={meter.windows_closed} windows_sent={sender.windows_sent} "
+        f"windows_spooled={spool.depth_windows} windows_dropped={spool.windows_dropped}",
         file=sys.stderr,
     )
+
+
+@agent.command("check")
+@_agent_options
+@click.pass_context
+def check(ctx: click.Context, /, agent_config: Path | None, **flags: Any) -> None:
+    """Check this host can meter: NVML and its GPUs, the Kafka broker and topic, the spool, the
+    signing key, the clock. One verdict per line; exit code 1 if any check fails.
+
+    \b
+    Example:
+      gpumeter agent check --kafka kafka:9092 --key-file /etc/gpumeter/keys/host.key
+    """
+    cfg, settings = _config(ctx, agent_config, **flags)
+    spool_dir = Path(cfg.spool_dir) if cfg.spool_dir else settings.home / "spool"
+    verdicts = [
+        ("nvml", checks.check_nvml()),
+        ("kafka", checks.check_kafka(settings.kafka_bootstrap, settings.topic)),
+        ("spool", checks.check_spool(spool_dir, cfg.spool_max_bytes)),
+        ("key", checks.check_key(cfg)),
+        ("clock", checks.check_clock()),
+    ]
+    for name, verdict in verdicts:
+        click.echo(checks.line(name, verdict))
+    failed = [name for name, (ok, _) in verdicts if not ok]
+    if failed:
+        raise checks.ChecksFailed(f"{len(failed)} of {len(verdicts)} checks failed: {', '.join(failed)}")

@@ -26,9 +26,12 @@ class Observation:
     firm_id: str | None  # None: nobody holds the GPU (idle)
     util_percent: float | None
     energy_mj_total: int | None  # the device's cumulative energy counter (mJ since driver load)
+    missed: bool = False  # the device could not be read at all: nobody is billed for this sample
 
 
 class DeviceSource(Protocol):
-    def devices(self) -> list[DeviceInfo]: ...
+    def devices(self) -> list[DeviceInfo]:
+        """Every device this source has seen; it may grow (a device appears, MIG is reconfigured)."""
+        ...
 
     def observe(self, now_s: int) -> list[Observation]: ...

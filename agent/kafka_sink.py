@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,25 @@ class KafkaSink:
             headers = signature_headers(value, *self.signing_key) if self.signing_key else []
             fut = self._producer.send(self.topic, key=host_id.encode(), value=value, headers=headers)
             self._pending.append((fut, len(chunk)))
+
+    def send_framed(self, host_id: str, value: bytes, headers: list[tuple[str, bytes]], windows: int) -> None:
+        """Queue one message exactly as spooled (value and signature headers already made)."""
+        fut = self._producer.send(self.topic, key=host_id.encode(), value=value, headers=headers)
+        self._pending.append((fut, windows))
+
+    def flush_each(self, timeout_s: float = 30.0) -> list[BaseException | None]:
+        """Wait for every queued message; per message in send order: None if acknowledged, else why not."""
+        with contextlib.suppress(Exception):  # a flush timeout: the futures below say which are not done
+            self._producer.flush(timeout=timeout_s)
+        out: list[BaseException | None] = []
+        for fut, n in self._pending:
+            exc = fut.exception if fut.is_done else TimeoutError("not acknowledged in time")
+            if exc is None:
+                self.messages_sent += 1
+                self.windows_sent += n
+            out.append(exc)
+        self._pending = []
+        return out
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until the broker acknowledged everything queued; SendError if anything failed."""

@@ -2,22 +2,38 @@
 
 Time comes in from outside (``sample(now_s)``): the real-time loop passes the
 wall clock; the demo and tests drive a simulated month as fast as they can.
+
+With a ``checkpoint`` (the spool, on a real host) the order at every sample is:
+1. integrate the sample; 2. hand closed windows to the sink, which makes them
+durable (fsync) before returning; 3. save the open windows and ``next_seq``
+(fsync'd when windows closed). A kill -9 anywhere leaves either the closed
+windows on disk or the open ones in the checkpoint, never neither; ``stop()``
+then saves open windows instead of closing them early, so a window is only ever
+closed once, at its end, and a re-emitted window is byte-identical.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent import AGENT_VERSION
-from agent.devices import DeviceSource
+from agent.devices import DeviceSource, Observation
 from agent.windows import HostIdentity, WindowAccumulator
 from gpumeter.record import Window
 
 
 class Sink(Protocol):
     def send(self, host_id: str, agent_version: str, windows: list[Window]) -> None: ...
+
+
+class Checkpoint(Protocol):
+    def load(self) -> dict[str, Any] | None:
+        """The last saved accumulator snapshot, reconciled with what is already durable."""
+        ...
+
+    def save(self, snapshot: dict[str, Any], sync: bool) -> None: ...
 
 
 class Agent:
@@ -29,31 +45,62 @@ class Agent:
         window_s: int = 60,
         interval_s: int = 1,
         batch_windows: int = 1,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         self.source = source
         self.identity = identity
         self.sink = sink
-        self.acc = WindowAccumulator(identity, source.devices(), window_s, interval_s)
-        self.batch_windows = batch_windows
-        self._pending: list[Window] = []
+        self.checkpoint = checkpoint
         self.samples = 0
         self.windows_closed = 0
+        self._pending: list[Window] = []
+        snap = checkpoint.load() if checkpoint else None
+        if checkpoint is not None and batch_windows != 1:
+            raise ValueError("with a checkpoint every closed window goes to the sink at once (batch_windows=1)")
+        self.batch_windows = batch_windows
+        self.acc = WindowAccumulator(identity, source.devices(), window_s, interval_s)
+        if snap is not None and "gpus" not in snap:
+            self.acc.next_seq = int(snap["next_seq"])  # nothing was open; the sequence carries on
+        elif snap is not None:
+            old = WindowAccumulator.restore(identity, snap)
+            if (old.window_s, old.interval_s) == (window_s, interval_s):
+                self.acc = old
+                for info in source.devices():
+                    self.acc.add_device(info)
+            else:  # the cadence changed: close what was open under the old one, keep the sequence
+                self._pending.extend(old.flush())
+                self.windows_closed += len(self._pending)
+                self.acc.next_seq = old.next_seq
+                self._send()
 
     def sample(self, now_s: int) -> None:
-        closed = self.acc.add(now_s, self.source.observe(now_s))
+        observations = self.source.observe(now_s)
+        self._register(observations)
+        closed = self.acc.add(now_s, observations)
         self.samples += 1
         if closed:
             self.windows_closed += len(closed)
             self._pending.extend(closed)
             if len(self._pending) >= self.batch_windows:
-                self._send()
+                self._send()  # durable before the checkpoint forgets them
+        if self.checkpoint is not None:
+            self.checkpoint.save(self.acc.snapshot(), sync=bool(closed))
 
     def stop(self) -> None:
-        """Close open windows and hand everything to the sink."""
+        """Without a checkpoint: close open windows and send everything. With one: save them."""
+        if self.checkpoint is not None:
+            self._send()
+            self.checkpoint.save(self.acc.snapshot(), sync=True)
+            return
         closed = self.acc.flush()
         self.windows_closed += len(closed)
         self._pending.extend(closed)
         self._send()
+
+    def _register(self, observations: list[Observation]) -> None:
+        if any(not self.acc.knows(o.gpu_uuid) for o in observations):
+            for info in self.source.devices():
+                self.acc.add_device(info)
 
     def _send(self) -> None:
         if self._pending:
@@ -83,7 +130,11 @@ def run_simulated(
 
 
 def run_realtime(
-    agent: Agent, interval_s: int, duration_s: float | None, should_stop: Callable[[], bool] = lambda: False
+    agent: Agent,
+    interval_s: int,
+    duration_s: float | None,
+    should_stop: Callable[[], bool] = lambda: False,
+    after_sample: Callable[[int], None] | None = None,
 ) -> None:
     """Sample on wall-clock multiples of interval_s until duration_s passes or should_stop()."""
     deadline = None if duration_s is None else time.time() + duration_s
@@ -91,5 +142,9 @@ def run_realtime(
         now = time.time()
         next_tick = (int(now) // interval_s + 1) * interval_s
         time.sleep(max(0.0, next_tick - now))
+        if should_stop():
+            break
         agent.sample(next_tick)
+        if after_sample is not None:
+            after_sample(next_tick)
     agent.stop()

@@ -64,6 +64,7 @@ class SimulatedFleet:
         firms: int = 6,
         quantum_s: int = 60,
         busy_fraction: float = 0.6,
+        mean_job_s: int = 3 * 3600,
     ) -> None:
         if start.tzinfo is None:
             raise ValueError("start must be timezone-aware")
@@ -71,6 +72,7 @@ class SimulatedFleet:
         self.start_s = int(start.timestamp())
         self.end_s = self.start_s + days * DAY_S
         self.quantum_s = quantum_s
+        self.mean_job_s = mean_job_s
         self.firm_ids = [f"F{n:04d}" for n in range(1, firms + 1)]
         self.gpus: list[SimGpu] = []
         for p in range(1, providers + 1):
@@ -86,8 +88,8 @@ class SimulatedFleet:
 
     def _make_jobs(self, rng: random.Random, gpu: SimGpu, busy_fraction: float) -> Iterator[Job]:
         q = self.quantum_s
-        t = self.start_s + rng.randrange(0, 4 * 3600 // q) * q
-        mean_job = 3 * 3600
+        mean_job = self.mean_job_s
+        t = self.start_s + rng.randrange(0, max(1, 4 * mean_job // 3 // q)) * q
         mean_gap = int(mean_job * (1 - busy_fraction) / busy_fraction)
         while t < self.end_s:
             length = max(q, int(rng.expovariate(1 / mean_job)) // q * q)
@@ -123,9 +125,7 @@ class SimulatedFleet:
                 t = job.start_s
                 while t < job.end_s:
                     local = datetime.fromtimestamp(t, UTC).astimezone(zone)
-                    next_midnight = datetime.combine(
-                        local.date() + timedelta(days=1), datetime.min.time(), zone
-                    )
+                    next_midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), zone)
                     upto = min(job.end_s, int(next_midnight.timestamp()))
                     out[(job.firm_id, local.date(), gpu.provider_id, gpu.gpu_class)] += upto - t
                     t = upto

@@ -7,11 +7,18 @@ sample. Windows are aligned to wall-clock multiples of ``window_s``; one window
 record per (GPU, firm) that held the GPU in it. Sampling times are whole seconds
 and ``window_s`` is a multiple of ``interval_s``, so allocated seconds are exact
 when ownership changes on sample boundaries.
+
+Never twice, never guessed: an instant at or before a GPU's last sample is
+rejected (clock stepped back, or a restart in the same second); energy across a
+gap longer than one interval (the agent was down) or across a missed sample is
+unknown, so that window's ``energy_joules`` is ``None``. ``snapshot()`` and
+``restore()`` carry open windows across an agent restart, exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.devices import DeviceInfo, Observation
 from gpumeter.record import Window, record_id
@@ -31,6 +38,7 @@ class _GpuState:
     firms: dict[str, _FirmTotals] = field(default_factory=dict)
     last_holder: str | None = None
     last_energy_mj: int | None = None
+    last_sample_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +50,21 @@ class HostIdentity:
 class WindowAccumulator:
     def __init__(self, host: HostIdentity, devices: list[DeviceInfo], window_s: int, interval_s: int) -> None:
         if window_s <= 0 or interval_s <= 0 or window_s % interval_s:
-            raise ValueError(
-                f"window_s ({window_s}) must be a positive multiple of interval_s ({interval_s})"
-            )
+            raise ValueError(f"window_s ({window_s}) must be a positive multiple of interval_s ({interval_s})")
         self.host = host
         self.window_s = window_s
         self.interval_s = interval_s
         self._gpus = {d.gpu_uuid: _GpuState(d) for d in devices}
         self.next_seq = 0
+        self.samples_missed = 0
+        self.samples_rejected = 0
+
+    def add_device(self, info: DeviceInfo) -> None:
+        """Meter a device that appeared after start (idempotent)."""
+        self._gpus.setdefault(info.gpu_uuid, _GpuState(info))
+
+    def knows(self, gpu_uuid: str) -> bool:
+        return gpu_uuid in self._gpus
 
     def add(self, now_s: int, observations: list[Observation]) -> list[Window]:
         """Feed one sampling instant; return the windows this instant closed."""
@@ -57,12 +72,17 @@ class WindowAccumulator:
         window_start = now_s - now_s % self.window_s
         for obs in observations:
             st = self._gpus[obs.gpu_uuid]
+            if st.last_sample_s is not None and now_s <= st.last_sample_s:
+                self.samples_rejected += 1  # this instant (or a later one) is already counted
+                continue
+            gap = st.last_sample_s is not None and now_s - st.last_sample_s > self.interval_s
+            st.last_sample_s = now_s
             # energy grown since the previous sample belongs to whoever held the GPU then
             if st.last_holder is not None:
                 totals = st.firms[st.last_holder]
                 now_mj, last_mj = obs.energy_mj_total, st.last_energy_mj
-                # unavailable, or the counter went back (driver reload): the window has no energy figure
-                if now_mj is None or last_mj is None or now_mj < last_mj:
+                # unavailable, a gap, or the counter went back (driver reload): no energy figure
+                if gap or now_mj is None or last_mj is None or now_mj < last_mj:
                     totals.energy_joules = None
                 elif totals.energy_joules is not None:
                     totals.energy_joules += (now_mj - last_mj) / 1000.0
@@ -71,6 +91,8 @@ class WindowAccumulator:
             st.window_start_s = window_start
             st.last_energy_mj = obs.energy_mj_total
             st.last_holder = obs.firm_id
+            if obs.missed:
+                self.samples_missed += 1
             if obs.firm_id is None:
                 continue
             totals = st.firms.setdefault(obs.firm_id, _FirmTotals())
@@ -89,6 +111,49 @@ class WindowAccumulator:
             st.window_start_s = None
             st.last_holder = None
         return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Open windows and counters as plain JSON-able data (floats round-trip exactly)."""
+        return {
+            "window_s": self.window_s,
+            "interval_s": self.interval_s,
+            "next_seq": self.next_seq,
+            "gpus": {
+                uuid: {
+                    "gpu_class": st.info.gpu_class,
+                    "window_start_s": st.window_start_s,
+                    "last_holder": st.last_holder,
+                    "last_energy_mj": st.last_energy_mj,
+                    "last_sample_s": st.last_sample_s,
+                    "firms": {f: [t.allocated_seconds, t.busy_seconds, t.energy_joules] for f, t in st.firms.items()},
+                }
+                for uuid, st in self._gpus.items()
+            },
+        }
+
+    @classmethod
+    def restore(cls, host: HostIdentity, snap: dict[str, Any]) -> WindowAccumulator:
+        acc = cls(host, [], int(snap["window_s"]), int(snap["interval_s"]))
+        acc.next_seq = int(snap["next_seq"])
+        for uuid, g in snap["gpus"].items():
+            st = _GpuState(DeviceInfo(uuid, g["gpu_class"]), g["window_start_s"])
+            st.last_holder, st.last_energy_mj = g["last_holder"], g["last_energy_mj"]
+            st.last_sample_s = g["last_sample_s"]
+            st.firms = {f: _FirmTotals(int(a), b, e) for f, (a, b, e) in g["firms"].items()}
+            acc._gpus[uuid] = st
+        return acc
+
+    def open_window_starts(self) -> set[int]:
+        return {st.window_start_s for st in self._gpus.values() if st.window_start_s is not None}
+
+    def drop_open_before(self, end_s: int) -> int:
+        """Forget open windows that end at or before ``end_s`` (already closed and spooled); count them."""
+        dropped = 0
+        for st in self._gpus.values():
+            if st.window_start_s is not None and st.window_start_s + self.window_s <= end_s:
+                dropped += len(st.firms)
+                st.firms, st.window_start_s, st.last_holder = {}, None, None
+        return dropped
 
     def _close(self, st: _GpuState) -> list[Window]:
         if st.window_start_s is None:

@@ -96,7 +96,9 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        cli.main(args=argv, prog_name="gpumeter", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="gpumeter", standalone_mode=False)
+        if isinstance(rc, int) and rc:  # a command that ended with ctx.exit(n)
+            sys.exit(rc)
     except GpumeterError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)

@@ -15,15 +15,6 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return int(exit_info.value.code or 0), out, err
 
 
-def test_agent_without_simulate_or_nvml_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(["agent", "run", "--kafka", "127.0.0.1:1"], capsys)
-    assert code == 1
-    assert err == (
-        "Error: NVML metering is not in this build yet (it comes with the agent issue); "
-        "use --simulate N to meter simulated GPUs\n"
-    )
-
-
 def test_window_must_be_a_multiple_of_interval(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(["agent", "run", "--simulate", "1", "--interval", "7", "--window", "60"], capsys)
     assert code == 2

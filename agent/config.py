@@ -1,0 +1,142 @@
+"""The agent's own settings: a TOML file (top-level keys or an ``[agent]`` table), overridden by flags.
+
+Kafka bootstrap and topic are the shared gpumeter settings (flag > env >
+config.toml > default), not repeated here. Also: the signing key file and JSON
+log lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import time
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from agent.spool import DEFAULT_MAX_BYTES
+from gpumeter.errors import ConfigError
+
+MIN_KEY_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    provider_id: str = "P01"
+    host_id: str = ""  # "" means the machine's hostname
+    interval_s: int = 1
+    window_s: int = 60
+    spool_dir: str = ""  # "" means $GPUMETER_HOME/spool
+    spool_max_bytes: int = DEFAULT_MAX_BYTES
+    key_file: str = ""
+    key_id: str = ""  # "" means the key file's name without suffix
+    metrics_textfile: str = ""
+    metrics_port: int = 0  # 0: no HTTP endpoint
+    send_retry_max_s: float = 10.0
+    gpu_classes: dict[str, str] = field(default_factory=dict)  # device name or UUID -> rate-card class
+    attribution: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        return self.host_id or socket.gethostname()
+
+
+ATTRIBUTION_KEYS = {
+    "order": list,  # of "kubernetes", "slurm", "static", "env"
+    "env_var": str,
+    "host_firm": str,
+    "gpu_firms": dict,
+    "pod_firms_file": str,
+    "slurm_job_firms_file": str,
+    "slurm_account_firms": dict,
+    "proc_root": str,
+}
+
+
+def load_agent_config(path: Path | None, **overrides: Any) -> AgentConfig:
+    """Defaults < file < flags (None means 'not given')."""
+    cfg = AgentConfig()
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: agent config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        data = data.get("agent", data)
+        known = {f.name: f for f in fields(AgentConfig)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{path}: unknown agent setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        bad_attr = sorted(set(data.get("attribution", {})) - set(ATTRIBUTION_KEYS))
+        if bad_attr:
+            raise ConfigError(f"{path}: unknown [attribution] setting(s) {', '.join(bad_attr)}")
+        for name, value in data.items():
+            want = type(getattr(cfg, name))
+            if want is float and isinstance(value, int):
+                value = float(value)
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise ConfigError(f"{path}: agent setting {name} must be {want.__name__}, got {value!r}")
+        cfg = replace(cfg, **data)
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def read_key(path: Path) -> bytes:
+    """The HMAC key: hex text (e.g. ``openssl rand -hex 32``), at least 32 bytes, not readable by others."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"signing key {path}: {exc.strerror or exc}") from exc
+    if mode & stat.S_IROTH:
+        raise ConfigError(f"signing key {path} is readable by other users (chmod 600 it)")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"signing key {path} is not hex text (make one with: openssl rand -hex 32)") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"signing key {path} has {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
+    return key
+
+
+def signing_key(cfg: AgentConfig) -> tuple[str, bytes] | None:
+    if not cfg.key_file:
+        return None
+    path = Path(cfg.key_file)
+    return (cfg.key_id or path.stem, read_key(path))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC ISO), level, logger, msg, pid."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": os.getpid(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def json_logging(level: int = logging.INFO) -> None:
+    """Structured logs on stderr: JSON formatter on the plain stderr handler; agent loggers at ``level``."""
+    formatter = JsonFormatter()
+    formatter.converter = time.gmtime
+    root = logging.getLogger()
+    plain = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    if not root.handlers:
+        plain = [logging.StreamHandler()]
+        root.addHandler(plain[0])
+    for h in plain:
+        h.setFormatter(formatter)
+    agent_log = logging.getLogger("gpumeter.agent")
+    agent_log.setLevel(min(level, logging.getLogger().getEffectiveLevel()))

@@ -1,0 +1,141 @@
+"""``DeviceSource`` over NVML: readings in, observations (who holds each GPU) out.
+
+No pynvml here: ``agent.nvml`` owns every call. Holder rule per sample: the
+firms of the GPU's running compute processes, each resolved by the attribution
+chain (unresolved -> ``unattributed``); no process -> idle. If several firms share
+one GPU at one instant, the one using the most GPU memory holds it for that
+sample (ties: lowest firm id) and ``shared_samples`` counts it, so a GPU-second
+is never billed twice. A device that cannot be read (GPU lost, NVML down,
+processes unavailable) gives a *missed* sample: nobody is billed for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+
+from agent.devices import DeviceInfo, Observation
+from agent.nvml import GpuProcess, Nvml, NvmlDevice, NvmlDown, Unavailable
+
+log = logging.getLogger("gpumeter.agent.nvml")
+
+MODEL = re.compile(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b")
+NAME_GB = re.compile(r"(\d{2,3})\s?GB\b", re.IGNORECASE)
+MIG_PROFILE = re.compile(r"\bMIG\s+(\d+g\.\d+gb)\b", re.IGNORECASE)
+NOMINAL_GB = (16, 24, 32, 40, 48, 64, 80, 94, 96, 141, 144, 180, 192)
+
+
+def gpu_class_for(name: str, memory_total_bytes: int | None, overrides: Mapping[str, str] = {}) -> str:
+    """Rate-card class from the device name, e.g. 'NVIDIA H100 80GB HBM3' -> 'H100-80G'."""
+    if name in overrides:
+        return overrides[name]
+    model = MODEL.search(name.replace("NVIDIA", ""))
+    if model is None:
+        return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") or "unknown"
+    gb_in_name = NAME_GB.search(name)
+    if gb_in_name:
+        gb = int(gb_in_name.group(1))
+    elif memory_total_bytes:
+        gib = memory_total_bytes / 2**30
+        gb = min(NOMINAL_GB, key=lambda n: (abs(n - gib), n))
+    else:
+        return model.group(1)
+    mig = MIG_PROFILE.search(name)
+    return f"{model.group(1)}-{gb}G" + (f"-MIG-{mig.group(1)}" if mig else "")
+
+
+def holder(procs: tuple[GpuProcess, ...], firm_of: Callable[[int], str]) -> tuple[str | None, bool]:
+    """(firm holding the GPU, whether several firms shared it) for one sample."""
+    if not procs:
+        return None, False
+    memory: dict[str, int] = {}
+    for p in procs:
+        firm = firm_of(p.pid)
+        memory[firm] = memory.get(firm, 0) + (p.used_memory_bytes or 0)
+    best = min(memory, key=lambda f: (-memory[f], f))
+    return best, len(memory) > 1
+
+
+class NvmlSource:
+    def __init__(
+        self,
+        nvml: Nvml,
+        resolve: Callable[[int, str], str],
+        interval_s: int,
+        gpu_classes: Mapping[str, str] | None = None,
+        rediscover_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.nvml = nvml
+        self.resolve = resolve
+        self.interval_s = interval_s
+        self.gpu_classes = dict(gpu_classes or {})
+        self.rediscover_s = rediscover_s
+        self.clock = clock
+        self._infos: dict[str, DeviceInfo] = {}
+        self._generation: dict[str, int] = {}
+        self._last_discovery = clock()
+        self.samples_missed = 0
+        self.shared_samples = 0
+        self.nvml.ensure()
+        self._refresh_infos()
+
+    def devices(self) -> list[DeviceInfo]:
+        """Every device seen since start (a lost one stays, its samples count as missed)."""
+        return list(self._infos.values())
+
+    def observe(self, now_s: int) -> list[Observation]:
+        readings = []
+        if self.nvml.ensure():
+            self._maybe_rediscover()
+            try:
+                readings = self.nvml.read(now_s * 1_000_000, self.interval_s * 1_000_000)
+            except NvmlDown as exc:
+                self.nvml.mark_down(str(exc))
+                readings = []
+        self._refresh_infos()
+        seen = {r.uuid: r for r in readings}
+        out = []
+        for uuid in self._infos:
+            r = seen.get(uuid)
+            if r is None or r.failed or isinstance(r.processes, Unavailable):
+                self.samples_missed += 1
+                out.append(Observation(uuid, None, None, None, missed=True))
+                continue
+            firm, shared = holder(r.processes, functools.partial(_firm_of, self.resolve, uuid))
+            self.shared_samples += shared
+            out.append(Observation(uuid, firm, _num(r.util_percent), self._energy(uuid, r.energy_mj_total)))
+        return out
+
+    def _energy(self, uuid: str, value: int | Unavailable) -> int | None:
+        """The counter, except on the first reading after a (re)init: it restarted from zero."""
+        generation, self._generation[uuid] = self._generation.get(uuid), self.nvml.generation
+        if isinstance(value, Unavailable) or (generation is not None and generation != self.nvml.generation):
+            return None
+        return value
+
+    def _maybe_rediscover(self) -> None:
+        if any(d.failed for d in self.nvml.devices.values()) and (
+            self.clock() - self._last_discovery >= self.rediscover_s
+        ):
+            self._last_discovery = self.clock()
+            self.nvml.discover()
+
+    def _refresh_infos(self) -> None:
+        for dev in self.nvml.devices.values():
+            if not dev.mig_parent and dev.uuid not in self._infos:
+                self._infos[dev.uuid] = DeviceInfo(dev.uuid, self._class(dev))
+
+    def _class(self, dev: NvmlDevice) -> str:
+        return self.gpu_classes.get(dev.uuid) or gpu_class_for(dev.name, dev.memory_total_bytes, self.gpu_classes)
+
+
+def _firm_of(resolve: Callable[[int, str], str], gpu_uuid: str, pid: int) -> str:
+    return resolve(pid, gpu_uuid)
+
+
+def _num(value: float | Unavailable) -> float | None:
+    return None if isinstance(value, Unavailable) else value

@@ -1,0 +1,109 @@
+/* A stand-in libnvidia-ml.so.1 so the real pynvml ctypes path runs without a GPU.
+ *
+ * Two devices. GPU 0 is healthy: utilisation samples, memory v1 and v2, power,
+ * an energy counter that grows 1 J per read, one compute process (pid from
+ * $FAKE_NVML_PID, else the caller). GPU 1 answers "not supported" for energy and
+ * "GPU is lost" for its process list. MIG is not supported on either.
+ * Struct layouts are nvml.h's: nvmlProcessInfo_t (v2/v3) is 24 bytes.
+ * Build: gcc -shared -fPIC -o libnvidia-ml.so.1 fake_nvml.c
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/time.h>
+
+typedef int nvmlReturn_t;
+typedef struct fake_device *nvmlDevice_t;
+struct fake_device { int index; };
+static struct fake_device devices[2] = {{0}, {1}};
+static unsigned long long energy_mj[2] = {5000000ULL, 0};
+
+enum { OK = 0, UNINIT = 1, INVALID = 2, NOT_SUPPORTED = 3, NOT_FOUND = 6, INSUFFICIENT = 7, LOST = 15 };
+static int initialised = 0;
+
+typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
+typedef struct { unsigned int version; unsigned long long total, reserved, free, used; } nvmlMemory_v2_t;
+typedef struct { unsigned int gpu, memory; } nvmlUtilization_t;
+typedef union { double d; unsigned int ui; unsigned long ul; unsigned long long ull; long long sll; int si; unsigned short us; } nvmlValue_t;
+typedef struct { unsigned long long timeStamp; nvmlValue_t sampleValue; } nvmlSample_t;
+typedef struct { unsigned int pid; unsigned long long usedGpuMemory; unsigned int gpuInstanceId, computeInstanceId; } nvmlProcessInfo_t;
+
+_Static_assert(sizeof(nvmlProcessInfo_t) == 24, "nvmlProcessInfo_t must be 24 bytes");
+_Static_assert(sizeof(nvmlSample_t) == 16, "nvmlSample_t must be 16 bytes");
+
+#define CHECK_INIT if (!initialised) return UNINIT
+#define CHECK_DEV(d) if ((d) != &devices[0] && (d) != &devices[1]) return INVALID
+
+static unsigned long long now_us(void) {
+    struct timeval tv; gettimeofday(&tv, NULL);
+    return (unsigned long long)tv.tv_sec * 1000000ULL + tv.tv_usec;
+}
+
+const char *nvmlErrorString(nvmlReturn_t r) { (void)r; return "fake NVML error"; }
+nvmlReturn_t nvmlInitWithFlags(unsigned int flags) { (void)flags; initialised = 1; return OK; }
+nvmlReturn_t nvmlInit_v2(void) { initialised = 1; return OK; }
+nvmlReturn_t nvmlShutdown(void) { initialised = 0; return OK; }
+
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) { CHECK_INIT; *count = 2; return OK; }
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int i, nvmlDevice_t *d) {
+    CHECK_INIT; if (i > 1) return INVALID; *d = &devices[i]; return OK;
+}
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *buf, unsigned int len) {
+    CHECK_INIT; CHECK_DEV(d);
+    snprintf(buf, len, "GPU-fake0000-0000-0000-0000-00000000000%d", d->index); return OK;
+}
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *buf, unsigned int len) {
+    CHECK_INIT; CHECK_DEV(d);
+    snprintf(buf, len, "%s", d->index == 0 ? "NVIDIA H100 80GB HBM3" : "NVIDIA L40S"); return OK;
+}
+nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t d, unsigned int *cur, unsigned int *pend) {
+    (void)cur; (void)pend; CHECK_INIT; CHECK_DEV(d); return NOT_SUPPORTED;
+}
+nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *m) {
+    CHECK_INIT; CHECK_DEV(d);
+    m->total = d->index == 0 ? 81559ULL << 20 : 46068ULL << 20; m->used = 1ULL << 30; m->free = m->total - m->used;
+    return OK;
+}
+nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t d, nvmlMemory_v2_t *m) {
+    CHECK_INIT; CHECK_DEV(d);
+    if (m->version != 0x02000028) return INVALID;  /* nvmlMemory_v2: sizeof(struct) | 2 << 24 */
+    m->total = d->index == 0 ? 81559ULL << 20 : 46068ULL << 20; m->reserved = 0;
+    m->used = 2ULL << 30; m->free = m->total - m->used;
+    return OK;
+}
+nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t d, unsigned int *mw) { CHECK_INIT; CHECK_DEV(d); *mw = 312000; return OK; }
+nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t d, unsigned long long *mj) {
+    CHECK_INIT; CHECK_DEV(d);
+    if (d->index == 1) return NOT_SUPPORTED;
+    energy_mj[0] += 1000; *mj = energy_mj[0]; return OK;
+}
+nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t d, nvmlUtilization_t *u) {
+    CHECK_INIT; CHECK_DEV(d); u->gpu = 33; u->memory = 10; return OK;
+}
+nvmlReturn_t nvmlDeviceGetSamples(nvmlDevice_t d, int type, unsigned long long last, int *vtype,
+                                  unsigned int *count, nvmlSample_t *samples) {
+    CHECK_INIT; CHECK_DEV(d);
+    if (type != 1 || d->index == 1) return NOT_SUPPORTED;  /* GPU 1: falls back to the rate */
+    unsigned long long t = now_us();
+    unsigned long long ts[2] = {t - 500000ULL, t - 200000ULL};
+    unsigned int vals[2] = {60, 80}, n = 0;
+    for (int i = 0; i < 2; i++) if (ts[i] > last) n++;
+    if (n == 0) return NOT_FOUND;
+    *vtype = 1;  /* NVML_VALUE_TYPE_UNSIGNED_INT */
+    if (samples == NULL) { *count = n; return OK; }
+    unsigned int k = 0;
+    for (int i = 0; i < 2 && k < *count; i++) if (ts[i] > last) {
+        samples[k].timeStamp = ts[i]; samples[k].sampleValue.ull = 0; samples[k].sampleValue.ui = vals[i]; k++;
+    }
+    *count = k; return OK;
+}
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned int *count, nvmlProcessInfo_t *p) {
+    CHECK_INIT; CHECK_DEV(d);
+    if (d->index == 1) return LOST;
+    if (p == NULL || *count < 1) { *count = 1; return INSUFFICIENT; }
+    const char *pid = getenv("FAKE_NVML_PID");
+    p[0].pid = pid ? (unsigned int)atoi(pid) : (unsigned int)getpid();
+    p[0].usedGpuMemory = 3ULL << 30; p[0].gpuInstanceId = 0xFFFFFFFFu; p[0].computeInstanceId = 0xFFFFFFFFu;
+    *count = 1; return OK;
+}

@@ -1,0 +1,96 @@
+"""The real pynvml ctypes path, against a stand-in libnvidia-ml.so.1 built here with gcc.
+
+pynvml loads ``CDLL("libnvidia-ml.so.1")`` with no search path of its own and the
+loader reads LD_LIBRARY_PATH at process start, so each test runs a child process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pynvml
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "tests" / "fakenvml" / "fake_nvml.c"
+GPUMETER = Path(sys.executable).with_name("gpumeter")
+
+
+@pytest.fixture(scope="module")
+def fake_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not found: cannot build the stand-in libnvidia-ml.so.1")
+    out = tmp_path_factory.mktemp("fakenvml")
+    subprocess.run([gcc, "-Wall", "-Werror", "-shared", "-fPIC", "-o", str(out / "libnvidia-ml.so.1"), str(SOURCE)],
+                   check=True)  # fmt: skip
+    return out
+
+
+def child_env(lib_dir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, LD_LIBRARY_PATH=str(lib_dir), **extra)
+    return env
+
+
+PROBE = """
+import json, time
+from agent import attribution as a
+from agent.nvml import Nvml
+from agent.nvml_source import NvmlSource
+nvml = Nvml()
+src = NvmlSource(nvml, a.chain(a.env_var(a.ProcReader())), interval_s=1)
+now = int(time.time())
+first, second = src.observe(now), src.observe(now + 1)
+print(json.dumps({
+    "devices": [[d.gpu_uuid, d.gpu_class] for d in src.devices()],
+    "first": [[o.gpu_uuid, o.firm_id, o.util_percent, o.energy_mj_total, o.missed] for o in first],
+    "second_energy": second[0].energy_mj_total,
+    "errors": dict(nvml.errors),
+}))
+"""
+
+
+def test_pinned_pynvml_has_the_24_byte_process_entry_the_v3_symbol_expects() -> None:
+    """nvitop#75: a struct that does not match the symbol's layout reads garbage pids, not an error."""
+    assert metadata.version("nvidia-ml-py") == "13.615.71"
+    assert ctypes.sizeof(pynvml.c_nvmlProcessInfo_v3_t) == 24
+    assert [f[0] for f in pynvml.c_nvmlProcessInfo_v3_t._fields_] == [
+        "pid", "usedGpuMemory", "gpuInstanceId", "computeInstanceId"
+    ]  # fmt: skip
+
+
+def test_real_pynvml_path_reads_uuid_samples_energy_processes_and_a_lost_gpu(fake_lib: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", PROBE], env=child_env(fake_lib, GPUMETER_FIRM="F-REAL"),
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    gpu0, gpu1 = "GPU-fake0000-0000-0000-0000-000000000000", "GPU-fake0000-0000-0000-0000-000000000001"
+    assert got["devices"] == [[gpu0, "H100-80G"], [gpu1, "L40S-48G"]]
+    # GPU 0: the child's own pid runs on it, its environment names the firm; util = mean of samples (60, 80)
+    assert got["first"][0] == [gpu0, "F-REAL", 70.0, 5_001_000, False]
+    assert got["second_energy"] == 5_002_000
+    # GPU 1: the process list says "GPU is lost": missed, nobody billed
+    assert got["first"][1] == [gpu1, None, None, None, True]
+    assert got["errors"]["gpu_lost"] == 1
+    assert "GPU GPU-fake0000-0000-0000-0000-000000000001 lost" in proc.stderr
+
+
+def test_agent_check_lists_the_gpus_through_nvml(fake_lib: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [str(GPUMETER), "agent", "check", "--kafka", "127.0.0.1:1", "--spool", str(tmp_path / "spool")],
+        env=child_env(fake_lib, GPUMETER_HOME=str(tmp_path)), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    lines = proc.stdout.splitlines()
+    assert lines[0] == (
+        "ok    nvml: 2 GPU(s): GPU-fake0000-0000-0000-0000-000000000000 (H100-80G), "
+        "GPU-fake0000-0000-0000-0000-000000000001 (L40S-48G)"
+    )
+    assert lines[1].startswith("FAIL  kafka: 127.0.0.1:1 not reachable")
+    assert proc.returncode == 1

@@ -1,0 +1,374 @@
+"""agent.nvml against a fake at the pynvml boundary: same function names, pynvml's own error classes."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pynvml
+import pytest
+
+from agent.devices import DeviceInfo
+from agent.nvml import GpuLost, Nvml, Unavailable
+from agent.nvml_source import NvmlSource, gpu_class_for, holder
+from agent.runner import Agent
+from agent.windows import HostIdentity
+
+NOT_SUPPORTED, NOT_FOUND, UNINITIALIZED, DRIVER_NOT_LOADED = 3, 6, 1, 9
+FUNCTION_NOT_FOUND, GPU_IS_LOST, LIB_RM_VERSION_MISMATCH = 13, 15, 18
+
+
+@dataclass
+class FakeGpu:
+    uuid: str
+    name: str = "NVIDIA H100 80GB HBM3"
+    total: int = 81559 * 2**20
+    used: int = 2**30
+    power_mw: int = 300_000
+    energy_mj: int = 0
+    util: int = 40
+    samples: list[tuple[int, int]] = field(default_factory=list)  # (timestamp us, util %)
+    procs: list[tuple[int, int | None, int]] = field(default_factory=list)  # (pid, bytes, gpu instance)
+    mig: list[FakeGpu] | None = None
+    gi: int | None = None
+
+
+class FakePynvml:
+    """The slice of the pynvml module agent.nvml uses. ``fail[(func, uuid or '*')] = code`` injects errors."""
+
+    NVMLError = pynvml.NVMLError
+    NVMLLibraryMismatchError = pynvml.NVMLLibraryMismatchError
+    NVML_GPU_UTILIZATION_SAMPLES = pynvml.NVML_GPU_UTILIZATION_SAMPLES
+    nvmlMemory_v2 = pynvml.nvmlMemory_v2
+
+    def __init__(self, gpus: list[FakeGpu]) -> None:
+        self.gpus = gpus
+        self.fail: dict[tuple[str, str], int] = {}
+        self.missing: set[str] = set()
+        self.mismatch: set[str] = set()
+        self.initialised = False
+        self.calls: Counter[str] = Counter()
+
+    def _check(self, func: str, gpu: FakeGpu | None = None) -> None:
+        self.calls[func] += 1
+        if func in self.missing:
+            raise pynvml.NVMLError(FUNCTION_NOT_FOUND)
+        if func in self.mismatch:
+            raise pynvml.NVMLLibraryMismatchError("unversioned function and library differ")
+        code = self.fail.get((func, gpu.uuid if gpu else "*")) or self.fail.get((func, "*"))
+        if code:
+            raise pynvml.NVMLError(code)
+        if not self.initialised and func != "nvmlInit":
+            raise pynvml.NVMLError(UNINITIALIZED)
+
+    def nvmlInit(self) -> None:
+        self._check("nvmlInit")
+        self.initialised = True
+
+    def nvmlShutdown(self) -> None:
+        self.initialised = False
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._check("nvmlDeviceGetCount")
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> FakeGpu:
+        self._check("nvmlDeviceGetHandleByIndex")
+        return self.gpus[i]
+
+    def nvmlDeviceGetUUID(self, h: FakeGpu) -> str:
+        self._check("nvmlDeviceGetUUID", h)
+        return h.uuid
+
+    def nvmlDeviceGetName(self, h: FakeGpu) -> bytes:
+        self._check("nvmlDeviceGetName", h)
+        return h.name.encode()
+
+    def nvmlDeviceGetMigMode(self, h: FakeGpu) -> list[int]:
+        self._check("nvmlDeviceGetMigMode", h)
+        if h.mig is None:
+            raise pynvml.NVMLError(NOT_SUPPORTED)
+        return [1, 1]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, h: FakeGpu) -> int:
+        self._check("nvmlDeviceGetMaxMigDeviceCount", h)
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h: FakeGpu, i: int) -> FakeGpu:
+        self._check("nvmlDeviceGetMigDeviceHandleByIndex", h)
+        assert h.mig is not None
+        if i >= len(h.mig):
+            raise pynvml.NVMLError(NOT_FOUND)
+        return h.mig[i]
+
+    def nvmlDeviceGetGpuInstanceId(self, h: FakeGpu) -> int:
+        self._check("nvmlDeviceGetGpuInstanceId", h)
+        assert h.gi is not None
+        return h.gi
+
+    def nvmlDeviceGetMemoryInfo(self, h: FakeGpu, version: int | None = None) -> Any:
+        self._check("nvmlDeviceGetMemoryInfo_v2" if version else "nvmlDeviceGetMemoryInfo", h)
+        return SimpleNamespace(total=h.total, used=h.used, free=h.total - h.used)
+
+    def nvmlDeviceGetPowerUsage(self, h: FakeGpu) -> int:
+        self._check("nvmlDeviceGetPowerUsage", h)
+        return h.power_mw
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: FakeGpu) -> int:
+        self._check("nvmlDeviceGetTotalEnergyConsumption", h)
+        return h.energy_mj
+
+    def nvmlDeviceGetUtilizationRates(self, h: FakeGpu) -> Any:
+        self._check("nvmlDeviceGetUtilizationRates", h)
+        return SimpleNamespace(gpu=h.util, memory=10)
+
+    def nvmlDeviceGetSamples(self, h: FakeGpu, kind: int, since_us: int) -> Any:
+        self._check("nvmlDeviceGetSamples", h)
+        assert kind == pynvml.NVML_GPU_UTILIZATION_SAMPLES
+        fresh = [(t, v) for t, v in h.samples if t > since_us]
+        if not fresh:
+            raise pynvml.NVMLError(NOT_FOUND)  # what the driver says when nothing is new
+        return 1, [SimpleNamespace(timeStamp=t, sampleValue=SimpleNamespace(uiVal=v)) for t, v in fresh]
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: FakeGpu) -> list[Any]:
+        self._check("nvmlDeviceGetComputeRunningProcesses", h)
+        return [SimpleNamespace(pid=p, usedGpuMemory=m, gpuInstanceId=gi, computeInstanceId=0) for p, m, gi in h.procs]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+NO_GI = 0xFFFFFFFF
+FIRMS = {101: "F1", 102: "F2", 103: "F1"}
+
+
+def resolve(pid: int, gpu_uuid: str) -> str:
+    return FIRMS.get(pid, "unattributed")
+
+
+def make(gpus: list[FakeGpu]) -> tuple[FakePynvml, Nvml, NvmlSource, Clock]:
+    lib, clock = FakePynvml(gpus), Clock()
+    nvml = Nvml(lib=lib, clock=clock)
+    return lib, nvml, NvmlSource(nvml, resolve, interval_s=1, clock=clock), clock
+
+
+def test_devices_are_keyed_by_uuid_and_classed_from_their_names() -> None:
+    _, _, src, _ = make([FakeGpu("GPU-a"), FakeGpu("GPU-b", name="NVIDIA L40S", total=46068 * 2**20)])
+    assert src.devices() == [DeviceInfo("GPU-a", "H100-80G"), DeviceInfo("GPU-b", "L40S-48G")]
+
+
+def test_not_supported_is_an_explicit_unavailable_that_never_becomes_a_number() -> None:
+    lib, nvml, src, _ = make([FakeGpu("GPU-a", procs=[(101, 2**30, NO_GI)])])
+    lib.fail[("nvmlDeviceGetTotalEnergyConsumption", "*")] = NOT_SUPPORTED
+    lib.fail[("nvmlDeviceGetPowerUsage", "*")] = NOT_SUPPORTED
+    (reading,) = nvml.read(10_000_000, 1_000_000)
+    assert reading.energy_mj_total == Unavailable("not supported")
+    assert reading.power_mw == Unavailable("not supported")
+    with pytest.raises(TypeError):
+        reading.power_mw + 1  # type: ignore[operator]
+    with pytest.raises(TypeError):
+        bool(reading.power_mw)
+    with pytest.raises(TypeError):
+        float(reading.power_mw)  # type: ignore[arg-type]
+    (obs,) = src.observe(11)
+    assert (obs.firm_id, obs.energy_mj_total, obs.missed) == ("F1", None, False)
+    assert nvml.errors["not_supported"] >= 2
+
+
+def test_gpu_lost_fails_that_device_only_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    a = FakeGpu("GPU-a", procs=[(101, 1, NO_GI)])
+    b = FakeGpu("GPU-b", procs=[(102, 1, NO_GI)])
+    lib, nvml, src, clock = make([a, b])
+    lib.fail[("nvmlDeviceGetComputeRunningProcesses", "GPU-a")] = GPU_IS_LOST
+    with caplog.at_level(logging.ERROR, "gpumeter.agent.nvml"):
+        obs = src.observe(10)
+    assert [(o.gpu_uuid, o.firm_id, o.missed) for o in obs] == [("GPU-a", None, True), ("GPU-b", "F2", False)]
+    assert nvml.devices["GPU-a"].failed and "GPU GPU-a lost" in caplog.text
+    calls = lib.calls["nvmlDeviceGetPowerUsage"]
+    src.observe(11)  # a failed device is not queried again until rediscovered
+    assert lib.calls["nvmlDeviceGetPowerUsage"] == calls + 1
+    del lib.fail[("nvmlDeviceGetComputeRunningProcesses", "GPU-a")]
+    clock.t += 60  # rediscovery interval
+    obs = src.observe(72)
+    assert [(o.firm_id, o.missed) for o in obs] == [("F1", False), ("F2", False)]
+    assert src.samples_missed == 2
+
+
+def test_driver_reload_reinitialises_with_backoff_and_the_energy_counter_reset_is_never_billed() -> None:
+    gpu = FakeGpu("GPU-a", energy_mj=5_000_000, procs=[(101, 1, NO_GI)])
+    lib, nvml, src, clock = make([gpu])
+    sink = Collect()
+    meter = Agent(src, HostIdentity("P01", "h1"), sink, window_s=60, interval_s=1)
+    meter.sample(60)
+    gpu.energy_mj += 300_000
+    meter.sample(61)
+    # the driver goes away: every call says so
+    lib.initialised = False
+    lib.fail[("nvmlInit", "*")] = DRIVER_NOT_LOADED
+    meter.sample(62)
+    assert nvml.up is False and nvml.errors["reinit"] == 1
+    clock.t += 0.5
+    meter.sample(63)  # backoff (1 s) not over: no init attempt
+    assert lib.calls["nvmlInit"] == 1
+    clock.t += 1
+    meter.sample(64)  # tried, failed again: next delay 2 s
+    assert lib.calls["nvmlInit"] == 2 and nvml.up is False
+    del lib.fail[("nvmlInit", "*")]
+    gpu.energy_mj = 1_000  # driver reloaded: counter restarted from zero
+    clock.t += 2
+    meter.sample(65)
+    assert nvml.up and nvml.generation == 2 and lib.calls["nvmlInit"] == 3
+    gpu.energy_mj += 400_000
+    meter.sample(66)
+    gpu.energy_mj += 400_000
+    meter.sample(120)
+    windows = {w["window_start"]: w for w in sink.windows}
+    w60 = windows[60_000]
+    assert w60["allocated_seconds"] == 4  # 60, 61, 65, 66: the down samples are missed, not billed
+    assert w60["energy_joules"] is None  # a reset window has no energy figure
+    assert meter.acc.samples_missed == 3
+
+
+def test_a_missing_function_is_logged_once_and_memory_falls_back_to_v1(caplog: pytest.LogCaptureFixture) -> None:
+    lib, nvml, _, _ = make([FakeGpu("GPU-a", procs=[(101, 1, NO_GI)])])
+    lib.missing |= {"nvmlDeviceGetMemoryInfo_v2", "nvmlDeviceGetPowerUsage"}
+    v2_calls = lib.calls["nvmlDeviceGetMemoryInfo_v2"]
+    with caplog.at_level(logging.WARNING, "gpumeter.agent.nvml"):
+        readings = [nvml.read(t * 1_000_000, 1_000_000)[0] for t in range(10, 15)]
+    assert all(r.memory_used_bytes == 2**30 for r in readings)
+    assert all(isinstance(r.power_mw, Unavailable) for r in readings)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == [
+        "NVML function nvmlDeviceGetMemoryInfo_v2 not in this driver; value unavailable",
+        "NVML function nvmlDeviceGetPowerUsage not in this driver; value unavailable",
+    ]
+    assert lib.calls["nvmlDeviceGetMemoryInfo_v2"] == v2_calls + 1  # v2 not tried again on that device
+
+
+def test_library_mismatch_on_processes_means_missed_samples_not_a_guess() -> None:
+    lib, _, src, _ = make([FakeGpu("GPU-a", procs=[(101, 1, NO_GI)])])
+    lib.mismatch.add("nvmlDeviceGetComputeRunningProcesses")
+    (obs,) = src.observe(10)
+    assert (obs.firm_id, obs.missed) == (None, True)
+
+
+def test_utilisation_comes_from_samples_since_the_last_seen_timestamp() -> None:
+    gpu = FakeGpu("GPU-a", util=99)
+    gpu.samples = [(8_500_000, 90), (9_100_000, 10), (9_600_000, 30)]
+    lib, nvml, _, _ = make([gpu])
+    assert nvml.read(10_000_000, 1_000_000)[0].util_percent == 20.0  # (10 + 30) / 2: since 9.0 s
+    gpu.samples += [(10_100_000, 50), (10_600_000, 70)]
+    assert nvml.read(11_000_000, 1_000_000)[0].util_percent == 60.0  # only the two newer ones
+    assert nvml.devices["GPU-a"].last_sample_us == 10_600_000
+    # nothing new since: NOT_FOUND -> the current rate, and samples are tried again next time
+    assert nvml.read(12_000_000, 1_000_000)[0].util_percent == 99.0
+    gpu.samples.append((12_500_000, 5))
+    assert nvml.read(13_000_000, 1_000_000)[0].util_percent == 5.0
+    lib.fail[("nvmlDeviceGetSamples", "*")] = NOT_SUPPORTED
+    assert nvml.read(14_000_000, 1_000_000)[0].util_percent == 99.0
+    del lib.fail[("nvmlDeviceGetSamples", "*")]
+    calls = lib.calls["nvmlDeviceGetSamples"]
+    nvml.read(15_000_000, 1_000_000)
+    assert lib.calls["nvmlDeviceGetSamples"] == calls  # unsupported once: rates from then on
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.windows: list[dict[str, Any]] = []
+
+    def send(self, host_id: str, agent_version: str, windows: list[dict[str, Any]]) -> None:
+        self.windows.extend(windows)
+
+
+def test_process_churn_moves_the_gpu_between_firms_and_unresolved_time_is_unattributed() -> None:
+    gpu = FakeGpu("GPU-a")
+    _, _, src, _ = make([gpu])
+    sink = Collect()
+    meter = Agent(src, HostIdentity("P01", "h1"), sink, window_s=10, interval_s=1)
+    timeline: list[list[tuple[int, int | None, int]]] = [
+        [],
+        [(101, 5, NO_GI)],
+        [(101, 5, NO_GI), (103, 1, NO_GI)],
+        [(102, 9, NO_GI)],
+        [(999, 1, NO_GI)],
+    ]
+    for t in range(20):
+        gpu.procs = timeline[t // 4]
+        meter.sample(t)
+    meter.stop()
+    got = sorted((w["window_start"] // 1000, w["firm_id"], w["allocated_seconds"]) for w in sink.windows)
+    assert got == [(0, "F1", 6), (10, "F1", 2), (10, "F2", 4), (10, "unattributed", 4)]
+
+
+@pytest.mark.parametrize(
+    ("procs", "expected"),
+    [
+        ([], (None, False)),
+        ([(101, 5)], ("F1", False)),
+        ([(101, 1), (102, 2)], ("F2", True)),  # most memory holds the sample
+        ([(101, 2), (102, 2)], ("F1", True)),  # tie: lowest firm id
+        ([(101, None), (999, None)], ("F1", True)),  # memory unknown: 0 each, tie
+    ],
+    ids=["idle", "one", "memory-wins", "tie-by-id", "memory-unknown"],
+)
+def test_holder_rule(procs: list[tuple[int, int | None]], expected: tuple[str | None, bool]) -> None:
+    from agent.nvml import GpuProcess
+
+    ps = tuple(GpuProcess(pid, mem, None) for pid, mem in procs)
+    assert holder(ps, lambda pid: resolve(pid, "GPU-a")) == expected
+
+
+def test_mig_instances_are_devices_of_their_own_with_processes_split_by_instance() -> None:
+    inst1 = FakeGpu("MIG-1", name="NVIDIA H100 80GB HBM3 MIG 3g.40gb", gi=1)
+    inst2 = FakeGpu("MIG-2", name="NVIDIA H100 80GB HBM3 MIG 1g.10gb", gi=2)
+    parent = FakeGpu("GPU-p", mig=[inst1, inst2], procs=[(101, 1, 1), (102, 1, 2), (103, 1, 2)])
+    lib, _, src, _ = make([parent])
+    for f in ("nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetSamples", "nvmlDeviceGetUtilizationRates"):
+        for u in ("MIG-1", "MIG-2"):
+            lib.fail[(f, u)] = NOT_SUPPORTED
+    assert src.devices() == [DeviceInfo("MIG-1", "H100-80G-MIG-3g.40gb"), DeviceInfo("MIG-2", "H100-80G-MIG-1g.10gb")]
+    obs = src.observe(10)
+    assert [(o.gpu_uuid, o.firm_id, o.util_percent, o.energy_mj_total) for o in obs] == [
+        ("MIG-1", "F1", None, None),
+        ("MIG-2", "F1", None, None),  # F2 (pid 102) and F1 (pid 103) share it, equal memory: lowest id
+    ]
+    assert src.shared_samples == 1
+    assert lib.calls["nvmlDeviceGetComputeRunningProcesses"] == 1  # read once on the parent
+
+
+def test_gpu_lost_during_discovery_skips_that_index() -> None:
+    lib, nvml, _, _ = make([])
+    lib.gpus = [FakeGpu("GPU-a"), FakeGpu("GPU-b")]
+    lib.fail[("nvmlDeviceGetUUID", "GPU-a")] = GPU_IS_LOST
+    nvml.discover()
+    assert list(nvml.devices) == ["GPU-b"]
+    with pytest.raises(GpuLost):
+        nvml.query("nvmlDeviceGetUUID", lib.gpus[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "total_mib", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", 81559, "H100-80G"),
+        ("NVIDIA A100-SXM4-40GB", 40960, "A100-40G"),
+        ("NVIDIA A800 80GB PCIe", 81920, "A800-80G"),
+        ("NVIDIA L40S", 46068, "L40S-48G"),
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 9984, "H100-80G-MIG-1g.10gb"),
+        ("Some Accelerator", None, "Some-Accelerator"),
+    ],
+    ids=["h100", "a100-dash", "a800", "l40s-by-memory", "mig", "unknown"],
+)
+def test_gpu_class_for(name: str, total_mib: int | None, expected: str) -> None:
+    assert gpu_class_for(name, None if total_mib is None else total_mib * 2**20) == expected
+
+
+def test_gpu_class_override_by_name() -> None:
+    assert gpu_class_for("NVIDIA H100 80GB HBM3", None, {"NVIDIA H100 80GB HBM3": "H100-SXM"}) == "H100-SXM"
