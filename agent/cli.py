@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import zlib
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
@@ -17,6 +15,7 @@ from agent import checks
 from agent.config import AgentConfig, json_logging, load_agent_config
 from agent.service import SimSpec, run_agent
 from gpumeter.cli import settings_from
+from gpumeter.signals import stop_requested
 
 
 @click.group()
@@ -107,16 +106,9 @@ def run(
             days=sim_days,
             mean_job_s=sim_mean_job,
         )
-    stopping = False
-
-    def _stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    should_stop = stop_requested()
     meter, spool, sender = run_agent(
-        cfg, settings.kafka_bootstrap, settings.topic, sim, duration, lambda: stopping, settings.home
+        cfg, settings.kafka_bootstrap, settings.topic, sim, duration, should_stop, settings.home
     )
     click.echo(
         f"samples={meter.samples} windows={meter.windows_closed} windows_sent={sender.windows_sent} "

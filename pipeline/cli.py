@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
-from types import FrameType
 
 import click
 
 from gpumeter.cli import settings_from
+from gpumeter.signals import stop_requested
 from pipeline import clickhouse
 from pipeline.gaps import gaps_table
 from pipeline.keys import load_registry
@@ -94,17 +93,10 @@ def run(
     consumer = make_consumer(s.kafka_bootstrap, s.topic, group_id)
     dlq_topic = dead_letter_topic or f"{s.topic}.dead-letter"
     dead_letter = DeadLetter(s.kafka_bootstrap, dlq_topic) if dlq_topic != "-" else None
-    stopping = False
-
-    def _stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    should_stop = stop_requested()
     loader = Loader(consumer, client, s.clickhouse_database, s.topic, keys=keys, dead_letter=dead_letter)
     try:
-        stats = loader.run(until=lambda _: stopping, idle_timeout_s=idle_exit)
+        stats = loader.run(until=lambda _: should_stop(), idle_timeout_s=idle_exit)
     finally:
         consumer.close(autocommit=False)
         if dead_letter is not None:
