@@ -11,6 +11,7 @@ month reaches its day and whose cutoff reaches its arrival.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -55,20 +56,23 @@ class Window:
         return sql, params
 
 
-def first_deliveries(db: str) -> str:
+def repeated_ids(db: str) -> str:
+    """record_ids with more than one delivery, aggregated in the table's sort order
+    (record_id first), so it streams in little memory instead of hashing every id."""
+    return f"SELECT record_id FROM {db}.usage_raw GROUP BY record_id HAVING count() > 1"
+
+
+def first_deliveries(db: str, repeated: str) -> str:
     """Each record_id once, as first delivered (earliest ingested_at, then partition, offset).
 
     Almost every record is delivered once, so this is: every raw row whose record_id
-    has no other delivery, plus, for the few record_ids delivered more than once, the
-    first delivery (argMin). Which ids repeat is found by GROUP BY record_id HAVING
-    count() > 1 aggregated in the table's sort order (record_id first), which streams
-    in little memory. Outer WHERE clauses are pushed into the first branch's scan.
+    is not in ``repeated`` (a table or subquery of ids delivered more than once), plus
+    the first delivery (argMin) of each repeated id. Outer WHERE clauses are pushed
+    into the first branch's scan.
 
-    Measured here: a LIMIT 1 BY record_id over 100M rows kept a hash of every id
-    (11 GB RSS, 320 s); a GROUP BY record_id with argMin over everything took 25 s and
-    3 GB for 10M rows.
+    Measured here: LIMIT 1 BY record_id over 100M rows kept a hash of every id (11 GB
+    RSS); a GROUP BY record_id with argMin over everything took 25 s and 3 GB for 10M.
     """
-    repeated = f"(SELECT record_id FROM {db}.usage_raw GROUP BY record_id HAVING count() > 1)"
     return f"""(
         SELECT firm_id, window_start, provider_id, gpu_class, host_id, allocated_seconds, busy_seconds,
                energy_joules, ingested_at
@@ -96,9 +100,38 @@ def _naive_utc(t: datetime) -> datetime:
 
 
 class ClickHouseUsage:
+    """Billing's reads. The set of repeated record_ids is computed once per instance (a
+    settlement, a reconcile) into a Memory table, after the settlement took its cutoff:
+    a delivery arriving later is past the cutoff and filtered out anyway."""
+
     def __init__(self, client: Any, database: str) -> None:
         self.client = client
         self.db = database
+        self._repeated: str | None = None
+
+    def _repeated_table(self) -> str:
+        if self._repeated is None:
+            table = f"{self.db}._repeated_ids_{uuid.uuid4().hex[:12]}"
+            self.client.command(
+                f"CREATE TABLE {table} ENGINE = Memory AS {repeated_ids(self.db)}", settings=READ_IN_ORDER
+            )
+            self._repeated = table
+        return self._repeated
+
+    def _first(self) -> str:
+        return first_deliveries(self.db, self._repeated_table())
+
+    def __enter__(self) -> ClickHouseUsage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the snapshot of repeated ids (a leftover one is empty after a restart and harmless)."""
+        if self._repeated is not None:
+            self.client.command(f"DROP TABLE IF EXISTS {self._repeated}")
+            self._repeated = None
 
     def groups(self, tz: str, window: Window) -> list[UsageGroup]:
         """Usage per (firm, billing day, provider, class) inside ``window``."""
@@ -107,7 +140,7 @@ class ClickHouseUsage:
             f"""
             SELECT firm_id, toDate(window_start, {{tz:String}}) AS day, provider_id, gpu_class,
                    sum(allocated_seconds), count(), sum(ifNull(busy_seconds, 0)), sum(ifNull(energy_joules, 0))
-            FROM {first_deliveries(self.db)}
+            FROM {self._first()}
             WHERE {where}
             GROUP BY firm_id, day, provider_id, gpu_class
             ORDER BY day, firm_id, provider_id, gpu_class
@@ -122,10 +155,21 @@ class ClickHouseUsage:
 
     def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]:
         """Months before ``first_day`` that have usage ingested up to ``cutoff``."""
+        # raw rows are a superset of first deliveries: if none is that early, nothing is
+        early = self.client.query(
+            f"""
+            SELECT count() FROM {self.db}.usage_raw
+            WHERE toDate(window_start, {{tz:String}}) < {{first:Date}}
+              AND ingested_at <= {{cutoff:DateTime64(6, 'UTC')}}
+            """,
+            parameters={"tz": tz, "first": first_day, "cutoff": _naive_utc(cutoff)},
+        ).result_rows[0][0]
+        if not early:
+            return []
         rows = self.client.query(
             f"""
             SELECT DISTINCT formatDateTime(toDate(window_start, {{tz:String}}), '%Y-%m') AS m
-            FROM {first_deliveries(self.db)}
+            FROM {self._first()}
             WHERE toDate(window_start, {{tz:String}}) < {{first:Date}}
               AND ingested_at <= {{cutoff:DateTime64(6, 'UTC')}}
             ORDER BY m
@@ -140,11 +184,13 @@ class ClickHouseUsage:
         rows = self.client.query(
             f"""
             SELECT record_id FROM {self.db}.usage_raw
+            WHERE record_id IN {self._repeated_table()}
             GROUP BY record_id
             HAVING uniqExact((provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end,
                               allocated_seconds)) > 1
             ORDER BY record_id
-            """
+            """,
+            settings=READ_IN_ORDER,
         ).result_rows
         return len(rows), [str(r[0]) for r in rows[:limit]]
 
@@ -158,7 +204,7 @@ class ClickHouseUsage:
             f"""
             SELECT formatDateTime(toDate(window_start, {{tz:String}}), '%Y-%m') AS m, firm_id,
                    sum(allocated_seconds), count()
-            FROM {first_deliveries(self.db)} {where}
+            FROM {self._first()} {where}
             GROUP BY m, firm_id
             """,
             parameters=params,
@@ -196,7 +242,7 @@ class ClickHouseUsage:
         rows = self.client.query(
             f"""
             SELECT gpu_class, host_id, sum(allocated_seconds), count()
-            FROM {first_deliveries(self.db)}
+            FROM {self._first()}
             WHERE provider_id = {{provider:String}}
               AND formatDateTime(toDate(window_start, {{tz:String}}), '%Y-%m') = {{month:String}}
             GROUP BY gpu_class, host_id ORDER BY gpu_class, host_id
