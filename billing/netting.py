@@ -180,8 +180,13 @@ def net_items(
     programs: Iterable[Program],
     vouchers: Iterable[Voucher],
     state: NettingState | None = None,
+    *,
+    explain: bool = True,
 ) -> NettingResult:
     """Apply voucher credits to ``items`` (one settlement), starting from ``state``.
+
+    ``explain=False`` skips building the trail (same credits; for large settlements
+    that do not keep it).
 
     ``vouchers`` must hold every voucher ever issued, including earlier auto-grants,
     in any state: holding one decides whether an auto-grant is due.
@@ -226,21 +231,22 @@ def net_items(
                 "program_budget": _left(program.budget, drawn_p.get(program.program_id, ZERO)),
             }
             credit = min(terms.values())
-            trail.append(
-                NettingStep(
-                    item=key,
-                    voucher_id=voucher.voucher_id,
-                    program_id=program.program_id,
-                    uncovered_before=uncovered,
-                    subsidy_rate=voucher.subsidy_rate,
-                    subsidy=terms["subsidy"],
-                    voucher_balance=balance,
-                    firm_cap_left=terms["firm_cap"],
-                    program_budget_left=terms["program_budget"],
-                    credit=credit,
-                    limited_by=next(name for name, value in terms.items() if value == credit),
+            if explain:
+                trail.append(
+                    NettingStep(
+                        item=key,
+                        voucher_id=voucher.voucher_id,
+                        program_id=program.program_id,
+                        uncovered_before=uncovered,
+                        subsidy_rate=voucher.subsidy_rate,
+                        subsidy=terms["subsidy"],
+                        voucher_balance=balance,
+                        firm_cap_left=terms["firm_cap"],
+                        program_budget_left=terms["program_budget"],
+                        credit=credit,
+                        limited_by=next(name for name, value in terms.items() if value == credit),
+                    )
                 )
-            )
             if credit <= 0:
                 continue
             credits.append(Credit(key, voucher.voucher_id, program.program_id, item.firm_id, credit))

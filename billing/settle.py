@@ -112,7 +112,9 @@ def settle_month(
         ]  # fmt: skip
         rate_card = RateCard(state.rates(tx))
         items: list[ChargeItem] = price_items(aggregates, rate_card)
-        netting = net_items(items, state.programs(tx).values(), state.vouchers(tx).values(), state.drawn_state(tx))
+        netting = net_items(
+            items, state.programs(tx).values(), state.vouchers(tx).values(), state.drawn_state(tx), explain=False
+        )
         invoices = build_invoices(month, items, netting.credits, state.firms(tx), currency=currency)
         conflicts, examples = usage.conflicting_records()
         row = state.SettlementRow(

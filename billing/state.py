@@ -256,12 +256,12 @@ def write_settlement(
         "INSERT INTO items (month, firm_id, day, provider_id, gpu_class, adjustment_for, allocated_seconds, "
         "record_count, busy_seconds, energy_joules, unit_price, amount, rate_provider, rate_effective_from) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        item_rows,
+        sorted(item_rows),  # primary-key order: B-tree appends instead of random inserts
     )
     tx.executemany(
         "INSERT INTO credits (month, firm_id, day, provider_id, gpu_class, adjustment_for, voucher_id, program_id, "
         "amount) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
+        sorted(
             (
                 row.month,
                 c.firm_id,
@@ -274,7 +274,7 @@ def write_settlement(
                 str(c.amount),
             )
             for c in credits
-        ],
+        ),
     )
     for v in granted:
         put_voucher(tx, v, granted_by=row.month)
