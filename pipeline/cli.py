@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -117,3 +118,33 @@ def gaps(ctx: click.Context) -> None:
     clickhouse.ensure_schema(client, s.clickhouse_database)
     db = s.clickhouse_database
     click.echo(gaps_table(clickhouse.seq_extents(client, db), clickhouse.seq_gaps(client, db)))
+
+
+@pipeline.command("rollup")
+@click.option(
+    "--since",
+    default=None,
+    help="Recompute hours with deliveries ingested since this UTC time "
+    "(ISO-8601). Default: 10 minutes before the last rollup, or everything on the first run.",
+)
+@click.pass_context
+def rollup(ctx: click.Context, since: str | None) -> None:
+    """Refresh the hourly dashboard rollup (usage_hourly, read it with FINAL).
+
+    Hours are recomputed from first deliveries, so replays and re-sent windows
+    never inflate them; running it again changes nothing. Billing never reads it.
+    """
+    s = settings_from(ctx)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    clickhouse.ensure_schema(client, s.clickhouse_database)
+    if since is not None:
+        try:
+            start = datetime.fromisoformat(since)
+        except ValueError:
+            raise click.BadParameter(f"{since!r} is not an ISO-8601 time", param_hint="--since") from None
+        start = start.astimezone(UTC).replace(tzinfo=None) if start.tzinfo else start
+    else:
+        last = client.query(f"SELECT max(refreshed_at), count() FROM {s.clickhouse_database}.usage_hourly").result_rows
+        start = last[0][0] - timedelta(minutes=10) if last and last[0][1] else datetime(2000, 1, 1)
+    hours = clickhouse.refresh_rollups(client, s.clickhouse_database, start)
+    click.echo(f"usage_hourly: {hours} hour(s) recomputed from deliveries ingested since {start.isoformat()} UTC")

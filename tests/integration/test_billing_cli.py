@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import pytest
@@ -35,23 +36,40 @@ def settle_export(cli: Cli, month: str) -> dict:  # type: ignore[type-arg]
 
 
 def test_export_has_exactly_the_specified_shape(cli: Cli) -> None:
-    setup(cli, PROGRAM.format(year=2026, budget="1000.00", cap="1000.00"),
-          "V1,CITY-2026,F1,100.00,0.5,2026-01-01,2026-12-31,1\n")  # fmt: skip
+    setup(
+        cli,
+        PROGRAM.format(year=2026, budget="1000.00", cap="1000.00"),
+        "V1,CITY-2026,F1,100.00,0.5,2026-01-01,2026-12-31,1\n",
+    )
     cli.ok("usage", "import", cli.usage(row("a", "2026-03-02T00:00:00", 5400)))
     doc = settle_export(cli, "2026-03")
     assert doc == {
         "month": "2026-03",
         "invoices": [
             {
-                "invoice_id": "INV-2026-03-F1", "firm_id": "F1", "month": "2026-03",
-                "issue_date": "2026-04-01", "due_date": "2026-05-01", "currency": "CNY",
-                "lines": [{"provider_id": "P1", "gpu_class": "H100", "unit_price": "10.00",
-                           "gpu_hours": "1.500000", "amount": "15.00", "adjustment_for": None}],
+                "invoice_id": "INV-2026-03-F1",
+                "firm_id": "F1",
+                "month": "2026-03",
+                "issue_date": "2026-04-01",
+                "due_date": "2026-05-01",
+                "currency": "CNY",
+                "lines": [
+                    {
+                        "provider_id": "P1",
+                        "gpu_class": "H100",
+                        "unit_price": "10.00",
+                        "gpu_hours": "1.500000",
+                        "amount": "15.00",
+                        "adjustment_for": None,
+                    }
+                ],
                 "credits": [{"voucher_id": "V1", "program_id": "CITY-2026", "amount": "7.50"}],
-                "gross": "15.00", "credit_total": "7.50", "amount_due": "7.50",
+                "gross": "15.00",
+                "credit_total": "7.50",
+                "amount_due": "7.50",
             }
         ],
-    }  # fmt: skip
+    }
 
 
 def test_duplicate_record_ids_are_billed_once(cli: Cli) -> None:
@@ -75,8 +93,11 @@ def test_later_delivery_with_different_content_is_reported_never_billed(cli: Cli
 
 
 def test_records_resent_after_close_are_not_billed_again_and_late_ones_are_adjustments(cli: Cli) -> None:
-    setup(cli, PROGRAM.format(year=2026, budget="1000.00", cap="1000.00"),
-          "V1,CITY-2026,F1,1000.00,0.5,2026-03-01,2026-03-31,1\n")  # fmt: skip
+    setup(
+        cli,
+        PROGRAM.format(year=2026, budget="1000.00", cap="1000.00"),
+        "V1,CITY-2026,F1,1000.00,0.5,2026-03-01,2026-03-31,1\n",
+    )
     march = row("m1", "2026-03-10T00:00:00", 3600)
     cli.ok("usage", "import", cli.usage(march))
     settle_export(cli, "2026-03")
@@ -101,30 +122,42 @@ def test_records_resent_after_close_are_not_billed_again_and_late_ones_are_adjus
 
 
 def test_voucher_expiring_mid_month_covers_only_its_days(cli: Cli) -> None:
-    setup(cli, PROGRAM.format(year=2026, budget="1000.00", cap="1000.00"),
-          "V1,CITY-2026,F1,1000.00,1,2026-03-01,2026-03-15,1\n")  # fmt: skip
+    setup(
+        cli,
+        PROGRAM.format(year=2026, budget="1000.00", cap="1000.00"),
+        "V1,CITY-2026,F1,1000.00,1,2026-03-01,2026-03-15,1\n",
+    )
     cli.ok("usage", "import", cli.usage(row("a", "2026-03-15T00:00:00", 3600), row("b", "2026-03-16T00:00:00", 3600)))
     doc = settle_export(cli, "2026-03")
     assert amounts(doc) == {"F1": ("20.00", "10.00", "10.00")}
 
 
 def test_pool_exhaustion_drains_in_usage_order_across_firms(cli: Cli) -> None:
-    setup(cli, PROGRAM.format(year=2026, budget="15.00", cap="1000.00"),
-          "VA,CITY-2026,FA,100.00,1,2026-01-01,2026-12-31,1\n"
-          "VB,CITY-2026,FB,100.00,1,2026-01-01,2026-12-31,1\n")  # fmt: skip
-    cli.ok("usage", "import", cli.usage(
-        row("b1", "2026-03-01T00:00:00", 3600, firm="FB"),  # day 1: FB first (only one that day)
-        row("a2", "2026-03-02T00:00:00", 3600, firm="FA"),  # day 2: FA before FB by firm_id
-        row("b2", "2026-03-02T00:00:00", 3600, firm="FB"),
-    ))  # fmt: skip
+    setup(
+        cli,
+        PROGRAM.format(year=2026, budget="15.00", cap="1000.00"),
+        "VA,CITY-2026,FA,100.00,1,2026-01-01,2026-12-31,1\nVB,CITY-2026,FB,100.00,1,2026-01-01,2026-12-31,1\n",
+    )
+    cli.ok(
+        "usage",
+        "import",
+        cli.usage(
+            row("b1", "2026-03-01T00:00:00", 3600, firm="FB"),  # day 1: FB first (only one that day)
+            row("a2", "2026-03-02T00:00:00", 3600, firm="FA"),  # day 2: FA before FB by firm_id
+            row("b2", "2026-03-02T00:00:00", 3600, firm="FB"),
+        ),
+    )
     doc = settle_export(cli, "2026-03")
     # FB takes 10.00 on day 1, FA the last 5.00 on day 2, FB's day-2 item finds the pool empty
     assert amounts(doc) == {"FA": ("10.00", "5.00", "5.00"), "FB": ("20.00", "10.00", "10.00")}
 
 
 def test_firm_cap_binds(cli: Cli) -> None:
-    setup(cli, PROGRAM.format(year=2026, budget="1000.00", cap="12.34"),
-          "V1,CITY-2026,F1,100.00,1,2026-01-01,2026-12-31,1\n")  # fmt: skip
+    setup(
+        cli,
+        PROGRAM.format(year=2026, budget="1000.00", cap="12.34"),
+        "V1,CITY-2026,F1,100.00,1,2026-01-01,2026-12-31,1\n",
+    )
     cli.ok("usage", "import", cli.usage(row("a", "2026-03-01T00:00:00", 3600), row("b", "2026-03-02T00:00:00", 3600)))
     doc = settle_export(cli, "2026-03")
     assert amounts(doc) == {"F1": ("20.00", "12.34", "7.66")}
@@ -134,8 +167,11 @@ def test_year_boundary_uses_each_years_program(cli: Cli) -> None:
     programs = PROGRAM.format(year=2025, budget="1000.00", cap="1000.00") + PROGRAM.format(
         year=2026, budget="1000.00", cap="1000.00"
     )
-    setup(cli, programs, "V25,CITY-2025,F1,1000.00,0.5,2025-01-01,2026-12-31,1\n"
-                         "V26,CITY-2026,F1,1000.00,0.25,2026-01-01,2026-12-31,2\n")  # fmt: skip
+    setup(
+        cli,
+        programs,
+        "V25,CITY-2025,F1,1000.00,0.5,2025-01-01,2026-12-31,1\nV26,CITY-2026,F1,1000.00,0.25,2026-01-01,2026-12-31,2\n",
+    )
     cli.ok("usage", "import", cli.usage(row("d", "2025-12-31T00:00:00", 3600)))
     dec = settle_export(cli, "2025-12")
     assert dec["invoices"][0]["credits"] == [{"voucher_id": "V25", "program_id": "CITY-2025", "amount": "5.00"}]
@@ -150,8 +186,11 @@ def test_auto_grant_for_firms_without_a_voucher(cli: Cli) -> None:
         '[program.auto_grant]\nface_value = "3.00"\nsubsidy_rate = "0.40"\n'
     )
     setup(cli, programs, "V1,CITY-2026,FA,100.00,1,2026-01-01,2026-12-31,1\n")
-    cli.ok("usage", "import", cli.usage(row("a", "2026-03-01T00:00:00", 3600, firm="FA"),
-                                        row("b", "2026-03-01T00:00:00", 3600, firm="FB")))  # fmt: skip
+    cli.ok(
+        "usage",
+        "import",
+        cli.usage(row("a", "2026-03-01T00:00:00", 3600, firm="FA"), row("b", "2026-03-01T00:00:00", 3600, firm="FB")),
+    )
     r = cli.ok("billing", "settle", "--month", "2026-03")
     assert "vouchers granted automatically (1): AUTO-CITY-2026-FB" in r.out
     doc = cli.ok("billing", "export", "--month", "2026-03").json()
@@ -163,11 +202,15 @@ def test_auto_grant_for_firms_without_a_voucher(cli: Cli) -> None:
 
 def test_unpriced_usage_is_refused_with_nothing_written(cli: Cli) -> None:
     setup(cli)
-    cli.ok("usage", "import", cli.usage(
-        row("a", "2026-03-01T00:00:00", 3600),
-        row("b", "2026-03-02T00:00:00", 3600, cls="B200", provider="P9"),
-        row("c", "2026-03-01T00:00:00", 3600, cls="L40S"),
-    ))  # fmt: skip
+    cli.ok(
+        "usage",
+        "import",
+        cli.usage(
+            row("a", "2026-03-01T00:00:00", 3600),
+            row("b", "2026-03-02T00:00:00", 3600, cls="B200", provider="P9"),
+            row("c", "2026-03-01T00:00:00", 3600, cls="L40S"),
+        ),
+    )
     r = cli("billing", "settle", "--month", "2026-03")
     assert r.code == 1
     assert r.err.strip().endswith(
@@ -198,20 +241,42 @@ def test_months_settle_in_order_and_settling_again_changes_nothing(cli: Cli) -> 
 @pytest.mark.parametrize(
     ("option", "name", "text", "message"),
     [
-        ("--vouchers", "vouchers.csv", VOUCHERS + "V1,CITY-2026,F1,10.00,0.5,2026-01-01,2026-12-31,1\n"
-         "V2,CITY-2026,F1,10.00,1.5,2026-01-01,2026-12-31,1\n", ":3: subsidy_rate '1.5' must satisfy 0 < rate <= 1"),
-        ("--vouchers", "vouchers.csv", VOUCHERS + "V1,NOPE,F1,10.00,0.5,2026-01-01,2026-12-31,1\n",
-         ":2: voucher V1: program NOPE is not loaded"),
-        ("--firms", "firms.csv", "firm_id,name,payment_terms_days\nF1,One,30\nF2,Two,thirty\n",
-         ":3: payment_terms_days must be a whole number, got 'thirty'"),
-        ("--ratecard", "r.toml", RATES + '\n[[rate]]\ngpu_class = "A100"\nprovider = "*"\n'
-         'price_per_gpu_hour = 9.5\neffective_from = 2025-01-01\n',
-         ':10: [[rate]]: price_per_gpu_hour must be a string such as "12.50", got 9.5'),
-        ("--programs", "p.toml", PROGRAM.format(year=2026, budget="10.00", cap="1.00") + '\n[[program]]\nid = "X"\n'
-         'year = 2026\ncategory = "cars"\nbudget = "1"\nfirm_cap = "1"\n', ":8: [[program]]: program X: category must"),
+        (
+            "--vouchers",
+            "vouchers.csv",
+            VOUCHERS + "V1,CITY-2026,F1,10.00,0.5,2026-01-01,2026-12-31,1\n"
+            "V2,CITY-2026,F1,10.00,1.5,2026-01-01,2026-12-31,1\n",
+            ":3: subsidy_rate '1.5' must satisfy 0 < rate <= 1",
+        ),
+        (
+            "--vouchers",
+            "vouchers.csv",
+            VOUCHERS + "V1,NOPE,F1,10.00,0.5,2026-01-01,2026-12-31,1\n",
+            ":2: voucher V1: program NOPE is not loaded",
+        ),
+        (
+            "--firms",
+            "firms.csv",
+            "firm_id,name,payment_terms_days\nF1,One,30\nF2,Two,thirty\n",
+            ":3: payment_terms_days must be a whole number, got 'thirty'",
+        ),
+        (
+            "--ratecard",
+            "r.toml",
+            RATES + '\n[[rate]]\ngpu_class = "A100"\nprovider = "*"\n'
+            "price_per_gpu_hour = 9.5\neffective_from = 2025-01-01\n",
+            ':10: [[rate]]: price_per_gpu_hour must be a string such as "12.50", got 9.5',
+        ),
+        (
+            "--programs",
+            "p.toml",
+            PROGRAM.format(year=2026, budget="10.00", cap="1.00") + '\n[[program]]\nid = "X"\n'
+            'year = 2026\ncategory = "cars"\nbudget = "1"\nfirm_cap = "1"\n',
+            ":8: [[program]]: program X: category must",
+        ),
     ],
     ids=["voucher-rate", "voucher-program", "firm-terms", "rate-float", "program-category"],
-)  # fmt: skip
+)
 def test_a_bad_row_refuses_the_whole_load(cli: Cli, option: str, name: str, text: str, message: str) -> None:
     setup(cli, PROGRAM.format(year=2026, budget="10.00", cap="1.00"))
     good_firms = cli.file("firms-ok.csv", "firm_id,name,payment_terms_days\nOK,Fine,30\n")
@@ -273,3 +338,21 @@ def test_reconcile_fails_loudly_on_a_tampered_store(cli: Cli) -> None:
     r = cli("billing", "reconcile", "--month", "2026-03")
     assert r.code == 1
     assert "MISMATCH F1: 3600 s of 2026-03 usage arrived before the last cutoff but 1800 s were invoiced" in r.err
+
+
+def test_hourly_rollup_ignores_redeliveries(cli: Cli) -> None:
+    first = cli.usage(
+        row("h1", "2026-03-01T10:00:00", 1800, hours=1), row("h2", "2026-03-01T10:00:00", 600, hours=1, firm="F2")
+    )
+    cli.ok("usage", "import", first)
+    assert "1 hour(s) recomputed" in cli.ok("pipeline", "rollup").out
+    cli.ok("usage", "import", cli.usage(row("h1", "2026-03-01T10:00:00", 1800, hours=1)))  # re-delivered
+    cli.ok("pipeline", "rollup")
+    from pipeline import clickhouse
+
+    client = clickhouse.connect(os.environ["GPUMETER_CLICKHOUSE_DSN"], os.environ["GPUMETER_CLICKHOUSE_DATABASE"])
+    rows = client.query(
+        f"SELECT firm_id, allocated_seconds, records FROM {os.environ['GPUMETER_CLICKHOUSE_DATABASE']}.usage_hourly "
+        "FINAL ORDER BY firm_id"
+    ).result_rows
+    assert [tuple(r) for r in rows] == [("F1", 1800, 1), ("F2", 600, 1)]
