@@ -39,6 +39,7 @@ class _GpuState:
     last_holder: str | None = None
     last_energy_mj: int | None = None
     last_sample_s: int | None = None
+    window_missed: int = 0  # samples of this GPU in the open window that NVML could not answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ class WindowAccumulator:
             st.last_holder = obs.firm_id
             if obs.missed:
                 self.samples_missed += 1
+                st.window_missed += 1
             if obs.firm_id is None:
                 continue
             totals = st.firms.setdefault(obs.firm_id, _FirmTotals())
@@ -125,6 +127,7 @@ class WindowAccumulator:
                     "last_holder": st.last_holder,
                     "last_energy_mj": st.last_energy_mj,
                     "last_sample_s": st.last_sample_s,
+                    "window_missed": st.window_missed,
                     "firms": {f: [t.allocated_seconds, t.busy_seconds, t.energy_joules] for f, t in st.firms.items()},
                 }
                 for uuid, st in self._gpus.items()
@@ -139,6 +142,7 @@ class WindowAccumulator:
             st = _GpuState(DeviceInfo(uuid, g["gpu_class"]), g["window_start_s"])
             st.last_holder, st.last_energy_mj = g["last_holder"], g["last_energy_mj"]
             st.last_sample_s = g["last_sample_s"]
+            st.window_missed = int(g.get("window_missed", 0))  # absent in checkpoints of 0.1.0
             st.firms = {f: _FirmTotals(int(a), b, e) for f, (a, b, e) in g["firms"].items()}
             acc._gpus[uuid] = st
         return acc
@@ -152,7 +156,7 @@ class WindowAccumulator:
         for st in self._gpus.values():
             if st.window_start_s is not None and st.window_start_s + self.window_s <= end_s:
                 dropped += len(st.firms)
-                st.firms, st.window_start_s, st.last_holder = {}, None, None
+                st.firms, st.window_start_s, st.last_holder, st.window_missed = {}, None, None, 0
         return dropped
 
     def _close(self, st: _GpuState) -> list[Window]:
@@ -176,9 +180,12 @@ class WindowAccumulator:
                     "allocated_seconds": t.allocated_seconds,
                     "busy_seconds": None if t.busy_seconds is None else round(t.busy_seconds, 3),
                     "energy_joules": None if t.energy_joules is None else round(t.energy_joules, 3),
+                    "samples_taken": t.allocated_seconds // self.interval_s,
+                    "samples_missed": st.window_missed,
                     "signature": None,
                 }
             )
             self.next_seq += 1
         st.firms = {}
+        st.window_missed = 0
         return out

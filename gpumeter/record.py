@@ -37,7 +37,7 @@ SOE_MAGIC = b"\xc3\x01"
 HEADER_KEY_ID = "gm-key-id"
 HEADER_SIG = "gm-sig"
 UNATTRIBUTED = "unattributed"
-CURRENT_VERSION = 1
+CURRENT_VERSION = 2
 
 Window = dict[str, Any]
 

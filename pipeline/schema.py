@@ -155,7 +155,9 @@ class Ddl:
     source LowCardinality(String),
     kafka_partition Int32,
     kafka_offset Int64,
-    ingested_at DateTime64(6, 'UTC')
+    ingested_at DateTime64(6, 'UTC'),
+    samples_taken Nullable(UInt32),
+    samples_missed Nullable(UInt32)
 )
 ENGINE = {self.engine("usage_raw")}
 PARTITION BY toYYYYMM(window_start)
@@ -176,6 +178,13 @@ ENGINE = {self.engine("usage_quarantine")}
 ORDER BY (source, kafka_partition, kafka_offset)
 SETTINGS {self.dedup_setting()}"""
 
+    def raw_samples_columns(self) -> list[str]:
+        """For databases created before writer version 2 carried sample counts."""
+        return [
+            f"ALTER TABLE {self.db}.usage_raw{self.on} ADD COLUMN IF NOT EXISTS {name} Nullable(UInt32)"
+            for name in ("samples_taken", "samples_missed")
+        ]
+
     def quarantine_record_id_column(self) -> str:
         """For databases created before quarantine rows named their window."""
         return f"ALTER TABLE {self.db}.usage_quarantine{self.on} ADD COLUMN IF NOT EXISTS record_id String DEFAULT ''"
@@ -191,8 +200,8 @@ SETTINGS {self.dedup_setting()}"""
         window_fields = _window_fields(writer)
         src = f"{self.db}.{writer.ingest_table}"
 
-        def opt(name: str) -> str:  # a field an older writer version lacks reads as NULL
-            return f"w.{name}" if name in window_fields else "CAST(NULL, 'Nullable(Float64)')"
+        def opt(name: str, ch_type: str = "Nullable(Float64)") -> str:  # a field an older writer lacks is NULL
+            return f"CAST(w.{name}, '{ch_type}')" if name in window_fields else f"CAST(NULL, '{ch_type}')"
 
         raw = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{writer.ingest_table}_to_raw{self.on}
 TO {self.db}.usage_raw AS
@@ -204,7 +213,9 @@ SELECT
     toUInt32(w.allocated_seconds) AS allocated_seconds,
     {opt("busy_seconds")} AS busy_seconds, {opt("energy_joules")} AS energy_joules,
     b.agent_version AS agent_version, 'kafka' AS source, b.gm_partition AS kafka_partition,
-    b.gm_offset AS kafka_offset, fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS ingested_at
+    b.gm_offset AS kafka_offset, fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS ingested_at,
+    {opt("samples_taken", "Nullable(UInt32)")} AS samples_taken,
+    {opt("samples_missed", "Nullable(UInt32)")} AS samples_missed
 FROM {src} AS b
 ARRAY JOIN windows AS w
 WHERE {reject_reason_sql(window_fields)} = ''"""
@@ -256,7 +267,12 @@ ORDER BY (hour, provider_id, gpu_class, firm_id)"""
 
     def statements(self, writers: Iterable[WriterVersion]) -> list[str]:
         """Every statement, in order; each is idempotent."""
-        out = [self.raw_table(), self.quarantine_table(), self.quarantine_record_id_column()]
+        out = [
+            self.raw_table(),
+            *self.raw_samples_columns(),
+            self.quarantine_table(),
+            self.quarantine_record_id_column(),
+        ]
         for writer in sorted(writers, key=lambda w: w.version):
             out.append(self.ingest_table(writer))
             out += self.ingest_views(writer)

@@ -84,3 +84,39 @@ def test_every_shipped_version_has_an_ingest_path(ch: Any) -> None:
     tables = {r[0] for r in client.query(f"SHOW TABLES FROM {db}").result_rows}
     for writer in shipped_versions().values():
         assert {writer.ingest_table, writer.ingest_table + "_to_raw", writer.ingest_table + "_to_quarantine"} <= tables
+
+
+def test_shipped_v1_and_v2_writers_mix_and_v2_carries_sample_counts(kafka_bootstrap: str, topic: str, ch: Any) -> None:
+    from agent.runner import Agent, run_simulated
+
+    fleet = SimulatedFleet(seed=4, start=START, days=1, providers=2, hosts_per_provider=1, gpus_per_host=2, firms=2)
+    captured: list[tuple[str, list[dict[str, Any]]]] = []
+
+    class Capture:
+        def send(self, host_id: str, agent_version: str, windows: list[dict[str, Any]]) -> None:
+            captured.append((host_id, list(windows)))
+
+    agents = [Agent(fleet.host_source(h.host_id), h, Capture(), 60, 20, 100) for h in fleet.hosts()]
+    run_simulated(agents, fleet.start_s, fleet.end_s, 20)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    for n, (host, windows) in enumerate(captured):  # a rolling upgrade: 0.1.0 agents (v1) beside new ones (v2)
+        value = encode_batch(host, "v1-agent", windows, version=1) if n % 2 else encode_batch(host, "v2-agent", windows)
+        producer.send(topic, key=host.encode(), value=value)
+    producer.flush()
+    producer.close()
+    client, db = ch
+    consumer = make_consumer(kafka_bootstrap, topic, "g-v1v2", fast_rebalance=True)
+    loader = Loader(consumer, client, db, topic)
+    try:
+        loader.run(until=lambda s: s.messages >= len(captured), idle_timeout_s=20)
+    finally:
+        consumer.close(autocommit=False)
+    assert loader.stats.quarantined == 0
+    assert measured(ch, "UTC") == fleet.ground_truth("UTC")
+    rows = client.query(
+        f"SELECT agent_version, countIf(samples_taken IS NULL), countIf(samples_taken * 20 = allocated_seconds), "
+        f"count() FROM {db}.usage_raw GROUP BY agent_version ORDER BY agent_version"
+    ).result_rows
+    (v1, v1_null, _, v1_count), (v2, v2_null, v2_exact, v2_count) = rows
+    assert (v1, v1_null) == ("v1-agent", v1_count)  # a v1 writer has no counts: NULL, never 0
+    assert (v2, v2_null, v2_exact) == ("v2-agent", 0, v2_count)  # allocated = samples x interval

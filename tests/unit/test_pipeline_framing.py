@@ -19,7 +19,7 @@ def windows(n: int) -> list[dict[str, object]]:
         {"record_id": record_id("h", "G", "F", i * 60_000), "seq": i, "provider_id": "P", "host_id": "h",
          "gpu_uuid": "G", "gpu_class": "H100-80G", "firm_id": "F", "window_start": i * 60_000,
          "window_end": (i + 1) * 60_000, "allocated_seconds": 60, "busy_seconds": None,
-         "energy_joules": 1.5, "signature": None}
+         "energy_joules": 1.5, "samples_taken": 60, "samples_missed": 0, "signature": None}
         for i in range(n)
     ]  # fmt: skip
 

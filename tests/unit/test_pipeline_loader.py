@@ -112,7 +112,7 @@ def test_blocks_are_cut_at_fixed_offset_boundaries() -> None:
     ld = loader(consumer, client)
     assert ld.poll_once() == 5 + 10  # 5..9 and 10..19 are complete; 20..23 waits (more arrived)
     assert ld.poll_once() == 10  # 20..29 complete
-    assert client.tokens == ["usage:0:5-9:v1", "usage:0:10-19:v1", "usage:0:20-29:v1"]
+    assert client.tokens == ["usage:0:5-9:v2", "usage:0:10-19:v2", "usage:0:20-29:v2"]
     assert consumer.commits == [{0: 20}, {0: 30}]
     assert ld.stats.windows == 2 * 25
 
@@ -133,7 +133,7 @@ def test_revoked_partition_is_dropped_and_never_committed() -> None:
     ld.poll_once()
     ld.poll_once()
     assert consumer.commits == [{0: 4}]
-    assert client.tokens == ["usage:0:0-3:v1"]
+    assert client.tokens == ["usage:0:0-3:v2"]
     assert ld.stats.dropped_on_revoke == 4
 
 
@@ -152,7 +152,7 @@ def test_clickhouse_down_commits_nothing_backs_off_and_catches_up() -> None:
     assert ld.poll_once() == 10
     assert consumer.commits == [{0: 10}] and consumer.paused == set()
     assert ld.stats.flush_failures == 2
-    assert client.tokens == ["usage:0:0-9:v1"]
+    assert client.tokens == ["usage:0:0-9:v2"]
 
 
 def test_commit_failure_loses_nothing_and_keeps_running() -> None:
@@ -171,4 +171,4 @@ def test_garbage_is_quarantined_without_touching_the_container() -> None:
     client = FakeClient()
     ld = loader(consumer, client)
     assert ld.poll_once() == 10
-    assert client.tokens == ["usage:0:0-9:v1", "usage:0:0-9:q"]
+    assert client.tokens == ["usage:0:0-9:v2", "usage:0:0-9:q"]

@@ -38,6 +38,8 @@ def test_one_ingest_table_and_two_views_per_writer_version() -> None:
     assert views == [
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v1_to_raw",
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v1_to_quarantine",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v2_to_raw",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v2_to_quarantine",
     ]
 
 

@@ -34,6 +34,8 @@ def window(**over: object) -> dict[str, object]:
         "allocated_seconds": 60,
         "busy_seconds": 42.5,
         "energy_joules": None,
+        "samples_taken": 6,
+        "samples_missed": 0,
         "signature": None,
     }
     w.update(over)

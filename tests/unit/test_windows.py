@@ -79,6 +79,20 @@ def test_busy_and_energy_are_integrated_per_holder() -> None:
     assert len(closed) == 1
     w = closed[0]
     assert (w["allocated_seconds"], w["busy_seconds"], w["energy_joules"]) == (60, 45.0, 15_000.0)
+    assert (w["samples_taken"], w["samples_missed"]) == (2, 0)
+
+
+def test_missed_samples_are_counted_per_gpu_window_and_not_billed() -> None:
+    acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 60, 20)
+    closed = acc.add(0, [Observation("GPU-a", "F1", 50.0, 0)])
+    closed += acc.add(20, [Observation("GPU-a", None, None, None, missed=True)])
+    closed += acc.add(40, [Observation("GPU-a", "F1", 50.0, 0)])
+    closed += acc.add(60, [Observation("GPU-a", "F2", 50.0, 0)])  # next window: its own counts
+    closed += acc.flush()
+    assert [(w["firm_id"], w["allocated_seconds"], w["samples_taken"], w["samples_missed"]) for w in closed] == [
+        ("F1", 40, 2, 1),
+        ("F2", 20, 1, 0),
+    ]
 
 
 def test_energy_counter_reset_and_unsupported_metrics_are_never_numbers() -> None:
