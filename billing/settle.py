@@ -13,6 +13,7 @@ read to the last write:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -66,9 +67,19 @@ def next_month(month: str) -> str:
 
 
 def settle_month(
-    store: Store, usage: UsageReader, month: str, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    store: Store,
+    usage: UsageReader,
+    month: str,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    progress: Callable[[str], None] = lambda _: None,
 ) -> SettlementResult:
+    """Settle ``month`` (see the module docstring); ``progress`` hears one line per step with its time."""
     parse_month(month)
+    started = time.perf_counter()
+
+    def step(text: str) -> None:
+        progress(f"[{time.perf_counter() - started:7.1f}s] {text}")
+
     with store.transaction() as tx:
         tx.lock_for_settlement()
         done = state.settlements(tx)
@@ -99,7 +110,9 @@ def settle_month(
             prev_last_day=last_day_of_month(last.month) if last else None,
             prev_cutoff=last.usage_cutoff if last else None,
         )
+        step("reading usage from ClickHouse (each record once, first delivery) ...")
         groups = usage.groups(tz, window)
+        step(f"read {len(groups)} (firm, day, provider, class) groups")
         billable = [g for g in groups if g.firm_id != UNATTRIBUTED]
         unattributed = [g for g in groups if g.firm_id == UNATTRIBUTED]
         aggregates = [
@@ -112,10 +125,13 @@ def settle_month(
         ]  # fmt: skip
         rate_card = RateCard(state.rates(tx))
         items: list[ChargeItem] = price_items(aggregates, rate_card)
+        step(f"priced {len(items)} items")
         netting = net_items(
             items, state.programs(tx).values(), state.vouchers(tx).values(), state.drawn_state(tx), explain=False
         )
+        step(f"netted vouchers: {len(netting.credits)} credits, {len(netting.auto_granted)} automatic grants")
         invoices = build_invoices(month, items, netting.credits, state.firms(tx), currency=currency)
+        step(f"built {len(invoices)} invoices")
         conflicts, examples = usage.conflicting_records()
         row = state.SettlementRow(
             month=month,
@@ -132,6 +148,7 @@ def settle_month(
             conflicting_records=conflicts,
         )
         state.write_settlement(tx, row, items, netting.credits, netting.auto_granted, invoices, rate_card)
+        step("written; committing")
         return SettlementResult(
             month, False, invoices, row, tuple(v.voucher_id for v in netting.auto_granted), tuple(examples)
         )
