@@ -20,12 +20,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.clickhouse import RAW_COLUMNS
+
 FIRMS = 10_000
 WINDOWS = int(os.environ.get("BENCH_SETTLE_WINDOWS", "100000000"))
 MONTH_MINUTES = 31 * 24 * 60
+COLUMNS = ", ".join(RAW_COLUMNS)
 
 GENERATE = """
-INSERT INTO {db}.usage_raw
+INSERT INTO {db}.usage_raw ({columns})
 SELECT
     hex(MD5(toString(number))) AS record_id, number AS seq,
     concat('P', toString(firm % 7)) AS provider_id,
@@ -95,6 +98,9 @@ def _run(env: dict[str, str], *args: str) -> tuple[float, float, str]:
     proc = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"gpumeter {' '.join(args)} failed:\n{proc.stderr}")
+    for line in proc.stderr.splitlines():  # the command's own step timings, for the record
+        if line.startswith("["):
+            print(f"  {line}", file=sys.stderr)
     probe = [ln for ln in proc.stderr.splitlines() if ln.startswith("PROBE ")][-1].split()
     return float(probe[1]), float(probe[2]), proc.stdout
 
@@ -107,13 +113,17 @@ def _generate(home: Path) -> float:
     step = 20_000_000
     for start in range(0, WINDOWS, step):
         count = min(step, WINDOWS - start)
-        client.command(GENERATE.format(db="gpumeter", minutes=MONTH_MINUTES, firms=FIRMS, start=start, count=count))
+        client.command(
+            GENERATE.format(
+                db="gpumeter", columns=COLUMNS, minutes=MONTH_MINUTES, firms=FIRMS, start=start, count=count
+            )
+        )
         print(f"  generated {start + count:,} of {WINDOWS:,} windows", file=sys.stderr, flush=True)
     dups = max(1, WINDOWS // 200)  # re-delivered windows: same record_id, later ingestion
     client.command(
-        GENERATE.format(db="gpumeter", minutes=MONTH_MINUTES, firms=FIRMS, start=0, count=dups).replace(
-            "'2026-04-01 00:00:00', 6", "'2026-04-01 00:05:00', 6"
-        )
+        GENERATE.format(
+            db="gpumeter", columns=COLUMNS, minutes=MONTH_MINUTES, firms=FIRMS, start=0, count=dups
+        ).replace("'2026-04-01 00:00:00', 6", "'2026-04-01 00:05:00', 6")
     )
     t = time.perf_counter()
     client.query(
@@ -148,7 +158,7 @@ def run() -> Iterator[str]:
         _run(env, "billing", "load", *_write_inputs(work))
         seconds, rss_mb, out = _run(env, "billing", "settle", "--month", "2026-03")
         print(out, file=sys.stderr)
-    name = f"settle_{FIRMS // 1000}k_firms_{WINDOWS // 1_000_000}m_windows_s"
+    name = f"settle_{FIRMS // 1000}k_firms_{WINDOWS / 1_000_000:g}m_windows_s"
     yield f"BENCH {name} {seconds:.1f} s vs raw_sum_floor {seconds / floor_s:.2f}x"
     yield f"BENCH settle_peak_rss_mb {rss_mb:.0f} MB"
 
