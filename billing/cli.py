@@ -170,8 +170,8 @@ def export(ctx: click.Context, month: str, fmt: str) -> None:
     """Write a settled month's invoices to stdout (JSON of billing-rules section 6)."""
     s = settings_from(ctx)
     with _store(s).transaction() as tx:
-        settled = {r.month for r in state.settlements(tx)}
-        if month not in settled:
+        settled = sorted(r.month for r in state.settlements(tx))
+        if month not in settled and not (settled and month < settled[0]):  # before the first: closed, empty
             raise BillingError(f"{month} is not settled: run 'gpumeter billing settle --month {month}' first")
         invoices = state.invoices(tx, month=month)
     json.dump(export_document(month, invoices), sys.stdout, indent=2, ensure_ascii=False)

@@ -179,17 +179,25 @@ class ClickHouseUsage:
         ).result_rows
         return [str(r[0]) for r in rows]
 
-    def conflicting_records(self, limit: int = 20) -> tuple[int, list[str]]:
-        """record_ids delivered more than once with different content (only the first is billed)."""
+    def conflicting_records(self, window: Window, limit: int = 20) -> tuple[int, list[str]]:
+        """record_ids delivered again with different content (only the first is billed), reported by the
+        settlement whose window the latest delivery arrived in: (previous cutoff, this cutoff]."""
+        params: dict[str, Any] = {"cutoff": _naive_utc(window.cutoff)}
+        since = ""
+        if window.prev_cutoff is not None:
+            since = "AND max(ingested_at) > {prev_cutoff:DateTime64(6, 'UTC')}"
+            params["prev_cutoff"] = _naive_utc(window.prev_cutoff)
         rows = self.client.query(
             f"""
             SELECT record_id FROM {self.db}.usage_raw
             WHERE record_id IN {self._repeated_table()}
             GROUP BY record_id
             HAVING uniqExact((provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end,
-                              allocated_seconds)) > 1
+                              allocated_seconds, busy_seconds, energy_joules)) > 1
+               AND max(ingested_at) <= {{cutoff:DateTime64(6, 'UTC')}} {since}
             ORDER BY record_id
             """,
+            parameters=params,
             settings=READ_IN_ORDER,
         ).result_rows
         return len(rows), [str(r[0]) for r in rows[:limit]]

@@ -45,7 +45,7 @@ class UsageReader(Protocol):
 
     def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]: ...
 
-    def conflicting_records(self, limit: int = 20) -> tuple[int, list[str]]: ...
+    def conflicting_records(self, window: Window, limit: int = 20) -> tuple[int, list[str]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +132,7 @@ def settle_month(
         step(f"netted vouchers: {len(netting.credits)} credits, {len(netting.auto_granted)} automatic grants")
         invoices = build_invoices(month, items, netting.credits, state.firms(tx), currency=currency)
         step(f"built {len(invoices)} invoices")
-        conflicts, examples = usage.conflicting_records()
+        conflicts, examples = usage.conflicting_records(window)
         row = state.SettlementRow(
             month=month,
             seq=(last.seq + 1) if last else 1,

@@ -356,3 +356,23 @@ def test_hourly_rollup_ignores_redeliveries(cli: Cli) -> None:
         "FINAL ORDER BY firm_id"
     ).result_rows
     assert [tuple(r) for r in rows] == [("F1", 1800, 1), ("F2", 600, 1)]
+
+
+def test_conflicts_include_every_field_and_are_reported_once_in_the_settlement_they_arrived_in(cli: Cli) -> None:
+    setup(cli)
+    cli.ok("usage", "import", cli.usage(row("r", "2026-02-02T00:00:00", 3600)))
+    busy = "r,2026-02-02T00:00:00+00:00,2026-02-03T00:00:00+00:00,P1,h1,GPU-1,H100,F1,3600,5,"  # busy differs
+    cli.ok("usage", "import", cli.usage(busy))
+    feb = cli.ok("billing", "settle", "--month", "2026-02")
+    assert "different content (first delivery billed, later ones not): 1: r" in feb.out
+    mar = cli.ok("billing", "settle", "--month", "2026-03")
+    assert "different content" not in mar.out
+
+
+def test_a_month_before_the_first_settlement_is_closed_and_exports_empty(cli: Cli) -> None:
+    setup(cli)
+    cli.ok("usage", "import", cli.usage(row("m", "2026-03-01T00:00:00", 3600)))
+    cli.ok("billing", "settle", "--month", "2026-03")
+    assert "closed" in cli.ok("billing", "settle", "--month", "2026-02").out
+    assert cli.ok("billing", "export", "--month", "2026-02").json() == {"month": "2026-02", "invoices": []}
+    assert cli("billing", "export", "--month", "2026-04").code == 1

@@ -102,7 +102,7 @@ class FixedUsage:
     def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]:
         return []
 
-    def conflicting_records(self, limit: int = 20) -> tuple[int, list[str]]:
+    def conflicting_records(self, window: Window, limit: int = 20) -> tuple[int, list[str]]:
         return 0, []
 
 
