@@ -13,7 +13,7 @@ from fractions import Fraction
 
 from billing.invoicing import Invoice, InvoiceCredit, InvoiceLine
 from billing.ledger import Payment
-from billing.model import AutoGrant, ChargeItem, Credit, Firm, ItemKey, Program, Rate, Voucher
+from billing.model import AutoGrant, ChargeItem, Credit, Firm, Program, Rate, Voucher
 from billing.netting import NettingState
 from billing.pricing import RateCard
 from billing.store import Tx
@@ -338,33 +338,36 @@ def invoices(tx: Tx, month: str | None = None, firm_id: str | None = None) -> li
     )
     lines: dict[str, list[InvoiceLine]] = defaultdict(list)
     credits: dict[str, list[InvoiceCredit]] = defaultdict(list)
-    ids = {h[0] for h in heads}
+    # only the chosen invoices' lines and credits, selected by the same clause in the database
+    chosen = f"invoice_id IN (SELECT invoice_id FROM invoices{clause})"
     for r in tx.query(
         "SELECT invoice_id, provider_id, gpu_class, unit_price, allocated_seconds, record_count, amount, "
-        "adjustment_for, busy_seconds, energy_joules, item_count FROM invoice_lines ORDER BY invoice_id, line_no"
+        f"adjustment_for, busy_seconds, energy_joules, item_count FROM invoice_lines WHERE {chosen} "
+        "ORDER BY invoice_id, line_no",
+        params,
     ):
-        if r[0] in ids:
-            seconds = int(r[4])
-            lines[r[0]].append(
-                InvoiceLine(
-                    provider_id=r[1],
-                    gpu_class=r[2],
-                    unit_price=Decimal(r[3]),
-                    gpu_hours=Fraction(seconds, 3600),
-                    amount=Decimal(r[6]),
-                    adjustment_for=r[7],
-                    allocated_seconds=seconds,
-                    record_count=int(r[5]),
-                    busy_seconds=int(r[8]),
-                    energy_joules=int(r[9]),
-                    item_count=int(r[10]),
-                )
+        seconds = int(r[4])
+        lines[r[0]].append(
+            InvoiceLine(
+                provider_id=r[1],
+                gpu_class=r[2],
+                unit_price=Decimal(r[3]),
+                gpu_hours=Fraction(seconds, 3600),
+                amount=Decimal(r[6]),
+                adjustment_for=r[7],
+                allocated_seconds=seconds,
+                record_count=int(r[5]),
+                busy_seconds=int(r[8]),
+                energy_joules=int(r[9]),
+                item_count=int(r[10]),
             )
+        )
     for r in tx.query(
-        "SELECT invoice_id, voucher_id, program_id, amount FROM invoice_credits ORDER BY invoice_id, voucher_id"
+        f"SELECT invoice_id, voucher_id, program_id, amount FROM invoice_credits WHERE {chosen} "
+        "ORDER BY invoice_id, voucher_id",
+        params,
     ):
-        if r[0] in ids:
-            credits[r[0]].append(InvoiceCredit(r[1], r[2], Decimal(r[3])))
+        credits[r[0]].append(InvoiceCredit(r[1], r[2], Decimal(r[3])))
     return [
         Invoice(
             invoice_id=h[0],
@@ -381,10 +384,6 @@ def invoices(tx: Tx, month: str | None = None, firm_id: str | None = None) -> li
         )
         for h in heads
     ]
-
-
-def items_key(month: str, firm_id: str, day: date, provider_id: str, gpu_class: str, adj: str) -> ItemKey:
-    return ItemKey(day, firm_id, provider_id, gpu_class, adj or None)
 
 
 # ---------------------------------------------------------------- payments
