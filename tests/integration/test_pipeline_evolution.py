@@ -17,6 +17,7 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 from kafka import KafkaProducer
 from test_end_to_end import START, measured
 
+from agent.runner import Agent, run_simulated
 from agent.simulate import SimulatedFleet
 from gpumeter.record import SOE_MAGIC, encode_batch
 from pipeline import clickhouse
@@ -43,11 +44,8 @@ def encode_old(writer: WriterVersion, host: str, windows: list[dict[str, Any]]) 
     return buf.getvalue()
 
 
-def test_previous_and_current_writer_versions_both_load(kafka_bootstrap: str, topic: str, ch: Any) -> None:
-    from agent.runner import Agent, run_simulated
-
-    fleet = SimulatedFleet(seed=2, start=START, days=1, providers=2, hosts_per_provider=1, gpus_per_host=2, firms=2)
-    old = older_version()
+def metered_batches(fleet: SimulatedFleet) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(host_id, windows) of every batch the fleet's agents would send, captured instead of produced."""
     captured: list[tuple[str, list[dict[str, Any]]]] = []
 
     class Capture:
@@ -56,6 +54,13 @@ def test_previous_and_current_writer_versions_both_load(kafka_bootstrap: str, to
 
     agents = [Agent(fleet.host_source(h.host_id), h, Capture(), 60, 20, 100) for h in fleet.hosts()]
     run_simulated(agents, fleet.start_s, fleet.end_s, 20)
+    return captured
+
+
+def test_previous_and_current_writer_versions_both_load(kafka_bootstrap: str, topic: str, ch: Any) -> None:
+    fleet = SimulatedFleet(seed=2, start=START, days=1, providers=2, hosts_per_provider=1, gpus_per_host=2, firms=2)
+    old = older_version()
+    captured = metered_batches(fleet)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     for n, (host, windows) in enumerate(captured):  # alternate old and new agents
         value = encode_old(old, host, windows) if n % 2 else encode_batch(host, "new", windows)
@@ -87,17 +92,8 @@ def test_every_shipped_version_has_an_ingest_path(ch: Any) -> None:
 
 
 def test_shipped_v1_and_v2_writers_mix_and_v2_carries_sample_counts(kafka_bootstrap: str, topic: str, ch: Any) -> None:
-    from agent.runner import Agent, run_simulated
-
     fleet = SimulatedFleet(seed=4, start=START, days=1, providers=2, hosts_per_provider=1, gpus_per_host=2, firms=2)
-    captured: list[tuple[str, list[dict[str, Any]]]] = []
-
-    class Capture:
-        def send(self, host_id: str, agent_version: str, windows: list[dict[str, Any]]) -> None:
-            captured.append((host_id, list(windows)))
-
-    agents = [Agent(fleet.host_source(h.host_id), h, Capture(), 60, 20, 100) for h in fleet.hosts()]
-    run_simulated(agents, fleet.start_s, fleet.end_s, 20)
+    captured = metered_batches(fleet)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     for n, (host, windows) in enumerate(captured):  # a rolling upgrade: 0.1.0 agents (v1) beside new ones (v2)
         value = encode_batch(host, "v1-agent", windows, version=1) if n % 2 else encode_batch(host, "v2-agent", windows)
