@@ -1,0 +1,142 @@
+"""Billing's deduplicated reads against a plain Python definition, on random re-deliveries.
+
+``ClickHouseUsage`` computes first-delivery totals as every raw row minus the later
+deliveries of re-delivered records (found through a hash of record_id). Here random
+raw rows - records delivered up to four times, later deliveries sometimes with other
+content (firm, class, day, seconds), ingestion times shared so that partition and
+offset break ties - go into real ClickHouse, and every read is compared with the
+definition computed in Python: per record_id, the delivery with the least
+(ingested_at, kafka_partition, kafka_offset), filtered by the settlement window.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from billing.clickhouse_usage import ClickHouseUsage, UsageGroup, Window
+from pipeline import clickhouse
+
+pytestmark = pytest.mark.integration
+
+TZ = "Asia/Shanghai"
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+INGESTED = [datetime(2026, 4, 1, tzinfo=UTC) + timedelta(days=d) for d in (0, 0, 1, 3, 5, 40)]
+
+
+def _deliveries(seed: int) -> list[tuple[Any, ...]]:
+    rng = random.Random(seed)
+    rows: list[tuple[Any, ...]] = []
+    offset = 0
+    for n in range(400):
+        start = T0 + timedelta(minutes=rng.randrange(0, 62 * 24 * 60))  # March and April
+        content = [f"F{rng.randrange(5)}", "H100" if rng.random() < 0.5 else "A800", start, rng.randrange(1, 61)]
+        for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4))):
+            if rng.random() < 0.3:  # a re-delivery with other content
+                field = rng.randrange(4)
+                content[field] = (
+                    f"F{rng.randrange(5)}",
+                    "L40S",
+                    start + timedelta(days=rng.randrange(-3, 4)),
+                    rng.randrange(1, 61),
+                )[field]
+            firm, cls, begin, seconds = content
+            offset += 1
+            rows.append((
+                f"r{seed}-{n}", offset, f"P{n % 3}", f"h{n % 4}", f"g{n % 8}", cls, firm,
+                begin.replace(tzinfo=None), (begin + timedelta(seconds=60)).replace(tzinfo=None), seconds,
+                float(seconds // 2), float(seconds * 100), "test", "kafka", rng.randrange(3), offset,
+                rng.choice(INGESTED).replace(tzinfo=None),
+            ))  # fmt: skip
+    rng.shuffle(rows)
+    return rows
+
+
+def _first(rows: list[tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    by_id: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    for r in rows:
+        by_id[r[0]].append(r)
+    return {rid: min(ds, key=lambda r: (r[16], r[14], r[15])) for rid, ds in by_id.items()}
+
+
+def _day(r: tuple[Any, ...]) -> date:
+    start: datetime = r[7]
+    return start.replace(tzinfo=UTC).astimezone(ZoneInfo(TZ)).date()
+
+
+def _in(window: Window, r: tuple[Any, ...]) -> bool:
+    day, ingested = _day(r), r[16].replace(tzinfo=UTC)
+    inside = day <= window.last_day and ingested <= window.cutoff
+    if window.prev_last_day is not None and window.prev_cutoff is not None:
+        inside = inside and not (day <= window.prev_last_day and ingested <= window.prev_cutoff)
+    return inside
+
+
+def _expected_groups(rows: list[tuple[Any, ...]], window: Window) -> list[UsageGroup]:
+    sums: dict[tuple[str, date, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for r in _first(rows).values():
+        if _in(window, r):
+            s = sums[(r[6], _day(r), r[2], r[5])]
+            s[0] += r[9]
+            s[1] += 1
+            s[2] += int(r[10])
+            s[3] += int(r[11])
+    return [
+        UsageGroup(k[0], k[1], k[2], k[3], *v)
+        for k, v in sorted(sums.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3]))
+    ]
+
+
+WINDOWS = [
+    Window(date(2026, 3, 31), INGESTED[2]),
+    Window(date(2026, 4, 30), INGESTED[4], date(2026, 3, 31), INGESTED[2]),
+    Window(date(2026, 5, 31), INGESTED[5], date(2026, 4, 30), INGESTED[4]),
+]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_reads_equal_the_first_delivery_definition(ch: tuple[Any, str], seed: int) -> None:
+    client, db = ch
+    rows = _deliveries(seed)
+    assert len(rows) > len(_first(rows)) + 100  # plenty of re-deliveries
+    clickhouse.insert_raw(client, db, rows, None)
+    first = _first(rows)
+    with ClickHouseUsage(client, db) as usage:
+        for window in WINDOWS:
+            assert usage.groups(TZ, window) == _expected_groups(rows, window), window
+            # conflicts: more than one content, latest delivery inside (prev cutoff, cutoff]
+            contents: dict[str, set[tuple[Any, ...]]] = defaultdict(set)
+            latest: dict[str, datetime] = {}
+            for r in rows:
+                contents[r[0]].add((r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11]))
+                latest[r[0]] = max(latest.get(r[0], r[16]), r[16])
+            expected = sorted(
+                rid
+                for rid, c in contents.items()
+                if len(c) > 1
+                and latest[rid].replace(tzinfo=UTC) <= window.cutoff
+                and (window.prev_cutoff is None or latest[rid].replace(tzinfo=UTC) > window.prev_cutoff)
+            )
+            count, examples = usage.conflicting_records(window, limit=1000)
+            assert (count, examples) == (len(expected), expected)
+        by_month: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for r in first.values():
+            if r[16].replace(tzinfo=UTC) <= INGESTED[2]:
+                m = by_month[(_day(r).strftime("%Y-%m"), r[6])]
+                m[0] += r[9]
+                m[1] += 1
+        assert usage.seconds_by_month(TZ, INGESTED[2]) == {k: tuple(v) for k, v in by_month.items()}
+        hosts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for r in first.values():
+            if r[2] == "P1" and _day(r).strftime("%Y-%m") == "2026-04":
+                h = hosts[(r[5], r[3])]
+                h[0] += r[9]
+                h[1] += 1
+        assert usage.hours_by_host(TZ, "2026-04", "P1") == [(k[0], k[1], *v) for k, v in sorted(hosts.items())]
+        early = sorted({_day(r).strftime("%Y-%m") for r in first.values() if _day(r) < date(2026, 4, 1)})
+        assert usage.months_before(TZ, date(2026, 4, 1), INGESTED[5]) == early
