@@ -85,24 +85,43 @@ def _check_belongs(month: str, item: ChargeItem) -> None:
 
 
 def _lines(items: list[ChargeItem]) -> tuple[InvoiceLine, ...]:
-    groups: dict[tuple[str, str, Decimal, str | None], list[ChargeItem]] = defaultdict(list)
+    # (provider, class, price, adjustment_for) -> [amount, allocated, records, busy, energy, items]
+    groups: dict[tuple[str, str, Decimal, str | None], list[Any]] = {}
     for item in items:
-        groups[(item.provider_id, item.gpu_class, item.unit_price, item.adjustment_for)].append(item)
+        key = (item.provider_id, item.gpu_class, item.unit_price, item.adjustment_for)
+        sums = groups.get(key)
+        if sums is None:
+            groups[key] = [item.amount, item.allocated_seconds, item.record_count, item.busy_seconds,
+                           item.energy_joules, 1]  # fmt: skip
+        else:
+            sums[0] += item.amount
+            sums[1] += item.allocated_seconds
+            sums[2] += item.record_count
+            sums[3] += item.busy_seconds
+            sums[4] += item.energy_joules
+            sums[5] += 1
     lines = [
         InvoiceLine(
             provider_id=provider_id,
             gpu_class=gpu_class,
-            unit_price=group[0].unit_price,
-            gpu_hours=Fraction(sum(i.allocated_seconds for i in group), SECONDS_PER_HOUR),
-            amount=sum((i.amount for i in group), ZERO),
+            unit_price=unit_price,
+            gpu_hours=Fraction(allocated, SECONDS_PER_HOUR),
+            amount=amount,
             adjustment_for=adjustment_for,
-            allocated_seconds=sum(i.allocated_seconds for i in group),
-            record_count=sum(i.record_count for i in group),
-            busy_seconds=sum(i.busy_seconds for i in group),
-            energy_joules=sum(i.energy_joules for i in group),
-            item_count=len(group),
+            allocated_seconds=allocated,
+            record_count=records,
+            busy_seconds=busy,
+            energy_joules=energy,
+            item_count=count,
         )
-        for (provider_id, gpu_class, _, adjustment_for), group in groups.items()
+        for (provider_id, gpu_class, unit_price, adjustment_for), (
+            amount,
+            allocated,
+            records,
+            busy,
+            energy,
+            count,
+        ) in groups.items()
     ]
     return tuple(sorted(lines, key=lambda line: line.sort_key))
 
@@ -134,11 +153,12 @@ def build_invoices(
     parse_month(month)
     firm_by_id = dict(firms) if isinstance(firms, Mapping) else {f.firm_id: f for f in firms}
     items_by_key: dict[ItemKey, ChargeItem] = {}
-    for item in sorted(items, key=lambda i: i.key.netting_order):
+    for item in items:  # the order does not matter: invoices and their lines are sorted, sums are exact
         _check_belongs(month, item)
-        if item.key in items_by_key:
-            raise InvalidBillingDataError(f"two charge items share the key {item.key}")
-        items_by_key[item.key] = item
+        key = item.key
+        if key in items_by_key:
+            raise InvalidBillingDataError(f"two charge items share the key {key}")
+        items_by_key[key] = item
 
     credited: dict[ItemKey, Decimal] = defaultdict(lambda: ZERO)
     credits_by_firm: dict[str, list[Credit]] = defaultdict(list)

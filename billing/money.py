@@ -110,13 +110,26 @@ def charge_amount(allocated_seconds: int, price_per_gpu_hour: Decimal) -> Decima
     return _half_up_cents(allocated_seconds * n, SECONDS_PER_HOUR * d)
 
 
-def subsidy_amount(subsidy_rate: Decimal, uncovered: Decimal) -> Decimal:
-    """round_half_up(subsidy_rate x uncovered) to the cent, computed exactly."""
-    if subsidy_rate < 0 or uncovered < 0:
-        return round_fraction_to_cent(Fraction(subsidy_rate) * Fraction(uncovered))
-    rn, rd = subsidy_rate.as_integer_ratio()
-    un, ud = uncovered.as_integer_ratio()
-    return _half_up_cents(rn * un, rd * ud)
+def to_cents(amount: Decimal) -> int:
+    """A whole-fen amount as an integer count of fen; refuses one below the fen."""
+    numerator, denominator = amount.as_integer_ratio()
+    cents, remainder = divmod(numerator * 100, denominator)
+    if remainder:
+        raise MoneyFormatError(f"amount {amount!r} has more than 2 decimal places")
+    return cents
+
+
+def from_cents(cents: int) -> Decimal:
+    """An integer count of fen as money (a Decimal with two places)."""
+    return Decimal(cents).scaleb(-2, context=EXACT_CONTEXT)
+
+
+def subsidy_cents(rate: tuple[int, int], uncovered_cents: int) -> int:
+    """round_half_up(subsidy_rate x uncovered) in fen, for a rate given as (numerator, denominator) > 0
+    and uncovered >= 0 fen: floor(rate x uncovered + 1/2), in integers. Equal to
+    ``round_fraction_to_cent(Fraction(rate) * Fraction(uncovered))`` (a test checks)."""
+    numerator, denominator = rate
+    return (2 * numerator * uncovered_cents + denominator) // (2 * denominator)
 
 
 def format_money(amount: Decimal) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 from itertools import pairwise
+from operator import itemgetter
 
 from billing.model import (
     AUTO_GRANT_PRIORITY,
@@ -24,7 +25,7 @@ from billing.model import (
     Program,
     Voucher,
 )
-from billing.money import exact_decimal, subsidy_amount
+from billing.money import MoneyFormatError, exact_decimal, from_cents, subsidy_cents, to_cents
 
 ZERO = Decimal("0.00")
 FirmProgram = tuple[str, str]  # (firm_id, program_id)
@@ -43,6 +44,10 @@ class NettingState:
             for key, amount in getattr(self, name).items():
                 if not isinstance(amount, Decimal) or not amount.is_finite() or amount < 0:
                     raise InvalidBillingDataError(f"{name}[{key!r}] must be a Decimal >= 0")
+                try:
+                    to_cents(amount)
+                except MoneyFormatError:
+                    raise InvalidBillingDataError(f"{name}[{key!r}] must be whole fen, got {amount}") from None
 
     @classmethod
     def from_credits(cls, credits: Iterable[Credit]) -> NettingState:
@@ -121,7 +126,7 @@ def _index_vouchers(vouchers: Iterable[Voucher], programs: Mapping[str, Program]
 
 
 def _check_items(items: Iterable[ChargeItem]) -> list[ChargeItem]:
-    keyed = sorted(((i.key.netting_order, i) for i in items), key=lambda pair: pair[0])
+    keyed = sorted(((i.netting_order, i) for i in items), key=itemgetter(0))
     for (before, _), (after, item) in pairwise(keyed):
         if before == after:
             raise InvalidBillingDataError(f"two charge items share the key {item.key}")
@@ -169,11 +174,6 @@ def grant_automatic_vouchers(
     return sorted(granted, key=lambda v: v.voucher_id)
 
 
-def _left(limit: Decimal, drawn: Decimal) -> Decimal:
-    """What is left under a limit; never below zero (a lowered limit just stops credits)."""
-    return max(limit - drawn, ZERO)
-
-
 @exact_decimal
 def net_items(
     items: Iterable[ChargeItem],
@@ -207,57 +207,71 @@ def net_items(
     for voucher in sorted([*voucher_by_id.values(), *granted], key=lambda v: v.try_order):
         vouchers_by_firm[voucher.firm_id].append(voucher)
 
-    drawn_v: dict[str, Decimal] = dict(state.drawn_by_voucher)
-    drawn_fp: dict[FirmProgram, Decimal] = dict(state.drawn_by_firm_program)
-    drawn_p: dict[str, Decimal] = dict(state.drawn_by_program)
+    # The loop counts whole fen in ints: every amount involved is money (at most two places),
+    # and subsidy_cents rounds half-up exactly (a property test checks it against Fractions).
+    rate_of = {v.voucher_id: v.subsidy_rate.as_integer_ratio() for v in (*voucher_by_id.values(), *granted)}
+    face = {v.voucher_id: to_cents(v.face_value) for v in (*voucher_by_id.values(), *granted)}
+    cap = {p.program_id: to_cents(p.firm_cap) for p in program_by_id.values()}
+    budget = {p.program_id: to_cents(p.budget) for p in program_by_id.values()}
+    drawn_v = {k: to_cents(v) for k, v in state.drawn_by_voucher.items()}
+    drawn_fp = {k: to_cents(v) for k, v in state.drawn_by_firm_program.items()}
+    drawn_p = {k: to_cents(v) for k, v in state.drawn_by_program.items()}
     credits: list[Credit] = []
     trail: list[NettingStep] = []
 
     for item in ordered_items:
+        vouchers_of_firm = vouchers_by_firm.get(item.firm_id)
+        if not vouchers_of_firm:
+            continue
         key = item.key
-        uncovered = item.amount
-        for voucher in vouchers_by_firm.get(item.firm_id, []):
-            program = program_by_id[voucher.program_id]
+        uncovered = to_cents(item.amount)
+        for voucher in vouchers_of_firm:
+            vid, pid = voucher.voucher_id, voucher.program_id
+            program = program_by_id[pid]
             if not voucher.valid_on_inclusive(item.day) or program.category != COMPUTE or program.year != item.day.year:
                 continue
-            balance = _left(voucher.face_value, drawn_v.get(voucher.voucher_id, ZERO))
+            balance = max(face[vid] - drawn_v.get(vid, 0), 0)
             if balance <= 0:
                 continue
-            fp = (item.firm_id, program.program_id)
-            terms = {
-                "subsidy": subsidy_amount(voucher.subsidy_rate, uncovered),
-                "voucher_balance": balance,
-                "firm_cap": _left(program.firm_cap, drawn_fp.get(fp, ZERO)),
-                "program_budget": _left(program.budget, drawn_p.get(program.program_id, ZERO)),
-            }
-            credit = min(terms.values())
+            fp = (item.firm_id, pid)
+            subsidy = subsidy_cents(rate_of[vid], uncovered)
+            cap_left = max(cap[pid] - drawn_fp.get(fp, 0), 0)
+            budget_left = max(budget[pid] - drawn_p.get(pid, 0), 0)
+            credit = min(subsidy, balance, cap_left, budget_left)
             if explain:
+                terms = {"subsidy": subsidy, "voucher_balance": balance, "firm_cap": cap_left,
+                         "program_budget": budget_left}  # fmt: skip
                 trail.append(
                     NettingStep(
                         item=key,
-                        voucher_id=voucher.voucher_id,
-                        program_id=program.program_id,
-                        uncovered_before=uncovered,
+                        voucher_id=vid,
+                        program_id=pid,
+                        uncovered_before=from_cents(uncovered),
                         subsidy_rate=voucher.subsidy_rate,
-                        subsidy=terms["subsidy"],
-                        voucher_balance=balance,
-                        firm_cap_left=terms["firm_cap"],
-                        program_budget_left=terms["program_budget"],
-                        credit=credit,
+                        subsidy=from_cents(subsidy),
+                        voucher_balance=from_cents(balance),
+                        firm_cap_left=from_cents(cap_left),
+                        program_budget_left=from_cents(budget_left),
+                        credit=from_cents(credit),
                         limited_by=next(name for name, value in terms.items() if value == credit),
                     )
                 )
             if credit <= 0:
                 continue
-            credits.append(Credit(key, voucher.voucher_id, program.program_id, item.firm_id, credit))
+            credits.append(Credit.drawn(key, vid, pid, from_cents(credit)))
             uncovered -= credit
-            drawn_v[voucher.voucher_id] = drawn_v.get(voucher.voucher_id, ZERO) + credit
-            drawn_fp[fp] = drawn_fp.get(fp, ZERO) + credit
-            drawn_p[program.program_id] = drawn_p.get(program.program_id, ZERO) + credit
+            drawn_v[vid] = drawn_v.get(vid, 0) + credit
+            drawn_fp[fp] = drawn_fp.get(fp, 0) + credit
+            drawn_p[pid] = drawn_p.get(pid, 0) + credit
 
+    state_after = NettingState(
+        {k: from_cents(v) for k, v in sorted(drawn_v.items())},
+        {k: from_cents(v) for k, v in sorted(drawn_fp.items())},
+        {k: from_cents(v) for k, v in sorted(drawn_p.items())},
+    )
     return NettingResult(
         credits=tuple(credits),
         auto_granted=tuple(granted),
         trail=tuple(trail),
-        state_after=state.plus(credits),
+        state_after=state_after,
     )

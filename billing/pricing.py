@@ -18,11 +18,10 @@ from billing.model import (
     BillingError,
     ChargeItem,
     InvalidBillingDataError,
-    ItemKey,
     Rate,
     UsageAggregate,
 )
-from billing.money import charge_amount, exact_decimal, gpu_hours_of
+from billing.money import charge_amount, exact_decimal
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -89,17 +88,25 @@ class RateCard:
         return max(used, key=lambda r: r.effective_from)
 
 
-def _merge(aggregates: Iterable[UsageAggregate]) -> dict[ItemKey, list[int]]:
-    """Sum aggregates sharing an item key: [allocated, records, busy, energy]."""
-    totals: dict[ItemKey, list[int]] = {}
+_Key = tuple[date, str, str, str, str]  # ItemKey.netting_order
+
+
+def _merge(aggregates: Iterable[UsageAggregate]) -> tuple[dict[_Key, UsageAggregate], dict[_Key, list[int]]]:
+    """Sum aggregates sharing an item key: (one aggregate of each key, [allocated, records, busy, energy])."""
+    usage: dict[_Key, UsageAggregate] = {}
+    totals: dict[_Key, list[int]] = {}
     for agg in aggregates:
-        key = ItemKey(agg.day, agg.firm_id, agg.provider_id, agg.gpu_class, agg.adjustment_for)
-        sums = totals.setdefault(key, [0, 0, 0, 0])
-        sums[0] += agg.allocated_seconds
-        sums[1] += agg.record_count
-        sums[2] += agg.busy_seconds
-        sums[3] += agg.energy_joules
-    return totals
+        key = (agg.day, agg.firm_id, agg.provider_id, agg.gpu_class, agg.adjustment_for or "")
+        sums = totals.get(key)
+        if sums is None:
+            usage[key] = agg
+            totals[key] = [agg.allocated_seconds, agg.record_count, agg.busy_seconds, agg.energy_joules]
+        else:
+            sums[0] += agg.allocated_seconds
+            sums[1] += agg.record_count
+            sums[2] += agg.busy_seconds
+            sums[3] += agg.energy_joules
+    return usage, totals
 
 
 @exact_decimal
@@ -113,29 +120,18 @@ def price_items(aggregates: Iterable[UsageAggregate], rates: Iterable[Rate] | Ra
     card = rates if isinstance(rates, RateCard) else RateCard(rates)
     items: list[ChargeItem] = []
     unpriced: list[UnpricedUsage] = []
-    totals = _merge(aggregates)
-    for key in sorted(totals, key=lambda k: k.netting_order):
+    usage_of, totals = _merge(aggregates)
+    for key in sorted(totals):
+        usage = usage_of[key]
         allocated_seconds, record_count, busy_seconds, energy_joules = totals[key]
-        rate = card.rate_for(key.provider_id, key.gpu_class, key.day)
+        rate = card.rate_for(usage.provider_id, usage.gpu_class, usage.day)
         if rate is None:
-            unpriced.append(UnpricedUsage(key.provider_id, key.gpu_class, key.day))
+            unpriced.append(UnpricedUsage(usage.provider_id, usage.gpu_class, usage.day))
             continue
         price: Decimal = rate.price_per_gpu_hour
+        amount = charge_amount(allocated_seconds, price)
         items.append(
-            ChargeItem(
-                firm_id=key.firm_id,
-                day=key.day,
-                provider_id=key.provider_id,
-                gpu_class=key.gpu_class,
-                allocated_seconds=allocated_seconds,
-                gpu_hours=gpu_hours_of(allocated_seconds),
-                unit_price=price,
-                amount=charge_amount(allocated_seconds, price),
-                record_count=record_count,
-                busy_seconds=busy_seconds,
-                energy_joules=energy_joules,
-                adjustment_for=key.adjustment_for,
-            )
+            ChargeItem.priced(usage, allocated_seconds, record_count, busy_seconds, energy_joules, price, amount)
         )
     if unpriced:
         raise UnpricedUsageError(unpriced)

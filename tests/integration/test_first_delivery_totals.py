@@ -11,6 +11,7 @@ definition computed in Python: per record_id, the delivery with the least
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
@@ -19,7 +20,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from billing.clickhouse_usage import ClickHouseUsage, UsageGroup, Window
+from billing import clickhouse_usage
+from billing.clickhouse_usage import ID_RANGE_ROWS, ClickHouseUsage, UsageGroup, Window, id_ranges
 from pipeline import clickhouse
 
 pytestmark = pytest.mark.integration
@@ -35,6 +37,8 @@ def _deliveries(seed: int) -> list[tuple[Any, ...]]:
     offset = 0
     for n in range(400):
         start = T0 + timedelta(minutes=rng.randrange(0, 62 * 24 * 60))  # March and April
+        # hex digests like the agent's, plus ids an import may carry (outside the hex ranges)
+        rid = hashlib.md5(f"{seed}-{n}".encode()).hexdigest() if n % 10 else f"{'RZr'[n % 3]}-{seed}-{n}"
         content = [f"F{rng.randrange(5)}", "H100" if rng.random() < 0.5 else "A800", start, rng.randrange(1, 61)]
         for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4))):
             if rng.random() < 0.3:  # a re-delivery with other content
@@ -48,7 +52,7 @@ def _deliveries(seed: int) -> list[tuple[Any, ...]]:
             firm, cls, begin, seconds = content
             offset += 1
             rows.append((
-                f"r{seed}-{n}", offset, f"P{n % 3}", f"h{n % 4}", f"g{n % 8}", cls, firm,
+                rid, offset, f"P{n % 3}", f"h{n % 4}", f"g{n % 8}", cls, firm,
                 begin.replace(tzinfo=None), (begin + timedelta(seconds=60)).replace(tzinfo=None), seconds,
                 float(seconds // 2), float(seconds * 100), "test", "kafka", rng.randrange(3), offset,
                 rng.choice(INGESTED).replace(tzinfo=None),
@@ -99,14 +103,16 @@ WINDOWS = [
 ]
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_reads_equal_the_first_delivery_definition(ch: tuple[Any, str], seed: int) -> None:
+@pytest.mark.parametrize(("seed", "rows_per_id_range"), [(1, ID_RANGE_ROWS), (2, ID_RANGE_ROWS), (3, 100)])
+def test_reads_equal_the_first_delivery_definition(ch: tuple[Any, str], seed: int, rows_per_id_range: int) -> None:
     client, db = ch
     rows = _deliveries(seed)
     assert len(rows) > len(_first(rows)) + 100  # plenty of re-deliveries
     clickhouse.insert_raw(client, db, rows, None)
     first = _first(rows)
-    with ClickHouseUsage(client, db) as usage:
+    if rows_per_id_range < len(rows):
+        assert len(id_ranges(len(rows), rows_per_id_range)) >= 8  # the search runs range by range
+    with ClickHouseUsage(client, db, rows_per_id_range) as usage:
         for window in WINDOWS:
             assert usage.groups(TZ, window) == _expected_groups(rows, window), window
             # conflicts: more than one content, latest delivery inside (prev cutoff, cutoff]
@@ -140,3 +146,15 @@ def test_reads_equal_the_first_delivery_definition(ch: tuple[Any, str], seed: in
         assert usage.hours_by_host(TZ, "2026-04", "P1") == [(k[0], k[1], *v) for k, v in sorted(hosts.items())]
         early = sorted({_day(r).strftime("%Y-%m") for r in first.values() if _day(r) < date(2026, 4, 1)})
         assert usage.months_before(TZ, date(2026, 4, 1), INGESTED[5]) == early
+
+
+def test_a_hash_collision_between_usage_keys_falls_back_to_exact_keys(
+    ch: tuple[Any, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, db = ch
+    rows = _deliveries(4)
+    clickhouse.insert_raw(client, db, rows, None)
+    monkeypatch.setattr(clickhouse_usage, "KEY_HASH", "cityHash64({}) % 2")  # every key collides
+    with ClickHouseUsage(client, db) as usage:
+        assert usage.groups(TZ, WINDOWS[0]) == _expected_groups(rows, WINDOWS[0])
+    assert "shared a 64-bit hash" in caplog.text

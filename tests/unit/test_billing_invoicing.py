@@ -199,7 +199,7 @@ def test_export_shape_exactly() -> None:
     ("items", "credits", "match"),
     [
         (
-            [ChargeItem("F1", date(2025, 2, 1), "P1", "A100", 3600, Fraction(1), D("1"), D("1.00"), 1)],
+            [ChargeItem("F1", date(2025, 2, 1), "P1", "A100", 3600, D("1"), D("1.00"), 1)],
             [],
             "not marked as an adjustment",
         ),
@@ -211,7 +211,6 @@ def test_export_shape_exactly() -> None:
                     "P1",
                     "A100",
                     3600,
-                    Fraction(1),
                     D("1"),
                     D("1.00"),
                     1,
@@ -227,7 +226,7 @@ def test_export_shape_exactly() -> None:
             "unknown item",
         ),
         (
-            [ChargeItem("F1", date(2025, 3, 1), "P1", "A100", 3600, Fraction(1), D("1"), D("1.00"), 1)],
+            [ChargeItem("F1", date(2025, 3, 1), "P1", "A100", 3600, D("1"), D("1.00"), 1)],
             [
                 Credit(ItemKey(date(2025, 3, 1), "F1", "P1", "A100"), "V1", "SH", "F1", D("0.60")),
                 Credit(ItemKey(date(2025, 3, 1), "F1", "P1", "A100"), "V2", "SH", "F1", D("0.41")),

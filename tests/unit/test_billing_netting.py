@@ -6,7 +6,6 @@ import random
 from collections import defaultdict
 from datetime import date
 from decimal import Decimal
-from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -21,7 +20,7 @@ Y25_START, Y25_END = date(2025, 1, 1), date(2025, 12, 31)
 
 def item(firm: str, day: date, amount: str, provider: str = "P1", gpu_class: str = "A100") -> ChargeItem:
     """One GPU-hour priced at ``amount``, so the item's amount is exactly ``amount``."""
-    return ChargeItem(firm, day, provider, gpu_class, 3600, Fraction(1), D(amount), D(amount), 1)
+    return ChargeItem(firm, day, provider, gpu_class, 3600, D(amount), D(amount), 1)
 
 
 def program(
@@ -269,7 +268,7 @@ def test_auto_grant_is_tried_after_own_vouchers() -> None:
         (
             [program(auto=AUTO)],
             [],
-            [ChargeItem("F1", mar(2), "P1", "A100", 0, Fraction(0), D("1"), D("0"), 1)],
+            [ChargeItem("F1", mar(2), "P1", "A100", 0, D("1"), D("0"), 1)],
             [],
         ),
     ],
@@ -351,7 +350,7 @@ def scenario(draw: st.DrawFn) -> tuple[list[ChargeItem], list[Program], list[Vou
         st.lists(st.tuples(st.sampled_from(FIRMS), DAYS, st.sampled_from(["P1", "P2"])), unique=True, max_size=12)
     )
     items = [
-        ChargeItem(firm, day, provider, "A100", 3600, Fraction(1), amount, amount, 1)
+        ChargeItem(firm, day, provider, "A100", 3600, amount, amount, 1)
         for (firm, day, provider), amount in zip(keys, draw(st.lists(money, min_size=len(keys))), strict=False)
     ]
     return items, programs, vouchers

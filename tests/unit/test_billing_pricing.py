@@ -159,7 +159,7 @@ def test_charge_amount_matches_high_precision_oracle(seconds: int, price: Decima
         lambda: UsageAggregate("F", date(2025, 3, 1), "P", "A100", -1, 1),
         lambda: UsageAggregate("F", date(2025, 3, 1), "P", "A100", 1, 1, adjustment_for="2025-02"),
         lambda: UsageAggregate("F", date(2025, 3, 1), "P", "A100", 1, 1, adjustment_for="2025-3"),
-        lambda: ChargeItem("F", date(2025, 3, 1), "P", "A100", 10, Fraction(1, 3600), D("1"), D("0"), 1),
+        lambda: ChargeItem("F", date(2025, 3, 1), "P", "A100", 10, D("1"), D("0.001"), 1),
     ],
     ids=[
         "rate-zero",
@@ -173,7 +173,7 @@ def test_charge_amount_matches_high_precision_oracle(seconds: int, price: Decima
         "negative-seconds",
         "adjustment-month-not-day-month",
         "malformed-adjustment-month",
-        "hours-not-seconds-over-3600",
+        "amount-below-the-fen",
     ],
 )
 def test_model_refuses_bad_values(build: object) -> None:
