@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 from fractions import Fraction
@@ -198,9 +198,6 @@ class Voucher:
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise _fail(f"voucher {self.voucher_id}: priority must be an int")
 
-    def valid_on_inclusive(self, day: date) -> bool:
-        return self.valid_from <= day <= self.valid_until
-
     @property
     def try_order(self) -> tuple[int, date, str]:
         """Total order in which a firm's vouchers are tried on an item."""
@@ -306,9 +303,13 @@ class ChargeItem:
     busy_seconds: int = 0
     energy_joules: int = 0
     adjustment_for: str | None = None
+    key: ItemKey = field(init=False, repr=False, compare=False)  # kept: netting and invoicing look it up
 
     def __post_init__(self) -> None:
         _check_usage_key(self.firm_id, self.day, self.provider_id, self.gpu_class, self.adjustment_for)
+        object.__setattr__(
+            self, "key", ItemKey(self.day, self.firm_id, self.provider_id, self.gpu_class, self.adjustment_for)
+        )
         _check_count(self.allocated_seconds, "allocated_seconds")
         if _check_decimal(self.unit_price, "unit_price") < 0:
             raise _fail("unit_price must be >= 0")
@@ -339,16 +340,13 @@ class ChargeItem:
             busy_seconds,
             energy_joules,
             usage.adjustment_for,
+            ItemKey(usage.day, usage.firm_id, usage.provider_id, usage.gpu_class, usage.adjustment_for),
         )
 
     @property
     def gpu_hours(self) -> Fraction:
         """allocated_seconds / 3600, exact."""
         return Fraction(self.allocated_seconds, 3600)
-
-    @property
-    def key(self) -> ItemKey:
-        return ItemKey(self.day, self.firm_id, self.provider_id, self.gpu_class, self.adjustment_for)
 
     @property
     def netting_order(self) -> tuple[date, str, str, str, str]:

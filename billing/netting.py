@@ -203,9 +203,12 @@ def net_items(
     ordered_items = _check_items(items)
     granted = grant_automatic_vouchers(ordered_items, program_by_id, voucher_by_id)
 
-    vouchers_by_firm: dict[str, list[Voucher]] = defaultdict(list)
+    # each firm's vouchers in try order, with their programs; only compute programs net GPU usage
+    vouchers_by_firm: dict[str, list[tuple[Voucher, Program]]] = defaultdict(list)
     for voucher in sorted([*voucher_by_id.values(), *granted], key=lambda v: v.try_order):
-        vouchers_by_firm[voucher.firm_id].append(voucher)
+        program = program_by_id[voucher.program_id]
+        if program.category == COMPUTE:
+            vouchers_by_firm[voucher.firm_id].append((voucher, program))
 
     # The loop counts whole fen in ints: every amount involved is money (at most two places),
     # and subsidy_cents rounds half-up exactly (a property test checks it against Fractions).
@@ -224,12 +227,12 @@ def net_items(
         if not vouchers_of_firm:
             continue
         key = item.key
+        day = item.day
         uncovered = to_cents(item.amount)
-        for voucher in vouchers_of_firm:
-            vid, pid = voucher.voucher_id, voucher.program_id
-            program = program_by_id[pid]
-            if not voucher.valid_on_inclusive(item.day) or program.category != COMPUTE or program.year != item.day.year:
+        for voucher, program in vouchers_of_firm:
+            if program.year != day.year or not voucher.valid_from <= day <= voucher.valid_until:
                 continue
+            vid, pid = voucher.voucher_id, voucher.program_id
             balance = max(face[vid] - drawn_v.get(vid, 0), 0)
             if balance <= 0:
                 continue

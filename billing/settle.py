@@ -13,8 +13,10 @@ read to the last write:
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
@@ -66,6 +68,20 @@ def next_month(month: str) -> str:
     return month_of(first_day_of_next_month(month))
 
 
+@contextmanager
+def _without_cyclic_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: a large settlement builds millions of acyclic objects,
+    and the collector's passes over them cost about 30 % of the pure core's time. Reference counting
+    still frees everything; the collector runs again afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def settle_month(
     store: Store,
     usage: UsageReader,
@@ -80,7 +96,7 @@ def settle_month(
     def step(text: str) -> None:
         progress(f"[{time.perf_counter() - started:7.1f}s] {text}")
 
-    with store.transaction() as tx:
+    with store.transaction() as tx, _without_cyclic_gc():
         tx.lock_for_settlement()
         done = state.settlements(tx)
         by_month = {s.month: s for s in done}

@@ -6,10 +6,12 @@ Only SQL lives here; the rules live in the pure core and in ``settle.py``.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from fractions import Fraction
+from typing import TypeVar
 
 from billing.invoicing import Invoice, InvoiceCredit, InvoiceLine
 from billing.ledger import Payment
@@ -202,6 +204,18 @@ def drawn_state(tx: Tx) -> NettingState:
     return NettingState(dict(by_v), dict(by_fp), dict(by_p))
 
 
+_T = TypeVar("_T")
+
+
+def _by_firm(rows: Iterable[_T], firm_of: Callable[[_T], str]) -> Iterator[_T]:
+    """``rows`` grouped by firm_id in sorted order, each firm's rows in their given order."""
+    groups: dict[str, list[_T]] = defaultdict(list)
+    for r in rows:
+        groups[firm_of(r)].append(r)
+    for firm_id in sorted(groups):
+        yield from groups[firm_id]
+
+
 def write_settlement(
     tx: Tx,
     row: SettlementRow,
@@ -230,42 +244,35 @@ def write_settlement(
             row.conflicting_records,
         ),
     )
+    # rows go in primary-key order (month, firm_id, day, ...) so the B-trees append: items come in
+    # netting order (day, firm_id, ...), so bucketing them by firm, in order, gives key order
+    day_text: dict[date, str] = {}
     item_rows = []
-    for i in items:
+    for i in _by_firm(items, lambda i: i.firm_id):
         rate = rate_card.rate_for(i.provider_id, i.gpu_class, i.day)
         assert rate is not None  # priced items always have one
+        day = day_text.get(i.day) or day_text.setdefault(i.day, i.day.isoformat())
         item_rows.append(
             (
-                row.month,
-                i.firm_id,
-                i.day.isoformat(),
-                i.provider_id,
-                i.gpu_class,
-                i.adjustment_for or "",
-                i.allocated_seconds,
-                i.record_count,
-                i.busy_seconds,
-                i.energy_joules,
-                str(i.unit_price),
-                str(i.amount),
-                rate.provider,
-                rate.effective_from.isoformat(),
+                row.month, i.firm_id, day, i.provider_id, i.gpu_class, i.adjustment_for or "",
+                i.allocated_seconds, i.record_count, i.busy_seconds, i.energy_joules, str(i.unit_price),
+                str(i.amount), rate.provider, rate.effective_from.isoformat(),
             )
-        )
+        )  # fmt: skip
     tx.executemany(
         "INSERT INTO items (month, firm_id, day, provider_id, gpu_class, adjustment_for, allocated_seconds, "
         "record_count, busy_seconds, energy_joules, unit_price, amount, rate_provider, rate_effective_from) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        sorted(item_rows),  # primary-key order: B-tree appends instead of random inserts
+        item_rows,
     )
     tx.executemany(
         "INSERT INTO credits (month, firm_id, day, provider_id, gpu_class, adjustment_for, voucher_id, program_id, "
         "amount) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        sorted(
+        [
             (
                 row.month,
                 c.firm_id,
-                c.item.day.isoformat(),
+                day_text.get(c.item.day) or c.item.day.isoformat(),
                 c.item.provider_id,
                 c.item.gpu_class,
                 c.item.adjustment_for or "",
@@ -273,8 +280,8 @@ def write_settlement(
                 c.program_id,
                 str(c.amount),
             )
-            for c in credits
-        ),
+            for c in _by_firm(credits, lambda c: c.firm_id)
+        ],
     )
     for v in granted:
         put_voucher(tx, v, granted_by=row.month)
