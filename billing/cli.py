@@ -125,6 +125,7 @@ def settle(ctx: click.Context, month: str) -> None:
         click.echo(f"Warning: {month} has not ended yet; usage after now will be billed as adjustments.", err=True)
     click.echo(f"settling {month}: reading usage from ClickHouse ...", err=True)
     with _usage(s) as usage:
+        usage.progress = lambda line: click.echo(line, err=True)
         result = settle_month(_store(s), usage, month, progress=lambda line: click.echo(line, err=True))
     row = result.settlement
     if row is None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
@@ -120,7 +121,7 @@ def first_delivery_totals(
     db: str, snapshot: str, keys: Sequence[tuple[str, str]], where: str, hashed: bool = True
 ) -> tuple[str, str]:
     """Two queries whose difference is, per ``keys`` (expression, alias), the allocated seconds,
-    records, busy seconds and energy of each record_id's first delivery among the deliveries
+    records, busy seconds and energy (both in thousandths) of each record_id's first delivery among the deliveries
     matching ``where``: (all raw rows, the later deliveries of re-delivered records).
 
     The raw rows are read without their record_id, so deduplication costs only the re-delivered
@@ -139,8 +140,9 @@ def first_delivery_totals(
     names = ", ".join(alias for _, alias in keys)
     sums = (
         "toInt64(sum(allocated_seconds)) AS seconds, toInt64(count()) AS records, "
-        "sum(ifNull(busy_seconds, 0)) AS busy, sum(ifNull(energy_joules, 0)) AS energy"
-    )
+        "sum(toInt64(round(ifNull(busy_seconds, 0) * 1000))) AS busy, "
+        "sum(toInt64(round(ifNull(energy_joules, 0) * 1000))) AS energy"
+    )  # busy and energy in integer thousandths, so the subtraction is exact (floats would not be)
     later = f"SELECT {select}, {sums} FROM {snapshot} WHERE NOT is_first AND ({where}) GROUP BY {names}"
     text = [expr for expr, _ in keys if expr in TEXT_KEYS]
     if not (hashed and text):
@@ -160,6 +162,11 @@ def first_delivery_totals(
     return raw, later
 
 
+def _whole(thousandths: int) -> int:
+    """Integer thousandths rounded half-up to a whole unit (busy seconds, joules)."""
+    return (thousandths + 500) // 1000
+
+
 def _naive_utc(t: datetime) -> datetime:
     return t.astimezone(UTC).replace(tzinfo=None)
 
@@ -169,11 +176,21 @@ class ClickHouseUsage:
     (a settlement, a reconcile) into a table, after the settlement took its cutoff: a delivery
     arriving later is past the cutoff and filtered out anyway."""
 
-    def __init__(self, client: Any, database: str, rows_per_id_range: int = ID_RANGE_ROWS) -> None:
+    def __init__(
+        self,
+        client: Any,
+        database: str,
+        rows_per_id_range: int = ID_RANGE_ROWS,
+        progress: Callable[[str], None] = lambda _: None,
+    ) -> None:
         self.client = client
         self.db = database
         self.rows_per_id_range = rows_per_id_range
+        self.progress = progress  # hears one line per long query, with its time
         self._snapshot: str | None = None
+
+    def _timed(self, text: str, started: float) -> None:
+        self.progress(f"  {text}: {time.perf_counter() - started:.1f} s")
 
     def _redeliveries(self) -> str:
         if self._snapshot is None:
@@ -184,10 +201,17 @@ class ClickHouseUsage:
             self.client.command(
                 f"CREATE TABLE {table} ENGINE = MergeTree ORDER BY record_id EMPTY AS {redeliveries(self.db, '0')}"
             )
+            try:
+                rows = self.client.query(f"SELECT count() FROM {self.db}.usage_raw").result_rows[0][0]
+                ranges = id_ranges(int(rows), self.rows_per_id_range)
+                for n, id_range in enumerate(ranges, start=1):
+                    started = time.perf_counter()
+                    self.client.command(f"INSERT INTO {table} {redeliveries(self.db, id_range)}")
+                    self._timed(f"re-deliveries among {rows:,} raw rows, record_id range {n} of {len(ranges)}", started)
+            except BaseException:  # never leave a partial snapshot to be read as complete
+                self.client.command(f"DROP TABLE IF EXISTS {table}")
+                raise
             self._snapshot = table
-            rows = self.client.query(f"SELECT count() FROM {self.db}.usage_raw").result_rows[0][0]
-            for id_range in id_ranges(int(rows), self.rows_per_id_range):
-                self.client.command(f"INSERT INTO {table} {redeliveries(self.db, id_range)}")
         return self._snapshot
 
     def _totals(
@@ -197,7 +221,9 @@ class ClickHouseUsage:
         in the raw query's ``order``; read again unhashed if two keys' hashes collided."""
         snapshot = self._redeliveries()
         raw, later = first_delivery_totals(self.db, snapshot, keys, where)
+        started = time.perf_counter()
         rows = self.client.query(raw + order, parameters=params).result_rows
+        self._timed(f"raw rows summed into {len(rows):,} groups", started)
         if not all(r[-1] for r in rows):
             log.warning("two usage keys shared a 64-bit hash; reading usage again with exact keys")
             raw, later = first_delivery_totals(self.db, snapshot, keys, where, hashed=False)
@@ -234,10 +260,7 @@ class ClickHouseUsage:
             ("gpu_class", "gpu_class"),
         ]
         rows = self._totals(keys, where, {"tz": tz, **params}, " ORDER BY day, firm_id, provider_id, gpu_class")
-        return [
-            UsageGroup(str(r[0]), r[1], str(r[2]), str(r[3]), int(r[4]), int(r[5]), round(r[6]), round(r[7]))
-            for r in rows
-        ]
+        return [UsageGroup(str(r[0]), r[1], str(r[2]), str(r[3]), r[4], r[5], _whole(r[6]), _whole(r[7])) for r in rows]
 
     def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]:
         """Months before ``first_day`` that have usage ingested up to ``cutoff``."""

@@ -267,10 +267,10 @@ class UsageAggregate:
 
     def __post_init__(self) -> None:
         _check_usage_key(self.firm_id, self.day, self.provider_id, self.gpu_class, self.adjustment_for)
-        _check_count(self.allocated_seconds, "allocated_seconds")
-        _check_count(self.record_count, "record_count")
-        _check_count(self.busy_seconds, "busy_seconds")
-        _check_count(self.energy_joules, "energy_joules")
+        a, r, b, e = self.allocated_seconds, self.record_count, self.busy_seconds, self.energy_joules
+        if not (type(a) is int and type(r) is int and type(b) is int and type(e) is int and min(a, r, b, e) >= 0):
+            for name in ("allocated_seconds", "record_count", "busy_seconds", "energy_joules"):  # says which
+                _check_count(getattr(self, name), name)
 
 
 class ItemKey(NamedTuple):

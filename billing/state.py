@@ -285,10 +285,11 @@ def write_settlement(
     )
     for v in granted:
         put_voucher(tx, v, granted_by=row.month)
-    for inv in invoices:
-        tx.execute(
-            "INSERT INTO invoices (invoice_id, firm_id, month, issue_date, due_date, currency, gross, credit_total, "
-            "amount_due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    # one executemany per table (not three per invoice): 10,000 invoices are 30,000 calls otherwise
+    tx.executemany(
+        "INSERT INTO invoices (invoice_id, firm_id, month, issue_date, due_date, currency, gross, credit_total, "
+        "amount_due) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
             (
                 inv.invoice_id,
                 inv.firm_id,
@@ -299,34 +300,37 @@ def write_settlement(
                 str(inv.gross),
                 str(inv.credit_total),
                 str(inv.amount_due),
-            ),
-        )
-        tx.executemany(
-            "INSERT INTO invoice_lines (invoice_id, line_no, provider_id, gpu_class, unit_price, allocated_seconds, "
-            "record_count, amount, adjustment_for, busy_seconds, energy_joules, item_count) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    inv.invoice_id,
-                    n,
-                    ln.provider_id,
-                    ln.gpu_class,
-                    str(ln.unit_price),
-                    ln.allocated_seconds,
-                    ln.record_count,
-                    str(ln.amount),
-                    ln.adjustment_for,
-                    ln.busy_seconds,
-                    ln.energy_joules,
-                    ln.item_count,
-                )
-                for n, ln in enumerate(inv.lines, start=1)
-            ],
-        )
-        tx.executemany(
-            "INSERT INTO invoice_credits (invoice_id, voucher_id, program_id, amount) VALUES (?, ?, ?, ?)",
-            [(inv.invoice_id, c.voucher_id, c.program_id, str(c.amount)) for c in inv.credits],
-        )
+            )
+            for inv in invoices
+        ],
+    )
+    tx.executemany(
+        "INSERT INTO invoice_lines (invoice_id, line_no, provider_id, gpu_class, unit_price, allocated_seconds, "
+        "record_count, amount, adjustment_for, busy_seconds, energy_joules, item_count) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                inv.invoice_id,
+                n,
+                ln.provider_id,
+                ln.gpu_class,
+                str(ln.unit_price),
+                ln.allocated_seconds,
+                ln.record_count,
+                str(ln.amount),
+                ln.adjustment_for,
+                ln.busy_seconds,
+                ln.energy_joules,
+                ln.item_count,
+            )
+            for inv in invoices
+            for n, ln in enumerate(inv.lines, start=1)
+        ],
+    )
+    tx.executemany(
+        "INSERT INTO invoice_credits (invoice_id, voucher_id, program_id, amount) VALUES (?, ?, ?, ?)",
+        [(inv.invoice_id, c.voucher_id, c.program_id, str(c.amount)) for inv in invoices for c in inv.credits],
+    )
 
 
 def invoices(tx: Tx, month: str | None = None, firm_id: str | None = None) -> list[Invoice]:

@@ -104,13 +104,13 @@ def _run(env: dict[str, str], *args: str) -> tuple[float, float, str]:
     if proc.returncode != 0:
         raise RuntimeError(f"gpumeter {' '.join(args)} failed:\n{proc.stderr}")
     for line in proc.stderr.splitlines():  # the command's own step timings, for the record
-        if line.startswith("["):
+        if line.startswith(("[", "  ")):
             print(f"  {line}", file=sys.stderr)
     probe = [ln for ln in proc.stderr.splitlines() if ln.startswith("PROBE ")][-1].split()
     return float(probe[1]), float(probe[2]), proc.stdout
 
 
-def _generate(home: Path) -> float:
+def _generate(home: Path) -> None:
     from pipeline import clickhouse
 
     client = clickhouse.connect(f"chdb://{home / 'clickhouse'}", "gpumeter")
@@ -144,6 +144,12 @@ def _generate(home: Path) -> float:
     client.command("OPTIMIZE TABLE gpumeter.usage_raw FINAL", settings={"optimize_throw_if_noop": 1})
     client.command("ALTER TABLE gpumeter.usage_raw RESET SETTING lock_acquire_timeout_for_background_operations")
     print(f"  merged the generated parts in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+
+
+def _floor(home: Path) -> float:
+    from pipeline import clickhouse
+
+    client = clickhouse.connect(f"chdb://{home / 'clickhouse'}", "gpumeter")
     t = time.perf_counter()
     client.query(
         "SELECT firm_id, toDate(window_start, 'UTC') AS d, provider_id, gpu_class, sum(allocated_seconds), count() "
@@ -152,28 +158,31 @@ def _generate(home: Path) -> float:
     return time.perf_counter() - t
 
 
+def _child(env: dict[str, str], call: str) -> str:
+    """Run ``bench_settle.<call>`` in a child (this process never holds the chDB path); its stdout."""
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_settle as b, pathlib; {call}"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:  # its progress and errors went to stderr, as they happened
+        raise RuntimeError(f"{call} failed (exit {proc.returncode}); see above")
+    return proc.stdout
+
+
 def run() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="gm-bench-settle-") as tmp:
         work = Path(tmp)
-        home = work / "home"
-        env = {**os.environ, "GPUMETER_HOME": str(home)}
+        # BENCH_SETTLE_DATA=DIR keeps the generated windows there and reuses them on the next run
+        # (generating and merging 100M windows takes about 10 minutes); the billing store is fresh
+        kept = os.environ.get("BENCH_SETTLE_DATA")
+        home = Path(kept) if kept else work / "home"
+        env = {**os.environ, "GPUMETER_HOME": str(home), "GPUMETER_BILLING_DB": f"sqlite:///{work / 'billing.sqlite3'}"}
         env.pop("GPUMETER_CLICKHOUSE_DSN", None)
-        env.pop("GPUMETER_BILLING_DB", None)
-        # generation and the floor query run in a child so this process never holds the chDB path
-        gen = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                f"import bench_settle as b, pathlib; print(b._generate(pathlib.Path({str(home)!r})))",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,  # progress goes to stderr, as it happens
-            text=True,
-        )
-        if gen.returncode != 0:
-            raise RuntimeError(f"generating the bench data failed (exit {gen.returncode}); see above")
-        floor_s = float(gen.stdout.strip().splitlines()[-1])
+        marker = home / f"generated-{WINDOWS}"
+        if not marker.exists():
+            if (home / "clickhouse").exists():
+                raise RuntimeError(f"{home} holds data from an unfinished generation: delete it and run again")
+            _child(env, f"b._generate(pathlib.Path({str(home)!r}))")
+            marker.touch()
+        floor_s = float(_child(env, f"print(b._floor(pathlib.Path({str(home)!r})))").strip().splitlines()[-1])
         _run(env, "billing", "load", *_write_inputs(work))
         seconds, rss_mb, out = _run(env, "billing", "settle", "--month", "2026-03")
         print(out, file=sys.stderr)

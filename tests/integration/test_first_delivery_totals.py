@@ -54,7 +54,7 @@ def _deliveries(seed: int) -> list[tuple[Any, ...]]:
             rows.append((
                 rid, offset, f"P{n % 3}", f"h{n % 4}", f"g{n % 8}", cls, firm,
                 begin.replace(tzinfo=None), (begin + timedelta(seconds=60)).replace(tzinfo=None), seconds,
-                float(seconds // 2), float(seconds * 100), "test", "kafka", rng.randrange(3), offset,
+                seconds * 0.4567, seconds * 123.4567, "test", "kafka", rng.randrange(3), offset,
                 rng.choice(INGESTED).replace(tzinfo=None),
             ))  # fmt: skip
     rng.shuffle(rows)
@@ -88,10 +88,10 @@ def _expected_groups(rows: list[tuple[Any, ...]], window: Window) -> list[UsageG
             s = sums[(r[6], _day(r), r[2], r[5])]
             s[0] += r[9]
             s[1] += 1
-            s[2] += int(r[10])
-            s[3] += int(r[11])
+            s[2] += round(r[10] * 1000)  # busy and energy: summed in thousandths, then half-up to whole
+            s[3] += round(r[11] * 1000)
     return [
-        UsageGroup(k[0], k[1], k[2], k[3], *v)
+        UsageGroup(k[0], k[1], k[2], k[3], v[0], v[1], (v[2] + 500) // 1000, (v[3] + 500) // 1000)
         for k, v in sorted(sums.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3]))
     ]
 
