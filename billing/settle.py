@@ -149,6 +149,7 @@ def settle_month(
         invoices = build_invoices(month, items, netting.credits, state.firms(tx), currency=currency)
         step(f"built {len(invoices)} invoices")
         conflicts, examples = usage.conflicting_records(window)
+        step(f"checked re-deliveries: {conflicts} with different content")
         row = state.SettlementRow(
             month=month,
             seq=(last.seq + 1) if last else 1,

@@ -6,12 +6,11 @@ Only SQL lives here; the rules live in the pure core and in ``settle.py``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from fractions import Fraction
-from typing import TypeVar
+from operator import attrgetter
 
 from billing.invoicing import Invoice, InvoiceCredit, InvoiceLine
 from billing.ledger import Payment
@@ -204,18 +203,6 @@ def drawn_state(tx: Tx) -> NettingState:
     return NettingState(dict(by_v), dict(by_fp), dict(by_p))
 
 
-_T = TypeVar("_T")
-
-
-def _by_firm(rows: Iterable[_T], firm_of: Callable[[_T], str]) -> Iterator[_T]:
-    """``rows`` grouped by firm_id in sorted order, each firm's rows in their given order."""
-    groups: dict[str, list[_T]] = defaultdict(list)
-    for r in rows:
-        groups[firm_of(r)].append(r)
-    for firm_id in sorted(groups):
-        yield from groups[firm_id]
-
-
 def write_settlement(
     tx: Tx,
     row: SettlementRow,
@@ -248,7 +235,7 @@ def write_settlement(
     # netting order (day, firm_id, ...), so bucketing them by firm, in order, gives key order
     day_text: dict[date, str] = {}
     item_rows = []
-    for i in _by_firm(items, lambda i: i.firm_id):
+    for i in sorted(items, key=attrgetter("firm_id")):  # stable: each firm's items keep their order
         rate = rate_card.rate_for(i.provider_id, i.gpu_class, i.day)
         assert rate is not None  # priced items always have one
         day = day_text.get(i.day) or day_text.setdefault(i.day, i.day.isoformat())
@@ -256,7 +243,7 @@ def write_settlement(
             (
                 row.month, i.firm_id, day, i.provider_id, i.gpu_class, i.adjustment_for or "",
                 i.allocated_seconds, i.record_count, i.busy_seconds, i.energy_joules, str(i.unit_price),
-                str(i.amount), rate.provider, rate.effective_from.isoformat(),
+                str(i.amount), rate.provider, day_text.get(rate.effective_from) or rate.effective_from.isoformat(),
             )
         )  # fmt: skip
     tx.executemany(
@@ -280,7 +267,7 @@ def write_settlement(
                 c.program_id,
                 str(c.amount),
             )
-            for c in _by_firm(credits, lambda c: c.firm_id)
+            for c in sorted(credits, key=attrgetter("firm_id"))
         ],
     )
     for v in granted:
