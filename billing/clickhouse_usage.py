@@ -14,7 +14,6 @@ month reaches its day and whose cutoff reaches its arrival.
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -26,7 +25,6 @@ from billing.files import UsageRow
 from pipeline import clickhouse
 
 UNATTRIBUTED = "unattributed"
-log = logging.getLogger(__name__)
 
 
 class UsageGroup(NamedTuple):  # a tuple: a settlement reads ~10^6 of them
@@ -93,9 +91,9 @@ def redeliveries(db: str, id_range: str = "1") -> str:
 
     Found in two steps so no step holds every id as a string: a GROUP BY over a 64-bit hash of
     record_id finds the candidate hashes (a hash shared by two different ids is only a candidate),
-    then the exact record_ids among the candidates' rows decide. Measured at 100M windows: 16 s for
-    the hashed GROUP BY over all ids, 7.8 s in four ranges (smaller hash tables), against 36 s for
-    an in-order GROUP BY record_id over the strings.
+    then the exact record_ids among the candidates' rows decide. Measured at 100M windows on a
+    merged table: the hashed GROUP BY took 10.0 s and 2.4 GB over all ids at once, 6.7-8.0 s and
+    0.6 GB in eight ranges; an in-order GROUP BY record_id over the strings took 36 s.
     """
     return f"""
     SELECT {DELIVERY_COLUMNS}, position = 1 AS is_first
@@ -113,28 +111,17 @@ def redeliveries(db: str, id_range: str = "1") -> str:
     WHERE deliveries > 1"""
 
 
-TEXT_KEYS = frozenset({"firm_id", "provider_id", "gpu_class", "host_id"})  # LowCardinality(String) columns
-KEY_HASH = "cityHash64({})"  # the 64-bit hash the raw rows are grouped by (a test makes it collide)
-
-
-def first_delivery_totals(
-    db: str, snapshot: str, keys: Sequence[tuple[str, str]], where: str, hashed: bool = True
-) -> tuple[str, str]:
+def first_delivery_totals(db: str, snapshot: str, keys: Sequence[tuple[str, str]], where: str) -> tuple[str, str]:
     """Two queries whose difference is, per ``keys`` (expression, alias), the allocated seconds,
-    records, busy seconds and energy (both in thousandths) of each record_id's first delivery among the deliveries
-    matching ``where``: (all raw rows, the later deliveries of re-delivered records).
+    records, busy seconds and energy (both in thousandths) of each record_id's first delivery among
+    the deliveries matching ``where``: (all raw rows, the later deliveries of re-delivered records).
 
     The raw rows are read without their record_id, so deduplication costs only the re-delivered
     rows (``snapshot``, from ``redeliveries``). Exact: a record's later deliveries are in the raw
     rows too, under their own keys, and subtracting them leaves exactly its first delivery wherever
     ``where`` holds. A key whose records come to 0 (every matching delivery was a later one) is not
-    a group. The subtraction is done by the caller: as a UNION ALL with an outer GROUP BY it cost
-    6 s more at 100M rows than the raw query alone.
-
-    ``hashed``: the raw rows are grouped by a 64-bit hash of their text keys, so ClickHouse
-    aggregates fixed-size keys (5.9 s against 8.8 s at 100M rows). The raw query's last column,
-    ``exact``, is 0 where two different key tuples shared a hash (told apart by a second,
-    independent hash); the caller must then read again with ``hashed=False``.
+    a group. The caller subtracts: as a UNION ALL with an outer GROUP BY it cost 6 s more at 100M rows.
+    (Grouping the raw rows by a hash of the text keys was measured too: no faster, so not done.)
     """
     select = ", ".join(f"{expr} AS {alias}" for expr, alias in keys)
     names = ", ".join(alias for _, alias in keys)
@@ -143,22 +130,8 @@ def first_delivery_totals(
         "sum(toInt64(round(ifNull(busy_seconds, 0) * 1000))) AS busy, "
         "sum(toInt64(round(ifNull(energy_joules, 0) * 1000))) AS energy"
     )  # busy and energy in integer thousandths, so the subtraction is exact (floats would not be)
+    raw = f"SELECT {select}, {sums} FROM {db}.usage_raw WHERE {where} GROUP BY {names}"
     later = f"SELECT {select}, {sums} FROM {snapshot} WHERE NOT is_first AND ({where}) GROUP BY {names}"
-    text = [expr for expr, _ in keys if expr in TEXT_KEYS]
-    if not (hashed and text):
-        return f"SELECT {select}, {sums}, 1 AS exact FROM {db}.usage_raw WHERE {where} GROUP BY {names}", later
-    # inner aliases are k0, k1, ...: a key's own name would shadow its column inside the hash
-    inner = ", ".join(
-        f"any({expr}) AS k{n}" if expr in TEXT_KEYS else f"{expr} AS k{n}" for n, (expr, _) in enumerate(keys)
-    )
-    plain = "".join(f", k{n}" for n, (expr, _) in enumerate(keys) if expr not in TEXT_KEYS)
-    renamed = ", ".join(f"k{n} AS {alias}" for n, (_, alias) in enumerate(keys))
-    raw = f"""SELECT {renamed}, seconds, records, busy, energy, exact
-    FROM (
-        SELECT {inner}, {sums}, min(xxh3({", ".join(text)})) = max(xxh3({", ".join(text)})) AS exact
-        FROM {db}.usage_raw WHERE {where}
-        GROUP BY {KEY_HASH.format(", ".join(text))}{plain}
-    )"""
     return raw, later
 
 
@@ -218,18 +191,14 @@ class ClickHouseUsage:
         self, keys: Sequence[tuple[str, str]], where: str, params: dict[str, Any], order: str = ""
     ) -> list[tuple[Any, ...]]:
         """(*keys, seconds, records, busy, energy) of first deliveries (see ``first_delivery_totals``),
-        in the raw query's ``order``; read again unhashed if two keys' hashes collided."""
+        in the raw query's ``order``."""
         snapshot = self._redeliveries()
         raw, later = first_delivery_totals(self.db, snapshot, keys, where)
         started = time.perf_counter()
         rows = self.client.query(raw + order, parameters=params).result_rows
         self._timed(f"raw rows summed into {len(rows):,} groups", started)
-        if not all(r[-1] for r in rows):
-            log.warning("two usage keys shared a 64-bit hash; reading usage again with exact keys")
-            raw, later = first_delivery_totals(self.db, snapshot, keys, where, hashed=False)
-            rows = self.client.query(raw + order, parameters=params).result_rows
         width = len(keys)
-        totals = {tuple(r[:width]): list(r[width:-1]) for r in rows}
+        totals = {tuple(r[:width]): list(r[width:]) for r in rows}
         for r in self.client.query(later, parameters=params).result_rows:
             sums = totals.get(tuple(r[:width]))
             if sums is None:  # a later delivery matching `where` is a raw row matching it

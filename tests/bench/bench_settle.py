@@ -7,8 +7,8 @@ run it; its wall time and peak RSS are the figures.
 
 Before measuring, the generated parts are merged (OPTIMIZE ... FINAL), as a month
 of ingestion would have left them: otherwise ClickHouse's background merges of
-the ~70 freshly generated parts run inside the settlement and take its cores
-(measured: 63.8 s with them against the figure below without).
+the ~70 freshly generated parts (about 8 minutes of one core) run inside the
+settlement and take its cores.
 
 Baseline, in the same script on the same data: one plain GROUP BY over every raw
 row with no deduplication and no billing - the floor any settlement must pay

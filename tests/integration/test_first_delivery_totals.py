@@ -20,7 +20,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from billing import clickhouse_usage
 from billing.clickhouse_usage import ID_RANGE_ROWS, ClickHouseUsage, UsageGroup, Window, id_ranges
 from pipeline import clickhouse
 
@@ -146,15 +145,3 @@ def test_reads_equal_the_first_delivery_definition(ch: tuple[Any, str], seed: in
         assert usage.hours_by_host(TZ, "2026-04", "P1") == [(k[0], k[1], *v) for k, v in sorted(hosts.items())]
         early = sorted({_day(r).strftime("%Y-%m") for r in first.values() if _day(r) < date(2026, 4, 1)})
         assert usage.months_before(TZ, date(2026, 4, 1), INGESTED[5]) == early
-
-
-def test_a_hash_collision_between_usage_keys_falls_back_to_exact_keys(
-    ch: tuple[Any, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    client, db = ch
-    rows = _deliveries(4)
-    clickhouse.insert_raw(client, db, rows, None)
-    monkeypatch.setattr(clickhouse_usage, "KEY_HASH", "cityHash64({}) % 2")  # every key collides
-    with ClickHouseUsage(client, db) as usage:
-        assert usage.groups(TZ, WINDOWS[0]) == _expected_groups(rows, WINDOWS[0])
-    assert "shared a 64-bit hash" in caplog.text
