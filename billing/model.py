@@ -3,7 +3,8 @@
 Every money field is a ``Decimal`` with at most two places; prices and subsidy rates
 are ``Decimal`` of any precision; hours are exact ``Fraction`` values. Objects validate
 themselves on construction, so a bad value is refused at the edge, not in the middle
-of a settlement.
+of a settlement. The one exception: items and credits the core computes itself from
+checked inputs (``ChargeItem.priced``, ``Credit.drawn``) skip re-checking.
 """
 
 from __future__ import annotations
