@@ -68,17 +68,22 @@ DELIVERY_COLUMNS = (
 ID_RANGE_ROWS = 25_000_000  # raw rows per record_id range searched for re-deliveries at once
 
 
-def id_ranges(rows: int, rows_per_range: int = ID_RANGE_ROWS) -> list[str]:
-    """Conditions splitting record_ids into consecutive ranges of about ``rows_per_range`` raw rows
-    each (record_ids are hex digests, so ranges of the first two hex digits are even). Together
-    they cover every string, hex or not. The table is sorted by record_id, so each range reads
-    only its own granules."""
+def id_range_bounds(rows: int, rows_per_range: int = ID_RANGE_ROWS) -> list[tuple[str | None, str | None]]:
+    """Consecutive record_id ranges [low, high) of about ``rows_per_range`` raw rows each (None: no
+    bound). record_ids are hex digests, so ranges of the first two hex digits are even; together
+    the ranges cover every string, hex or not, each exactly once."""
     count = 1
     while count < 256 and rows > count * rows_per_range:
         count *= 2
     bounds: list[str | None] = [None, *(f"{i * 256 // count:02x}" for i in range(1, count)), None]
+    return list(itertools.pairwise(bounds))
+
+
+def id_ranges(rows: int, rows_per_range: int = ID_RANGE_ROWS) -> list[str]:
+    """``id_range_bounds`` as SQL conditions. The table is sorted by record_id, so each range reads
+    only its own granules."""
     conditions = []
-    for low, high in itertools.pairwise(bounds):
+    for low, high in id_range_bounds(rows, rows_per_range):
         parts = ([f"record_id >= '{low}'"] if low else []) + ([f"record_id < '{high}'"] if high else [])
         conditions.append(" AND ".join(parts) or "1")
     return conditions
