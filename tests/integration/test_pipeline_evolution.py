@@ -57,25 +57,42 @@ def metered_batches(fleet: SimulatedFleet) -> list[tuple[str, list[dict[str, Any
     return captured
 
 
-def test_previous_and_current_writer_versions_both_load(kafka_bootstrap: str, topic: str, ch: Any) -> None:
-    fleet = SimulatedFleet(seed=2, start=START, days=1, providers=2, hosts_per_provider=1, gpus_per_host=2, firms=2)
-    old = older_version()
-    captured = metered_batches(fleet)
+def publish_and_load(
+    kafka_bootstrap: str,
+    topic: str,
+    ch: Any,
+    group: str,
+    values: list[tuple[str, bytes]],
+    writers: dict[bytes, WriterVersion] | None = None,
+) -> Loader:
+    """Send each (host, message value) keyed by host, then load until every message is read."""
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    for n, (host, windows) in enumerate(captured):  # alternate old and new agents
-        value = encode_old(old, host, windows) if n % 2 else encode_batch(host, "new", windows)
+    for host, value in values:
         producer.send(topic, key=host.encode(), value=value)
     producer.flush()
     producer.close()
     client, db = ch
-    writers = {**shipped_versions(), old.fingerprint: old}
-    clickhouse.ensure_schema(client, db, writers=writers.values())
-    consumer = make_consumer(kafka_bootstrap, topic, "g-evo", fast_rebalance=True)
+    consumer = make_consumer(kafka_bootstrap, topic, group, fast_rebalance=True)
     loader = Loader(consumer, client, db, topic, writers=writers)
     try:
-        loader.run(until=lambda s: s.messages >= len(captured), idle_timeout_s=20)
+        loader.run(until=lambda s: s.messages >= len(values), idle_timeout_s=20)
     finally:
         consumer.close(autocommit=False)
+    return loader
+
+
+def test_previous_and_current_writer_versions_both_load(kafka_bootstrap: str, topic: str, ch: Any) -> None:
+    fleet = SimulatedFleet(seed=2, start=START, days=1, providers=2, hosts_per_provider=1, gpus_per_host=2, firms=2)
+    old = older_version()
+    captured = metered_batches(fleet)
+    values = [  # alternate old and new agents
+        (host, encode_old(old, host, windows) if n % 2 else encode_batch(host, "new", windows))
+        for n, (host, windows) in enumerate(captured)
+    ]
+    client, db = ch
+    writers = {**shipped_versions(), old.fingerprint: old}
+    clickhouse.ensure_schema(client, db, writers=writers.values())
+    loader = publish_and_load(kafka_bootstrap, topic, ch, "g-evo", values, writers)
     assert loader.stats.quarantined == 0
     assert measured(ch, "UTC") == fleet.ground_truth("UTC")
     versions = dict(client.query(
@@ -94,19 +111,12 @@ def test_every_shipped_version_has_an_ingest_path(ch: Any) -> None:
 def test_shipped_v1_and_v2_writers_mix_and_v2_carries_sample_counts(kafka_bootstrap: str, topic: str, ch: Any) -> None:
     fleet = SimulatedFleet(seed=4, start=START, days=1, providers=2, hosts_per_provider=1, gpus_per_host=2, firms=2)
     captured = metered_batches(fleet)
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    for n, (host, windows) in enumerate(captured):  # a rolling upgrade: 0.1.0 agents (v1) beside new ones (v2)
-        value = encode_batch(host, "v1-agent", windows, version=1) if n % 2 else encode_batch(host, "v2-agent", windows)
-        producer.send(topic, key=host.encode(), value=value)
-    producer.flush()
-    producer.close()
+    values = [  # a rolling upgrade: 0.1.0 agents (v1) beside new ones (v2)
+        (host, encode_batch(host, "v1-agent", windows, version=1) if n % 2 else encode_batch(host, "v2-agent", windows))
+        for n, (host, windows) in enumerate(captured)
+    ]
     client, db = ch
-    consumer = make_consumer(kafka_bootstrap, topic, "g-v1v2", fast_rebalance=True)
-    loader = Loader(consumer, client, db, topic)
-    try:
-        loader.run(until=lambda s: s.messages >= len(captured), idle_timeout_s=20)
-    finally:
-        consumer.close(autocommit=False)
+    loader = publish_and_load(kafka_bootstrap, topic, ch, "g-v1v2", values)
     assert loader.stats.quarantined == 0
     assert measured(ch, "UTC") == fleet.ground_truth("UTC")
     rows = client.query(
