@@ -21,9 +21,8 @@ from billing.model import (
     month_of,
     parse_month,
 )
-from billing.money import SECONDS_PER_HOUR, exact_decimal, format_decimal, format_gpu_hours, format_money
+from billing.money import SECONDS_PER_HOUR, ZERO, exact_decimal, format_decimal, format_gpu_hours, format_money
 
-ZERO = Decimal("0.00")
 DEFAULT_CURRENCY = "CNY"
 
 

@@ -18,9 +18,8 @@ from decimal import Decimal
 from typing import Protocol
 
 from billing.model import InvalidBillingDataError, is_whole_cents
-from billing.money import exact_decimal
+from billing.money import ZERO, exact_decimal
 
-ZERO = Decimal("0.00")
 OPEN, PARTIALLY_PAID, PAID, OVERDUE = "open", "partially_paid", "paid", "overdue"
 NOT_DUE = "not_due"
 AGING_BUCKETS = (NOT_DUE, "0-30", "31-60", "61-90", "90+")

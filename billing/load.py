@@ -23,6 +23,7 @@ from pathlib import Path
 
 from billing import state
 from billing.files import InputFileError, RateCardFile, read_firms, read_programs, read_rate_card, read_vouchers
+from billing.invoicing import DEFAULT_CURRENCY
 from billing.model import Program, Voucher
 from billing.settle import last_day_of_month
 from billing.store import Store, Tx
@@ -87,7 +88,7 @@ def _load_rates(
     problems: list[tuple[int, str]] = []
     if settled:
         tz = state.get_meta(tx, "timezone", state.DEFAULT_TIMEZONE)
-        cur = state.get_meta(tx, "currency", state.DEFAULT_CURRENCY)
+        cur = state.get_meta(tx, "currency", DEFAULT_CURRENCY)
         if rc.timezone != tz:
             problems.append((1, f"timezone {rc.timezone} differs from {tz}, used by settled months; it cannot change"))
         if rc.currency != cur:

@@ -29,6 +29,7 @@ from typing import ParamSpec, TypeVar
 from billing.model import BillingError
 
 CENT = Decimal("0.01")
+ZERO = Decimal("0.00")  # money zero, two places
 HOURS_DISPLAY_PLACES = 6
 SECONDS_PER_HOUR = 3600
 _MAX_DIGITS = 28  # the default Decimal precision: sums of such values stay exact

@@ -25,9 +25,8 @@ from billing.model import (
     Program,
     Voucher,
 )
-from billing.money import MoneyFormatError, exact_decimal, from_cents, subsidy_cents, to_cents
+from billing.money import ZERO, MoneyFormatError, exact_decimal, from_cents, subsidy_cents, to_cents
 
-ZERO = Decimal("0.00")
 FirmProgram = tuple[str, str]  # (firm_id, program_id)
 
 

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from billing import state
 from billing.clickhouse_usage import UNATTRIBUTED, UsageGroup, Window
-from billing.invoicing import Invoice, build_invoices
+from billing.invoicing import DEFAULT_CURRENCY, Invoice, build_invoices
 from billing.model import (
     BillingError,
     ChargeItem,
@@ -111,7 +111,7 @@ def settle_month(
                 f"so the next one to settle is {next_month(last.month)}, not {month}"
             )
         tz = state.get_meta(tx, "timezone", state.DEFAULT_TIMEZONE)
-        currency = state.get_meta(tx, "currency", state.DEFAULT_CURRENCY)
+        currency = state.get_meta(tx, "currency", DEFAULT_CURRENCY)
         cutoff = clock()
         if last is None:
             earlier = usage.months_before(tz, first_day_of_month(month), cutoff)

@@ -20,7 +20,6 @@ from billing.pricing import RateCard
 from billing.store import Tx
 
 DEFAULT_TIMEZONE = "UTC"
-DEFAULT_CURRENCY = "CNY"
 
 
 @dataclass(frozen=True, slots=True)

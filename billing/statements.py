@@ -20,10 +20,9 @@ from billing import state
 from billing.invoicing import Invoice
 from billing.ledger import InvoiceStatus, apply_payments
 from billing.model import BillingError
-from billing.money import format_gpu_hours, format_money
+from billing.money import ZERO, format_gpu_hours, format_money
 from billing.store import Tx
 
-ZERO = Decimal("0.00")
 CLASS_COLOURS = ("#2f6fdf", "#e07a1f", "#2a9d6f", "#b23a8f", "#7a5cc7", "#c9a227", "#4a90a4", "#8a8a8a")
 
 
