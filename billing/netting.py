@@ -203,16 +203,17 @@ def net_items(
     granted = grant_automatic_vouchers(ordered_items, program_by_id, voucher_by_id)
 
     # each firm's vouchers in try order, with their programs; only compute programs net GPU usage
+    every_voucher = [*voucher_by_id.values(), *granted]
     vouchers_by_firm: dict[str, list[tuple[Voucher, Program]]] = defaultdict(list)
-    for voucher in sorted([*voucher_by_id.values(), *granted], key=lambda v: v.try_order):
+    for voucher in sorted(every_voucher, key=lambda v: v.try_order):
         program = program_by_id[voucher.program_id]
         if program.category == COMPUTE:
             vouchers_by_firm[voucher.firm_id].append((voucher, program))
 
     # The loop counts whole fen in ints: every amount involved is money (at most two places),
     # and subsidy_cents rounds half-up exactly (a property test checks it against Fractions).
-    rate_of = {v.voucher_id: v.subsidy_rate.as_integer_ratio() for v in (*voucher_by_id.values(), *granted)}
-    face = {v.voucher_id: to_cents(v.face_value) for v in (*voucher_by_id.values(), *granted)}
+    rate_of = {v.voucher_id: v.subsidy_rate.as_integer_ratio() for v in every_voucher}
+    face = {v.voucher_id: to_cents(v.face_value) for v in every_voucher}
     cap = {p.program_id: to_cents(p.firm_cap) for p in program_by_id.values()}
     budget = {p.program_id: to_cents(p.budget) for p in program_by_id.values()}
     drawn_v = {k: to_cents(v) for k, v in state.drawn_by_voucher.items()}
