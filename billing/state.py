@@ -5,6 +5,7 @@ Only SQL lives here; the rules live in the pure core and in ``settle.py``.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -231,18 +232,17 @@ def write_settlement(
         ),
     )
     # rows go in primary-key order (month, firm_id, day, ...) so the B-trees append: items come in
-    # netting order (day, firm_id, ...), so bucketing them by firm, in order, gives key order
-    day_text: dict[date, str] = {}
+    # netting order (day, firm_id, ...), so a stable sort by firm gives key order
+    iso = functools.lru_cache(maxsize=None)(date.isoformat)  # a settlement has few distinct dates
     item_rows = []
     for i in sorted(items, key=attrgetter("firm_id")):  # stable: each firm's items keep their order
         rate = rate_card.rate_for(i.provider_id, i.gpu_class, i.day)
         assert rate is not None  # priced items always have one
-        day = day_text.get(i.day) or day_text.setdefault(i.day, i.day.isoformat())
         item_rows.append(
             (
-                row.month, i.firm_id, day, i.provider_id, i.gpu_class, i.adjustment_for or "",
+                row.month, i.firm_id, iso(i.day), i.provider_id, i.gpu_class, i.adjustment_for or "",
                 i.allocated_seconds, i.record_count, i.busy_seconds, i.energy_joules, str(i.unit_price),
-                str(i.amount), rate.provider, day_text.get(rate.effective_from) or rate.effective_from.isoformat(),
+                str(i.amount), rate.provider, iso(rate.effective_from),
             )
         )  # fmt: skip
     tx.executemany(
@@ -258,7 +258,7 @@ def write_settlement(
             (
                 row.month,
                 c.firm_id,
-                day_text.get(c.item.day) or c.item.day.isoformat(),
+                iso(c.item.day),
                 c.item.provider_id,
                 c.item.gpu_class,
                 c.item.adjustment_for or "",
