@@ -124,9 +124,9 @@ def settle(ctx: click.Context, month: str) -> None:
     if month >= month_of(datetime.now(UTC).date()):
         click.echo(f"Warning: {month} has not ended yet; usage after now will be billed as adjustments.", err=True)
     click.echo(f"settling {month}: reading usage from ClickHouse ...", err=True)
-    with _usage(s) as usage:
-        usage.progress = lambda line: click.echo(line, err=True)
-        result = settle_month(_store(s), usage, month, progress=lambda line: click.echo(line, err=True))
+    usage = _usage(s)
+    usage.progress = lambda line: click.echo(line, err=True)
+    result = settle_month(_store(s), usage, month, progress=lambda line: click.echo(line, err=True))
     row = result.settlement
     if row is None:
         click.echo(f"{month} is closed: it is before the first settled month and has no invoices.")
@@ -283,8 +283,7 @@ def reconcile_cmd(ctx: click.Context, month: str) -> None:
     """Usage hours in ClickHouse vs invoiced vs carried to adjustments, each
     program's budget drawn and left, and every money invariant. Exit 1 on any mismatch."""
     s = settings_from(ctx)
-    with _usage(s) as usage:
-        result = reconcile(_store(s), usage, month)
+    result = reconcile(_store(s), _usage(s), month)
 
     def h(seconds: int) -> str:
         return f"{Decimal(seconds) / 3600:.6f}"
@@ -396,8 +395,7 @@ def provider_statement(ctx: click.Context, provider_id: str, month: str, fmt: st
         ):
             old = billed.get(cls, (0, Decimal(0)))
             billed[cls] = (old[0] + int(seconds), old[1] + Decimal(amount))
-    with _usage(s) as usage:
-        delivered = usage.hours_by_host(tz, month, provider_id)
+    delivered = _usage(s).hours_by_host(tz, month, provider_id)
 
     def h(seconds: int) -> str:
         return f"{Decimal(seconds) / 3600:.6f}"

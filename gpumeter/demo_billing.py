@@ -129,8 +129,7 @@ def run_billing(work: Path, client: Any, database: str, month: str, step: Any) -
         inputs / "firms.csv",
     )
     step("billing load: " + "; ".join(report.lines()))
-    with ClickHouseUsage(client, database) as usage:
-        result = settle_month(store, usage, month)
+    result = settle_month(store, ClickHouseUsage(client, database), month)
     gross = sum((i.gross for i in result.invoices), Decimal(0))
     credits = sum((i.credit_total for i in result.invoices), Decimal(0))
     step(
@@ -157,8 +156,7 @@ def run_billing(work: Path, client: Any, database: str, month: str, step: Any) -
             f"  program {pid:<20} budget {format_money(program.budget):>16}  drawn {format_money(used):>10}"
             f"  left {format_money(program.budget - used):>16}"
         )
-    with ClickHouseUsage(client, database) as usage:
-        check = reconcile(store, usage, month)
+    check = reconcile(store, ClickHouseUsage(client, database), month)
     if check.problems:
         raise click.ClickException("reconciliation failed: " + "; ".join(check.problems))
     step(f"reconciled {month}: usage in ClickHouse = invoiced; every voucher, cap and budget invariant holds")
