@@ -206,14 +206,20 @@ class ClickHouseUsage:
         found = self._conflicts[window]
         return len(found), found[:limit]
 
-    def seconds_by_month(self, tz: str, cutoff: datetime | None = None) -> dict[tuple[str, str], tuple[int, int]]:
-        """(month, firm_id) -> (allocated_seconds, records) of every record ingested up to ``cutoff``."""
-        where = "ingested_at <= {cutoff:DateTime64(6, 'UTC')}" if cutoff else "1"
-        params: dict[str, Any] = {"tz": tz}
-        if cutoff:
-            params["cutoff"] = _naive_utc(cutoff)
-        keys = [("formatDateTime(toDate(window_start, {tz:String}), '%Y-%m')", "m"), ("firm_id", "firm_id")]
-        return {(str(r[0]), str(r[1])): (int(r[2]), int(r[3])) for r in self._totals(keys, where, params)[0]}
+    def seconds_by_month(self, tz: str, cutoff: datetime | None) -> dict[tuple[str, str], tuple[int, int]]:
+        """(month, firm_id) -> allocated_seconds of (every record, the records that arrived up to
+        ``cutoff``; 0 when it is None), in one pass."""
+        params: dict[str, Any] = {"tz": tz, "cutoff": _naive_utc(cutoff) if cutoff else datetime(1970, 1, 1)}
+        keys = [
+            ("formatDateTime(toDate(window_start, {tz:String}), '%Y-%m')", "m"),
+            ("firm_id", "firm_id"),
+            ("ingested_at <= {cutoff:DateTime64(6, 'UTC')}", "arrived"),
+        ]
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for m, firm, arrived, seconds, *_ in self._totals(keys, "1", params)[0]:
+            every, by_cutoff = out.get((str(m), str(firm)), (0, 0))
+            out[(str(m), str(firm))] = (every + int(seconds), by_cutoff + (int(seconds) if arrived else 0))
+        return out
 
     def known_record_ids(self, record_ids: Sequence[str]) -> set[str]:
         known: set[str] = set()

@@ -49,14 +49,13 @@ def reconcile(store: Store, usage: ClickHouseUsage, month: str) -> Reconciliatio
         ):
             (later if adj else own)[firm_id] += int(seconds)
         _check_money(tx, out)
-    as_of_cutoff = usage.seconds_by_month(tz, latest_cutoff) if latest_cutoff else {}
-    everything = usage.seconds_by_month(tz)
-    firms = sorted({f for (m, f) in everything if m == month} | set(own) | set(later))
+    seconds = usage.seconds_by_month(tz, latest_cutoff)  # (every record, those before the last cutoff)
+    firms = sorted({f for (m, f) in seconds if m == month} | set(own) | set(later))
     for firm in firms:
         if firm == UNATTRIBUTED:
             continue
-        billable = as_of_cutoff.get((month, firm), (0, 0))[0] if out.settled else 0
-        total = everything.get((month, firm), (0, 0))[0]
+        total, by_cutoff = seconds.get((month, firm), (0, 0))
+        billable = by_cutoff if out.settled else 0
         invoiced = own.get(firm, 0) + later.get(firm, 0)
         unbilled = billable - invoiced
         out.rows.append((firm, total, own.get(firm, 0), later.get(firm, 0), total - billable, unbilled))
