@@ -60,51 +60,57 @@ DELIVERY_COLUMNS = (
     "record_id, provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end, "
     "allocated_seconds, busy_seconds, energy_joules, ingested_at, kafka_partition, kafka_offset"
 )
-# a delivery's content: every field of the window (NULL and 0 told apart); deliveries of one record
-# with different hashes have different content (equal hashes of different content: odds 2^-64)
+# a delivery's content: every field of the window (NULL told apart from 0, -0.0 read as 0.0); deliveries
+# of one record with different hashes have different content (equal hashes of different content: 2^-64)
 CONTENT = (
     "cityHash64(provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end, allocated_seconds, "
-    "isNull(busy_seconds), ifNull(busy_seconds, 0), isNull(energy_joules), ifNull(energy_joules, 0))"
+    "isNull(busy_seconds), ifNull(busy_seconds, 0) + 0, isNull(energy_joules), ifNull(energy_joules, 0) + 0)"
 )
 FAST_ORDER = "ingested_at"  # with the table's ORDER BY (record_id, ingested_at): read in order, no sort
 EXACT_ORDER = "ingested_at, kafka_partition, kafka_offset"  # the definition of "first"; needs a sort
+# Without it (chDB 26's default is 0) the window sorts all rows instead of reading them in the table's
+# order: measured at 100M windows, 147 s and 16 GB instead of 29-31 s and 1.4 GB. Changing a setting
+# needs a ClickHouse user with readonly=0 or 2.
 READ_SETTINGS = {"optimize_read_in_window_order": 1}
 
 
 def first_delivery_sql(
-    db: str, keys: Sequence[tuple[str, str]], where: str, conflicts_in: str = "0", exact: bool = False
+    db: str, keys: Sequence[tuple[str, str]], where: str, conflicts_in: str = "0", tied: bool = False
 ) -> str:
     """One pass over the raw rows: per ``keys`` (expression, alias over DELIVERY_COLUMNS), the
     allocated seconds, records, busy seconds and energy (both in integer thousandths) of each
-    record_id's first delivery where that delivery matches ``where``; plus ``conflicts``, the
-    record_ids with deliveries of different content whose latest delivery matches ``conflicts_in``
-    (a condition on ``latest``), and ``ties``.
+    record_id's first delivery where that delivery matches ``where``; ``conflicts``, the record_ids
+    with deliveries of different content whose latest delivery matches ``conflicts_in`` (a condition
+    on ``latest``); and ``tied``, the record_ids this pass leaves out of the sums.
 
     The table is sorted by (record_id, ingested_at), so a window partitioned by record_id reads
     every record's deliveries together, in arrival order, without a sort or a hash table of ids.
-    The first delivery is the earliest (ingested_at, kafka_partition, kafka_offset). Ordering by
-    ingested_at alone (``exact=False``) avoids a sort and picks the same content unless a record's
-    two earliest deliveries arrived at the same instant with different content: ``ties`` counts
-    those records, and the caller then runs the exact order. Measured at 100M windows (a merged
-    table): this pass took 29-31 s, where the re-delivery snapshot plus the raw sum it replaced took
-    38 s; the exact order costs about 1 s more per 12.5M rows.
+    The first delivery is the earliest (ingested_at, kafka_partition, kafka_offset). This pass
+    orders by ingested_at alone, which avoids the sort and picks the right content unless the
+    record's earliest deliveries arrived at one instant and its contents differ. Those records
+    (found generously: contents differ anywhere and the second delivery shares the first's instant)
+    are left out and listed in ``tied``; with ``tied=True`` the query sums exactly those ids
+    (parameter ``tied``, read through the primary key) in the exact order. Measured at 100M windows
+    on a merged table: 29-31 s, where the re-delivery snapshot plus the raw sum it replaced took 38 s;
+    the exact order over every row would cost about 1 s more per 12.5M rows.
     """
     select = ", ".join(f"{expr} AS {alias}" for expr, alias in keys)
     names = ", ".join(alias for _, alias in keys)
-    ties = "0" if exact else "differs AND second = ingested_at"
+    tie = "0" if tied else "differs AND second = ingested_at"
+    only = " WHERE record_id IN {tied:Array(String)}" if tied else ""
     return f"""
     SELECT {select},
            toInt64(sumIf(allocated_seconds, bill)) AS seconds, toInt64(countIf(bill)) AS records,
            sumIf(toInt64(round(ifNull(busy_seconds, 0) * 1000)), bill) AS busy,
            sumIf(toInt64(round(ifNull(energy_joules, 0) * 1000)), bill) AS energy,
-           groupArrayIf(record_id, conflict) AS conflicts, toInt64(countIf(tie)) AS ties
+           groupArrayIf(record_id, conflict) AS conflicts, groupArrayIf(record_id, tie) AS tied
     FROM (
         SELECT {DELIVERY_COLUMNS}, row_number() OVER p AS n,
                min(content) OVER p != max(content) OVER p AS differs,
                max(ingested_at) OVER p AS latest, nth_value(ingested_at, 2) OVER p AS second,
-               ({where}) AS bill, differs AND ({conflicts_in}) AS conflict, {ties} AS tie
-        FROM (SELECT {DELIVERY_COLUMNS}, {CONTENT} AS content FROM {db}.usage_raw)
-        WINDOW p AS (PARTITION BY record_id ORDER BY {EXACT_ORDER if exact else FAST_ORDER}
+               {tie} AS tie, ({where}) AND NOT tie AS bill, differs AND ({conflicts_in}) AS conflict
+        FROM (SELECT {DELIVERY_COLUMNS}, {CONTENT} AS content FROM {db}.usage_raw{only})
+        WINDOW p AS (PARTITION BY record_id ORDER BY {EXACT_ORDER if tied else FAST_ORDER}
                      ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
     )
     WHERE n = 1 AND (bill OR conflict OR tie)
@@ -145,25 +151,32 @@ class ClickHouseUsage:
         keys: Sequence[tuple[str, str]],
         where: str,
         params: dict[str, Any],
-        order: str = "",
+        order: Sequence[int] = (),
         conflicts_in: str = "0",
     ) -> tuple[list[tuple[Any, ...]], list[str]]:
-        """(rows of (*keys, seconds, records, busy, energy) with records > 0 in ``order``, sorted
-        record_ids of conflicting records) - see ``first_delivery_sql``."""
+        """(rows of (*keys, seconds, records, busy, energy) with records > 0, sorted by the keys at
+        ``order``; sorted record_ids of conflicting records) - see ``first_delivery_sql``."""
         width = len(keys)
-        for exact in (False, True):
-            started = time.perf_counter()
-            sql = first_delivery_sql(self.db, keys, where, conflicts_in, exact)
-            rows = self.client.query(sql + order, parameters=params, settings=READ_SETTINGS).result_rows
-            ties = sum(int(r[width + 5]) for r in rows)
-            self._timed(f"first deliveries of every record_id, {len(rows):,} groups", started)
-            if not ties:
-                break
-            self.progress(
-                f"  {ties:,} record(s) delivered twice at the same instant with different content: exact order"
-            )
+        by = f" ORDER BY {', '.join(keys[i][1] for i in order)}" if order else ""
+        started = time.perf_counter()
+        sql = first_delivery_sql(self.db, keys, where, conflicts_in) + by
+        rows = self.client.query(sql, parameters=params, settings=READ_SETTINGS).result_rows
+        self._timed(f"first deliveries of every record_id, {len(rows):,} groups", started)
         conflicts = sorted({str(rid) for r in rows for rid in r[width + 4]})
-        return [tuple(r[: width + 4]) for r in rows if r[width + 1] > 0], conflicts
+        tied = sorted({str(rid) for r in rows for rid in r[width + 5]})
+        totals = {tuple(r[:width]): list(r[width : width + 4]) for r in rows}
+        if tied:  # their first delivery, in the exact order, added to the sums
+            started = time.perf_counter()
+            sql = first_delivery_sql(self.db, keys, where, tied=True)
+            for r in self.client.query(sql, parameters={**params, "tied": tied}, settings=READ_SETTINGS).result_rows:
+                sums = totals.setdefault(tuple(r[:width]), [0, 0, 0, 0])
+                for i, value in enumerate(r[width : width + 4]):
+                    sums[i] += value
+            self._timed(f"{len(tied):,} record(s) first delivered at one instant as well, in the exact order", started)
+        out = [(*key, *sums) for key, sums in totals.items() if sums[1] > 0]
+        if tied and order:  # rows the exact pass added go in their place
+            out.sort(key=lambda r: tuple(r[i] for i in order))
+        return out, conflicts
 
     def _timed(self, text: str, started: float) -> None:
         self.progress(f"  {text}: {time.perf_counter() - started:.1f} s")
@@ -180,8 +193,7 @@ class ClickHouseUsage:
         ]
         conflicts_in, conflict_params = _conflict_window(window)
         rows, self._conflicts[window] = self._totals(
-            keys, where, {"tz": tz, **params, **conflict_params}, " ORDER BY day, firm_id, provider_id, gpu_class",
-            conflicts_in,
+            keys, where, {"tz": tz, **params, **conflict_params}, (1, 0, 2, 3), conflicts_in,
         )  # fmt: skip
         return [UsageGroup(str(r[0]), r[1], str(r[2]), str(r[3]), r[4], r[5], _whole(r[6]), _whole(r[7])) for r in rows]
 
@@ -194,7 +206,7 @@ class ClickHouseUsage:
         if not early.result_rows[0][0]:
             return []
         keys = [("formatDateTime(toDate(window_start, {tz:String}), '%Y-%m')", "m")]
-        return [str(r[0]) for r in self._totals(keys, where, params, " ORDER BY m")[0]]
+        return [str(r[0]) for r in self._totals(keys, where, params, (0,))[0]]
 
     def conflicting_records(self, window: Window, limit: int = 20) -> tuple[int, list[str]]:
         """record_ids delivered again with different content (only the first is billed), reported by the
@@ -202,7 +214,7 @@ class ClickHouseUsage:
         from ``groups`` of the same window when it ran, else one pass of its own."""
         if window not in self._conflicts:
             conflicts_in, params = _conflict_window(window)
-            self._conflicts[window] = self._totals([("0", "none")], "0", params, "", conflicts_in)[1]
+            self._conflicts[window] = self._totals([("0", "none")], "0", params, (), conflicts_in)[1]
         found = self._conflicts[window]
         return len(found), found[:limit]
 
@@ -254,5 +266,5 @@ class ClickHouseUsage:
         )
         params = {"tz": tz, "month": month, "provider": provider_id}
         rows = self._totals([("gpu_class", "gpu_class"), ("host_id", "host_id")], where, params,
-                            " ORDER BY gpu_class, host_id")[0]  # fmt: skip
+                            (0, 1))[0]  # fmt: skip
         return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]
