@@ -172,7 +172,7 @@ class ClickHouseUsage:
                 sums = totals.setdefault(tuple(r[:width]), [0, 0, 0, 0])
                 for i, value in enumerate(r[width : width + 4]):
                     sums[i] += value
-            self._timed(f"{len(tied):,} record(s) first delivered at one instant as well, in the exact order", started)
+            self._timed(f"{len(tied):,} record(s) with same-instant deliveries re-read in the exact order", started)
         out = [(*key, *sums) for key, sums in totals.items() if sums[1] > 0]
         if tied and order:  # rows the exact pass added go in their place
             out.sort(key=lambda r: tuple(r[i] for i in order))
