@@ -69,7 +69,7 @@ CONTENT = (
 FAST_ORDER = "ingested_at"  # with the table's ORDER BY (record_id, ingested_at): read in order, no sort
 EXACT_ORDER = "ingested_at, kafka_partition, kafka_offset"  # the definition of "first"; needs a sort
 # Without it (chDB 26's default is 0) the window sorts all rows instead of reading them in the table's
-# order: measured at 100M windows, 147 s and 16 GB instead of 29-31 s and 1.4 GB. Changing a setting
+# order: measured at 100M windows, 147 s and 16 GB instead of 29-36 s and 1.4 GB. Changing a setting
 # needs a ClickHouse user with readonly=0 or 2.
 READ_SETTINGS = {"optimize_read_in_window_order": 1}
 
@@ -91,7 +91,7 @@ def first_delivery_sql(
     (found generously: contents differ anywhere and the second delivery shares the first's instant)
     are left out and listed in ``tied``; with ``tied=True`` the query sums exactly those ids
     (parameter ``tied``, read through the primary key) in the exact order. Measured at 100M windows
-    on a merged table: 29-31 s, where the re-delivery snapshot plus the raw sum it replaced took 38 s;
+    on a merged table: 29-36 s, where the re-delivery snapshot plus the raw sum it replaced took 38 s;
     the exact order over every row would cost about 1 s more per 12.5M rows.
     """
     select = ", ".join(f"{expr} AS {alias}" for expr, alias in keys)
