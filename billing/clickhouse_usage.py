@@ -19,6 +19,7 @@ from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
 from billing.files import UsageRow
+from billing.money import half_up
 from pipeline import clickhouse
 
 UNATTRIBUTED = "unattributed"
@@ -128,11 +129,6 @@ def _conflict_window(window: Window) -> tuple[str, dict[str, Any]]:
     return sql, params
 
 
-def _whole(thousandths: int) -> int:
-    """Integer thousandths rounded half-up to a whole unit (busy seconds, joules)."""
-    return (thousandths + 500) // 1000
-
-
 def _naive_utc(t: datetime) -> datetime:
     return t.astimezone(UTC).replace(tzinfo=None)
 
@@ -195,7 +191,11 @@ class ClickHouseUsage:
         rows, self._conflicts[window] = self._totals(
             keys, where, {"tz": tz, **params, **conflict_params}, (1, 0, 2, 3), conflicts_in,
         )  # fmt: skip
-        return [UsageGroup(str(r[0]), r[1], str(r[2]), str(r[3]), r[4], r[5], _whole(r[6]), _whole(r[7])) for r in rows]
+        # busy and energy were summed in integer thousandths: each rounded half-up to a whole unit
+        return [
+            UsageGroup(str(r[0]), r[1], str(r[2]), str(r[3]), r[4], r[5], half_up(r[6], 1000), half_up(r[7], 1000))
+            for r in rows
+        ]
 
     def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]:
         """Months before ``first_day`` that have usage ingested up to ``cutoff``."""

@@ -94,14 +94,14 @@ def gpu_hours_of(allocated_seconds: int) -> Fraction:
     return Fraction(allocated_seconds, SECONDS_PER_HOUR)
 
 
-def _half_up(numerator: int, denominator: int) -> int:
+def half_up(numerator: int, denominator: int) -> int:
     """numerator/denominator (>= 0, denominator > 0) rounded half-up to an integer: floor(x + 1/2)."""
     return (2 * numerator + denominator) // (2 * denominator)
 
 
 def _half_up_cents(numerator: int, denominator: int) -> Decimal:
     """numerator/denominator (currency units, >= 0) rounded half-up to the cent, in integers."""
-    return from_cents(_half_up(numerator * 100, denominator))
+    return from_cents(half_up(numerator * 100, denominator))
 
 
 def charge_amount(allocated_seconds: int, price_per_gpu_hour: Decimal) -> Decimal:
@@ -134,7 +134,7 @@ def subsidy_cents(rate: tuple[int, int], uncovered_cents: int) -> int:
     """round_half_up(subsidy_rate x uncovered) in fen, for a rate given as (numerator, denominator) > 0
     and uncovered >= 0 fen: floor(rate x uncovered + 1/2), in integers. Equal to
     ``round_fraction_to_cent(Fraction(rate) * Fraction(uncovered))`` (a test checks)."""
-    return _half_up(rate[0] * uncovered_cents, rate[1])
+    return half_up(rate[0] * uncovered_cents, rate[1])
 
 
 def format_money(amount: Decimal) -> str:
