@@ -221,11 +221,13 @@ class ClickHouseUsage:
     def seconds_by_month(self, tz: str, cutoff: datetime | None) -> dict[tuple[str, str], tuple[int, int]]:
         """(month, firm_id) -> allocated_seconds of (every record, the records that arrived up to
         ``cutoff``; 0 when it is None), in one pass."""
-        params: dict[str, Any] = {"tz": tz, "cutoff": _naive_utc(cutoff) if cutoff else datetime(1970, 1, 1)}
+        params: dict[str, Any] = {"tz": tz}
+        if cutoff:
+            params["cutoff"] = _naive_utc(cutoff)
         keys = [
             ("formatDateTime(toDate(window_start, {tz:String}), '%Y-%m')", "m"),
             ("firm_id", "firm_id"),
-            ("ingested_at <= {cutoff:DateTime64(6, 'UTC')}", "arrived"),
+            ("ingested_at <= {cutoff:DateTime64(6, 'UTC')}" if cutoff else "0", "arrived"),
         ]
         out: dict[tuple[str, str], tuple[int, int]] = {}
         for m, firm, arrived, seconds, *_ in self._totals(keys, "1", params)[0]:
