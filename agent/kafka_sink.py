@@ -9,7 +9,7 @@ from typing import Any
 from kafka import KafkaProducer
 
 from gpumeter.errors import GpumeterError
-from gpumeter.record import Window, encode_batch, signature_headers
+from gpumeter.record import UsageWindow, encode_batch, signature_headers
 
 MAX_WINDOWS_PER_MESSAGE = 500
 
@@ -41,7 +41,7 @@ class KafkaSink:
         self.messages_sent = 0
         self.windows_sent = 0
 
-    def send(self, host_id: str, agent_version: str, windows: Sequence[Window]) -> None:
+    def send(self, host_id: str, agent_version: str, windows: Sequence[UsageWindow]) -> None:
         """Queue windows (split into messages of at most MAX_WINDOWS_PER_MESSAGE)."""
         for i in range(0, len(windows), MAX_WINDOWS_PER_MESSAGE):
             chunk = windows[i : i + MAX_WINDOWS_PER_MESSAGE]

@@ -21,11 +21,11 @@ from typing import Any, Protocol
 from agent import AGENT_VERSION
 from agent.devices import DeviceSource, Observation
 from agent.windows import HostIdentity, WindowAccumulator
-from gpumeter.record import Window
+from gpumeter.record import UsageWindow
 
 
 class Sink(Protocol):
-    def send(self, host_id: str, agent_version: str, windows: list[Window]) -> None: ...
+    def send(self, host_id: str, agent_version: str, windows: list[UsageWindow]) -> None: ...
 
 
 class Checkpoint(Protocol):
@@ -53,7 +53,7 @@ class Agent:
         self.checkpoint = checkpoint
         self.samples = 0
         self.windows_closed = 0
-        self._pending: list[Window] = []
+        self._pending: list[UsageWindow] = []
         snap = checkpoint.load() if checkpoint else None
         if checkpoint is not None and batch_windows != 1:
             raise ValueError("with a checkpoint every closed window goes to the sink at once (batch_windows=1)")

@@ -42,7 +42,7 @@ from typing import Any
 
 from agent.windows import HostIdentity, WindowAccumulator
 from gpumeter.errors import GpumeterError
-from gpumeter.record import Window, encode_batch, signature_headers
+from gpumeter.record import UsageWindow, encode_batch, signature_headers
 
 log = logging.getLogger("gpumeter.agent.spool")
 
@@ -187,7 +187,7 @@ class Spool:
         return data if isinstance(data, dict) else None
 
     # --- Sink: closed windows become durable ------------------------------------
-    def send(self, host_id: str, agent_version: str, windows: Sequence[Window]) -> None:
+    def send(self, host_id: str, agent_version: str, windows: Sequence[UsageWindow]) -> None:
         if not windows:
             return
         seqs = [int(w["seq"]) for w in windows]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.devices import DeviceInfo, Observation
-from gpumeter.record import Window, record_id
+from gpumeter.record import UsageWindow, record_id
 
 
 @dataclass(slots=True)
@@ -67,9 +67,9 @@ class WindowAccumulator:
     def knows(self, gpu_uuid: str) -> bool:
         return gpu_uuid in self._gpus
 
-    def add(self, now_s: int, observations: list[Observation]) -> list[Window]:
+    def add(self, now_s: int, observations: list[Observation]) -> list[UsageWindow]:
         """Feed one sampling instant; return the windows this instant closed."""
-        closed: list[Window] = []
+        closed: list[UsageWindow] = []
         window_start = now_s - now_s % self.window_s
         for obs in observations:
             st = self._gpus[obs.gpu_uuid]
@@ -105,9 +105,9 @@ class WindowAccumulator:
                 totals.busy_seconds += obs.util_percent * self.interval_s / 100.0
         return closed
 
-    def flush(self) -> list[Window]:
+    def flush(self) -> list[UsageWindow]:
         """Close every open window (agent shutdown)."""
-        out: list[Window] = []
+        out: list[UsageWindow] = []
         for st in self._gpus.values():
             out.extend(self._close(st))
             st.window_start_s = None
@@ -159,11 +159,11 @@ class WindowAccumulator:
                 st.firms, st.window_start_s, st.last_holder, st.window_missed = {}, None, None, 0
         return dropped
 
-    def _close(self, st: _GpuState) -> list[Window]:
+    def _close(self, st: _GpuState) -> list[UsageWindow]:
         if st.window_start_s is None:
             return []
         start_ms = st.window_start_s * 1000
-        out: list[Window] = []
+        out: list[UsageWindow] = []
         for firm_id in sorted(st.firms):
             t = st.firms[firm_id]
             out.append(

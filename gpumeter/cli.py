@@ -27,7 +27,7 @@ GROUPS: dict[str, tuple[str, str, str]] = {
         "Rate cards, vouchers, monthly settlement, invoices, payments.",
     ),
     "statement": ("billing.statements_cli:statement", "billing", "A firm's monthly usage statement (HTML or CSV)."),
-    "demo": ("gpumeter.demo:demo", "embedded", "Run a simulated city compute platform end to end."),
+    "demo": ("gpumeter.demo.cli:demo", "embedded", "Run a simulated city compute platform end to end."),
 }
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -39,7 +39,38 @@ HEADER_SIG = "gm-sig"
 UNATTRIBUTED = "unattributed"
 CURRENT_VERSION = 2
 
-Window = dict[str, Any]
+
+class UsageWindow(TypedDict):
+    """One usage window as it crosses the wire (the ``UsageWindow`` record of the current schema).
+
+    Timestamps are UTC epoch milliseconds; ``window_end`` is exclusive. The fields an older writer
+    lacks (``samples_taken``, ``samples_missed``; ``busy_seconds`` and ``energy_joules`` may be
+    unknown) are ``None``.
+    """
+
+    record_id: str
+    seq: int
+    provider_id: str
+    host_id: str
+    gpu_uuid: str
+    gpu_class: str
+    firm_id: str
+    window_start: int
+    window_end: int
+    allocated_seconds: int
+    busy_seconds: float | None
+    energy_joules: float | None
+    samples_taken: int | None
+    samples_missed: int | None
+    signature: bytes | None
+
+
+class UsageBatch(TypedDict):
+    """One Kafka message: the windows one host sends together."""
+
+    host_id: str
+    agent_version: str
+    windows: list[UsageWindow]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,18 +79,19 @@ class SchemaVersion:
     fingerprint: bytes  # 8 bytes, little-endian CRC-64-AVRO of the parsing canonical form
 
 
-def _load_json(version: int) -> dict[str, Any]:
+def schema_json(version: int) -> dict[str, Any]:
+    """The shipped Avro schema of writer ``version`` as JSON (FileNotFoundError past the last one)."""
     text = resources.files("gpumeter.schemas").joinpath(f"usage_batch.v{version}.avsc").read_text()
     data: dict[str, Any] = json.loads(text)
     return data
 
 
-def _strip_logical_types(node: Any) -> Any:
+def strip_logical_types(node: Any) -> Any:
     """Same schema without logicalType: timestamps decode to int ms, not datetime."""
     if isinstance(node, dict):
-        return {k: _strip_logical_types(v) for k, v in node.items() if k != "logicalType"}
+        return {k: strip_logical_types(v) for k, v in node.items() if k != "logicalType"}
     if isinstance(node, list):
-        return [_strip_logical_types(v) for v in node]
+        return [strip_logical_types(v) for v in node]
     return node
 
 
@@ -70,7 +102,7 @@ def schema_versions() -> dict[bytes, SchemaVersion]:
     version = 1
     while True:
         try:
-            raw = _load_json(version)
+            raw = schema_json(version)
         except FileNotFoundError:
             break
         parsed = fastavro.parse_schema(copy.deepcopy(raw))
@@ -91,13 +123,14 @@ def _writer_for(version: int) -> SchemaVersion:
 
 @cache
 def _reader_schema() -> Any:
-    return fastavro.parse_schema(_strip_logical_types(_load_json(CURRENT_VERSION)))
+    return fastavro.parse_schema(strip_logical_types(schema_json(CURRENT_VERSION)))
 
 
 @cache
-def _plain_writer(fp: bytes) -> Any:
+def plain_writer(fp: bytes) -> Any:
+    """The parsed writer schema of fingerprint ``fp``, timestamps as int milliseconds."""
     sv = schema_versions()[fp]
-    return fastavro.parse_schema(_strip_logical_types(_load_json(sv.version)))
+    return fastavro.parse_schema(strip_logical_types(schema_json(sv.version)))
 
 
 def record_id(host_id: str, gpu_uuid: str, firm_id: str, window_start_ms: int) -> str:
@@ -106,18 +139,20 @@ def record_id(host_id: str, gpu_uuid: str, firm_id: str, window_start_ms: int) -
     return hashlib.sha256(material).hexdigest()[:32]
 
 
-def encode_batch(host_id: str, agent_version: str, windows: Sequence[Window], version: int = CURRENT_VERSION) -> bytes:
+def encode_batch(
+    host_id: str, agent_version: str, windows: Sequence[UsageWindow], version: int = CURRENT_VERSION
+) -> bytes:
     """Frame windows as one Kafka message value (single-object encoding)."""
     sv = _writer_for(version)
     buf = io.BytesIO()
     buf.write(SOE_MAGIC)
     buf.write(sv.fingerprint)
     batch = {"host_id": host_id, "agent_version": agent_version, "windows": list(windows)}
-    fastavro.schemaless_writer(buf, _plain_writer(sv.fingerprint), batch)
+    fastavro.schemaless_writer(buf, plain_writer(sv.fingerprint), batch)
     return buf.getvalue()
 
 
-def decode_batch(value: bytes) -> dict[str, Any]:
+def decode_batch(value: bytes) -> UsageBatch:
     """Decode one message value to the current reader schema; RecordError if it is not one."""
     if len(value) < 10 or value[:2] != SOE_MAGIC:
         raise RecordError("not an Avro single-object message (bad magic)")
@@ -126,14 +161,14 @@ def decode_batch(value: bytes) -> dict[str, Any]:
         raise RecordError(f"unknown writer schema fingerprint {fp.hex()}")
     body = io.BytesIO(value[10:])
     try:
-        batch = fastavro.schemaless_reader(body, _plain_writer(fp), _reader_schema())
+        batch = fastavro.schemaless_reader(body, plain_writer(fp), _reader_schema())
     except Exception as exc:  # fastavro raises many types on corrupt input
         raise RecordError(f"corrupt Avro body: {type(exc).__name__}: {exc}") from exc
     if body.tell() != len(value) - 10:
         raise RecordError(f"trailing bytes after Avro body ({len(value) - 10 - body.tell()})")
     if not isinstance(batch, dict):
         raise RecordError("Avro body is not a UsageBatch record")
-    return batch
+    return cast(UsageBatch, batch)
 
 
 def sign(value: bytes, key: bytes) -> str:

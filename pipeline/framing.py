@@ -27,7 +27,7 @@ from typing import Any
 import fastavro
 
 from gpumeter.errors import RecordError
-from gpumeter.record import SOE_MAGIC, _load_json, _strip_logical_types, schema_versions
+from gpumeter.record import SOE_MAGIC, schema_json, schema_versions, strip_logical_types
 
 SYNC = b"gpumeter:ingest1"  # 16 bytes; any fixed value works, it only delimits blocks
 assert len(SYNC) == 16
@@ -59,7 +59,7 @@ class WriterVersion:
 def shipped_versions() -> dict[bytes, WriterVersion]:
     """Every writer version in gpumeter/schemas, by fingerprint."""
     return {
-        fp: WriterVersion(sv.version, fp, _strip_logical_types(_load_json(sv.version)))
+        fp: WriterVersion(sv.version, fp, strip_logical_types(schema_json(sv.version)))
         for fp, sv in schema_versions().items()
     }
 

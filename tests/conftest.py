@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gpumeter.local_broker import LocalBroker, create_topic
+from gpumeter.demo.broker import LocalBroker, create_topic
 
 
 @pytest.fixture(scope="session")

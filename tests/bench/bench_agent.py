@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from gpumeter.local_broker import LocalBroker, create_topic
+from gpumeter.demo.broker import LocalBroker, create_topic
 
 DURATION_S = 65
 WARMUP_S = 5  # start-up (imports, fleet generation) is not the steady state

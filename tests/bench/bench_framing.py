@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import fastavro
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from gpumeter.local_broker import LocalBroker, create_topic
-from gpumeter.record import _plain_writer, decode_batch, encode_batch, record_id, schema_versions
+from gpumeter.demo.broker import LocalBroker, create_topic
+from gpumeter.record import decode_batch, encode_batch, plain_writer, record_id, schema_versions
 
 N = 200_000
 BATCH = 100
@@ -52,7 +52,7 @@ def consume_rate(bootstrap: str, topic: str, expect_records: int, per_message: i
     )  # fmt: skip
     consumer.assign([TopicPartition(topic, 0)])
     consumer.seek_to_beginning()
-    writer = _plain_writer(next(iter(schema_versions())))
+    writer = plain_writer(next(iter(schema_versions())))
     window_schema = writer["fields"][2]["type"]["items"]
     records = 0
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def consume_rate(bootstrap: str, topic: str, expect_records: int, per_message: i
 
 def run() -> Iterator[str]:
     ws = windows(N)
-    writer = _plain_writer(next(iter(schema_versions())))
+    writer = plain_writer(next(iter(schema_versions())))
     window_schema = writer["fields"][2]["type"]["items"]
     singles = []
     for w in ws:

@@ -26,8 +26,8 @@ import fastavro
 from bench_framing import windows
 from kafka import KafkaConsumer, KafkaProducer
 
-from gpumeter.local_broker import LocalBroker, create_topic
-from gpumeter.record import _plain_writer, decode_batch, encode_batch, record_id, schema_versions, signature_headers
+from gpumeter.demo.broker import LocalBroker, create_topic
+from gpumeter.record import decode_batch, encode_batch, plain_writer, record_id, schema_versions, signature_headers
 from pipeline import clickhouse
 from pipeline.keys import parse_registry
 from pipeline.loader import Loader, consumer_config, make_consumer
@@ -84,7 +84,7 @@ def naive_rate(bootstrap: str, topic: str, client: Any) -> float:
     config = consumer_config("bench-naive", fast_rebalance=True)
     config["max_poll_records"] = 2000
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, **config)
-    schema = _plain_writer(next(iter(schema_versions())))["fields"][2]["type"]["items"]
+    schema = plain_writer(next(iter(schema_versions())))["fields"][2]["type"]["items"]
     records = 0
     t0 = None
     while records < N:
@@ -124,7 +124,7 @@ def run() -> Iterator[str]:
         for i in range(0, len(ws), BATCH):
             value = encode_batch(h, "bench", ws[i : i + BATCH])
             batched.append((h.encode(), value, signature_headers(value, f"k{int(h[-2:])}", SECRET)))
-    schema = _plain_writer(next(iter(schema_versions())))["fields"][2]["type"]["items"]
+    schema = plain_writer(next(iter(schema_versions())))["fields"][2]["type"]["items"]
     singles = []
     for ws in by_host.values():
         for w in ws:

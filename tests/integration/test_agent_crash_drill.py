@@ -31,7 +31,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from agent.simulate import SimulatedFleet
-from gpumeter.local_broker import LocalBroker, create_topic, free_port
+from gpumeter.demo.broker import LocalBroker, create_topic, free_port
 from gpumeter.record import decode_batch, verify
 
 pytestmark = pytest.mark.integration

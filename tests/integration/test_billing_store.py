@@ -30,7 +30,7 @@ from billing.load import _load_rates as load_rate_card
 from billing.model import Rate
 from billing.settle import SettlementResult, settle_month
 from billing.store import Store
-from gpumeter.local_broker import free_port
+from gpumeter.demo.broker import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ from agent.kafka_sink import KafkaSink
 from agent.runner import Agent, run_simulated
 from agent.simulate import SimulatedFleet, TruthKey
 from gpumeter.cli import settings_from
-from gpumeter.demo_billing import run_billing
+from gpumeter.demo.billing_month import run_billing
+from gpumeter.demo.broker import LocalBroker, create_topic
 from gpumeter.errors import GpumeterError
-from gpumeter.local_broker import LocalBroker, create_topic
 from pipeline import clickhouse
 from pipeline.loader import Loader, make_consumer
 from pipeline.report import gpu_hours_table, hours_text
