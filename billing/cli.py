@@ -1,10 +1,11 @@
-"""``gpumeter billing``: load configuration, settle months, export, record payments, chase what is owed."""
+"""``gpumeter billing`` and ``gpumeter statement``: parse the command line, call one application
+function (``billing.app``), format its answer. No rule and no SQL lives here."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -12,22 +13,24 @@ from typing import Any
 
 import click
 
-from billing import state
-from billing.clickhouse_usage import ClickHouseUsage
-from billing.invoicing import export_document
-from billing.ledger import Payment, aging, apply_payments
-from billing.load import load_files
-from billing.model import BillingError, month_of, parse_month
-from billing.money import format_money, parse_money
-from billing.reconcile import reconcile
-from billing.settle import settle_month
-from billing.store import Store
+from billing.adapters.clickhouse_usage import ClickHouseUsage
+from billing.adapters.store import Store
+from billing.app.load import load_files
+from billing.app.payments import aging_report, receivables, record_payment
+from billing.app.reconcile import reconcile
+from billing.app.reports import export_month, month_summary
+from billing.app.reports import provider_statement as provider_month
+from billing.app.settle import settle_month
+from billing.app.statements import write_statements
+from billing.core.ledger import AGING_BUCKETS, Payment
+from billing.core.model import BillingError, month_of, parse_month
+from billing.core.money import format_money, parse_money
 from gpumeter.cli import settings_from
 from gpumeter.settings import Settings
 from pipeline import clickhouse
 
 FILE = click.Path(exists=False, dir_okay=False, path_type=Path)
-BUCKETS = ("not_due", "0-30", "31-60", "61-90", "90+")
+BUCKETS = AGING_BUCKETS
 
 
 def _store(s: Settings) -> Store:
@@ -168,14 +171,14 @@ def settle(ctx: click.Context, month: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["json"]), default="json", show_default=True)
 @click.pass_context
 def export(ctx: click.Context, month: str, fmt: str) -> None:
-    """Write a settled month's invoices to stdout (JSON of billing-rules section 6)."""
-    s = settings_from(ctx)
-    with _store(s).transaction() as tx:
-        settled = sorted(r.month for r in state.settlements(tx))
-        if month not in settled and not (settled and month < settled[0]):  # before the first: closed, empty
-            raise BillingError(f"{month} is not settled: run 'gpumeter billing settle --month {month}' first")
-        invoices = state.invoices(tx, month=month)
-    json.dump(export_document(month, invoices), sys.stdout, indent=2, ensure_ascii=False)
+    """Write a settled month's invoices to stdout as JSON (docs/file-formats.md).
+
+    \b
+    Example:
+      gpumeter billing export --month 2026-03 --format json > invoices-2026-03.json
+    """
+    document = export_month(_store(settings_from(ctx)), month)
+    json.dump(document, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
 
 
@@ -189,39 +192,20 @@ def pay(ctx: click.Context, firm_id: str, amount: str, paid_on: str, reference: 
     """Record a payment: it settles the firm's open invoices oldest first; any
     leftover stays as credit for the next invoices. Recording the same payment
     again changes nothing."""
-    s = settings_from(ctx)
     try:
         value = parse_money(amount)
     except BillingError as exc:
         raise click.BadParameter(str(exc), param_hint="--amount") from None
     payment = Payment(firm_id, value, _day(paid_on, "--date"), reference)
-    store = _store(s)
-    with store.transaction() as tx:
-        known = state.firms(tx).keys() | {i.firm_id for i in state.invoices(tx)}
-        if firm_id not in known:
-            raise BillingError(f"unknown firm {firm_id!r}: load it with 'gpumeter billing load --firms'")
-        existing = {(p.firm_id, p.reference): p for p in state.payments(tx)}
-        old = existing.get((firm_id, reference))
-        if old is not None and old != payment:
-            raise BillingError(
-                f"reference {reference!r} is already recorded for {firm_id} with amount {old.amount} on "
-                f"{old.paid_on}; use a new reference for a new payment"
-            )
-        if old is None:
-            state.put_payment(tx, payment, datetime.now(UTC))
-        ledger = apply_payments(
-            state.invoices(tx, firm_id=firm_id), state.payments(tx), max(payment.paid_on, datetime.now(UTC).date())
-        )
+    done = record_payment(_store(settings_from(ctx)), payment, datetime.now(UTC))
     click.echo(
-        ("already recorded: " if old else "recorded: ") + f"{firm_id} paid {format_money(value)} on "
+        ("already recorded: " if done.already_recorded else "recorded: ") + f"{firm_id} paid {format_money(value)} on "
         f"{payment.paid_on} ({reference})"
     )
-    for a in ledger.allocations:
-        if a.reference == reference and a.firm_id == firm_id:
-            click.echo(f"  {format_money(a.amount)} -> {a.invoice_id}")
-    balance = ledger.credit_balances.get(firm_id, Decimal(0))
-    if balance:
-        click.echo(f"  credit balance for the next invoices: {format_money(balance)}")
+    for a in done.allocations:
+        click.echo(f"  {format_money(a.amount)} -> {a.invoice_id}")
+    if done.credit_balance:
+        click.echo(f"  credit balance for the next invoices: {format_money(done.credit_balance)}")
 
 
 @billing.command("invoices")
@@ -233,11 +217,7 @@ def pay(ctx: click.Context, firm_id: str, amount: str, paid_on: str, reference: 
 def invoices_cmd(ctx: click.Context, month: str | None, firm_id: str | None, as_of: str | None, fmt: str) -> None:
     """Invoices with what was paid, what is outstanding and their status (open,
     partially_paid, paid, overdue)."""
-    s = settings_from(ctx)
-    day = _day(as_of, "--as-of")
-    with _store(s).transaction() as tx:
-        all_invoices = state.invoices(tx)
-        ledger = apply_payments(all_invoices, state.payments(tx), day)
+    all_invoices, ledger = receivables(_store(settings_from(ctx)), _day(as_of, "--as-of"))
     by_id = {i.invoice_id: i for i in all_invoices}
     rows = [
         (
@@ -264,10 +244,7 @@ def invoices_cmd(ctx: click.Context, month: str | None, firm_id: str | None, as_
 @click.pass_context
 def aging_cmd(ctx: click.Context, as_of: str | None, fmt: str) -> None:
     """What each firm owes, by days past due: not yet due, 0-30, 31-60, 61-90, 90+."""
-    s = settings_from(ctx)
-    day = _day(as_of, "--as-of")
-    with _store(s).transaction() as tx:
-        report = aging(apply_payments(state.invoices(tx), state.payments(tx), day))
+    report = aging_report(_store(settings_from(ctx)), _day(as_of, "--as-of"))
     rows = [
         (firm, *(format_money(buckets.get(b, Decimal(0))) for b in BUCKETS))
         for firm, buckets in sorted(report.by_firm.items())
@@ -327,49 +304,17 @@ def _emit(header: tuple[str, ...], rows: list[tuple[Any, ...]], fmt: str, right:
 def summary_cmd(ctx: click.Context, month: str, fmt: str) -> None:
     """A settled month at a glance: firms invoiced, gross, credits by program, amount
     due, and each program's budget drawn (all settlements so far) and left."""
-    s = settings_from(ctx)
-    with _store(s).transaction() as tx:
-        rows = {r.month: r for r in state.settlements(tx)}
-        if month not in rows:
-            raise BillingError(f"{month} is not settled")
-        invoices = state.invoices(tx, month=month)
-        programs = state.programs(tx)
-        drawn = state.drawn_state(tx).drawn_by_program
-        by_program: dict[str, Decimal] = {}
-        for inv in invoices:
-            for c in inv.credits:
-                by_program[c.program_id] = by_program.get(c.program_id, Decimal(0)) + c.amount
-    gross = sum((i.gross for i in invoices), Decimal(0))
-    credits = sum((i.credit_total for i in invoices), Decimal(0))
-    due = sum((i.amount_due for i in invoices), Decimal(0))
+    m = month_summary(_store(settings_from(ctx)), month)
     head = ("month", "firms_invoiced", "gross", "credits", "amount_due", "currency")
-    _emit(
-        head,
-        [
-            (
-                month,
-                str(len(invoices)),
-                format_money(gross),
-                format_money(credits),
-                format_money(due),
-                rows[month].currency,
-            )
-        ],
-        fmt,
-        right={1, 2, 3, 4},
-    )
+    row = (m.month, str(m.firms_invoiced), format_money(m.gross), format_money(m.credits), format_money(m.amount_due),
+           m.currency)  # fmt: skip
+    _emit(head, [row], fmt, right={1, 2, 3, 4})
     click.echo("")
     prog = [
-        (
-            pid,
-            str(p.year),
-            format_money(by_program.get(pid, Decimal(0))),
-            format_money(p.budget),
-            format_money(drawn.get(pid, Decimal(0))),
-            format_money(max(p.budget - drawn.get(pid, Decimal(0)), Decimal(0))),
-        )
-        for pid, p in sorted(programs.items())
-    ]
+        (p.program_id, str(p.year), format_money(p.credits_this_month), format_money(p.budget),
+         format_money(p.drawn_to_date), format_money(p.left))
+        for p in m.programs
+    ]  # fmt: skip
     _emit(
         ("program_id", "year", "credits_this_month", "budget", "drawn_to_date", "left"), prog, fmt, right={2, 3, 4, 5}
     )
@@ -385,25 +330,53 @@ def provider_statement(ctx: click.Context, provider_id: str, month: str, fmt: st
     ClickHouse, each record once), and the amount billed on that capacity (items
     dated in the month, including late usage billed on adjustment lines)."""
     s = settings_from(ctx)
-    with _store(s).transaction() as tx:
-        tz = state.get_meta(tx, "timezone", state.DEFAULT_TIMEZONE)
-        billed: dict[str, tuple[int, Decimal]] = {}
-        for cls, seconds, amount in tx.query(
-            "SELECT gpu_class, allocated_seconds, amount FROM items WHERE provider_id = ? AND "
-            "((month = ? AND adjustment_for = '') OR adjustment_for = ?)",
-            (provider_id, month, month),
-        ):
-            old = billed.get(cls, (0, Decimal(0)))
-            billed[cls] = (old[0] + int(seconds), old[1] + Decimal(amount))
-    delivered = _usage(s).hours_by_host(tz, month, provider_id)
+    st = provider_month(_store(s), _usage(s), provider_id, month)
 
     def h(seconds: int) -> str:
         return f"{Decimal(seconds) / 3600:.6f}"
 
-    rows = [(cls, host, h(sec), str(n)) for cls, host, sec, n in delivered]
+    rows = [(cls, host, h(sec), str(n)) for cls, host, sec, n in st.delivered]
     _emit(("gpu_class", "host_id", "gpu_hours_delivered", "records"), rows, fmt, right={2, 3})
     click.echo("")
-    billed_rows = [(cls, h(sec), format_money(amt)) for cls, (sec, amt) in sorted(billed.items())]
-    total = sum((amt for _, amt in billed.values()), Decimal(0))
-    billed_rows.append(("TOTAL", h(sum(sec for sec, _ in billed.values())), format_money(total)))
+    billed_rows = [(cls, h(sec), format_money(amt)) for cls, sec, amt in st.billed]
+    billed_rows.append(("TOTAL", h(st.billed_seconds), format_money(st.billed_amount)))
     _emit(("gpu_class", "gpu_hours_billed", "amount_billed"), billed_rows, fmt, right={1, 2})
+
+
+@click.command("statement")
+@click.option(
+    "--firm", "firm_ids", multiple=True, help="Firm id (repeatable). Default: every firm invoiced that month."
+)
+@click.option("--month", required=True, callback=lambda c, p, v: _month(v), help="Settled month, YYYY-MM.")
+@click.option("--format", "fmt", type=click.Choice(["html", "csv"]), default="html", show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Folder to write the statements into.",
+)
+@click.option("--as-of", "as_of", default=None, help="Payment status as of this date (default today).")
+@click.pass_context
+def statement(
+    ctx: click.Context, firm_ids: tuple[str, ...], month: str, fmt: str, out: Path, as_of: str | None
+) -> None:
+    """Write a firm's monthly usage statement: invoice summary, subsidy by voucher and
+    program, amount due and due date, payment status, daily GPU-hours by class, line
+    items, late-usage adjustment lines, and the firm's share vs the subsidised share.
+
+    \b
+    HTML is one self-contained, printable file; CSV is two files (line items, daily usage).
+    Every statement is checked to equal its invoice to the fen before it is written.
+    Example:
+      gpumeter statement --firm F0001 --month 2026-03 --format html --out statements/
+    """
+    s = settings_from(ctx)
+
+    def each(firms: list[str]) -> Iterator[str]:
+        with click.progressbar(firms, label=f"statements {month}", file=sys.stderr) as bar:
+            yield from bar
+
+    files = write_statements(_store(s), month, list(firm_ids), fmt, out, _day(as_of, "--as-of"), each)
+    for path in files:
+        click.echo(str(path))

@@ -26,7 +26,7 @@ GROUPS: dict[str, tuple[str, str, str]] = {
         "billing",
         "Rate cards, vouchers, monthly settlement, invoices, payments.",
     ),
-    "statement": ("billing.statements_cli:statement", "billing", "A firm's monthly usage statement (HTML or CSV)."),
+    "statement": ("billing.cli:statement", "billing", "A firm's monthly usage statement (HTML or CSV)."),
     "demo": ("gpumeter.demo.cli:demo", "embedded", "Run a simulated city compute platform end to end."),
 }
 

@@ -13,6 +13,7 @@ from pipeline import clickhouse
 from pipeline.gaps import gaps_table
 from pipeline.keys import load_registry
 from pipeline.loader import DeadLetter, Loader, make_consumer
+from pipeline.usage_store import UsageStore
 
 CLUSTER_OPTION = click.option(
     "--cluster",
@@ -146,5 +147,5 @@ def rollup(ctx: click.Context, since: str | None) -> None:
     else:
         last = client.query(f"SELECT max(refreshed_at), count() FROM {s.clickhouse_database}.usage_hourly").result_rows
         start = last[0][0] - timedelta(minutes=10) if last and last[0][1] else datetime(2000, 1, 1)
-    hours = clickhouse.refresh_rollups(client, s.clickhouse_database, start)
+    hours = UsageStore(client, s.clickhouse_database).refresh_rollups(start)
     click.echo(f"usage_hourly: {hours} hour(s) recomputed from deliveries ingested since {start.isoformat()} UTC")

@@ -15,17 +15,18 @@ Tables (database from settings, default ``gpumeter``):
 - ``usage_ingest_v<N>`` (Null engine, one per writer schema version): the loader
   inserts Avro containers here; two materialized views check each window and
   route it to ``usage_raw`` or ``usage_quarantine`` (``schema.py``).
-- ``usage_hourly``: dashboard rollup recomputed from ``usage_windows``
-  (``refresh_rollups``), never from raw deliveries, so replays cannot inflate it.
-- ``usage_windows`` (view): one row per record_id, the *first* delivery
-  (earliest ``ingested_at``, then partition, offset). Billing reads only this.
+- ``usage_hourly``: dashboard rollup recomputed from first deliveries
+  (``usage_store.UsageStore.refresh_rollups``), so replays cannot inflate it.
+
+Which delivery of a record counts (its first) is defined once, in ``usage_store.py``;
+every read of usage goes through it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any
 
 from gpumeter.errors import ConfigError, StoreBusyError
@@ -38,6 +39,7 @@ RAW_COLUMNS = (
     "agent_version", "source", "kafka_partition", "kafka_offset", "ingested_at",
 )  # fmt: skip
 
+HOURLY_COLUMNS = ("hour", "provider_id", "gpu_class", "firm_id", "allocated_seconds", "records", "refreshed_at")
 QUARANTINE_COLUMNS = ("raw", "reason", "source", "kafka_partition", "kafka_offset", "quarantined_at")
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -89,33 +91,6 @@ def insert_raw(client: Any, database: str, rows: Sequence[Sequence[Any]], dedup_
 def insert_quarantine(client: Any, database: str, rows: Sequence[Sequence[Any]], dedup_token: str | None) -> None:
     settings = {"insert_deduplication_token": dedup_token} if dedup_token else None
     client.insert(f"{database}.usage_quarantine", rows, column_names=QUARANTINE_COLUMNS, settings=settings)
-
-
-def gpu_seconds_by_day(
-    client: Any, database: str, tz: str, first_day: date | None = None, last_day: date | None = None
-) -> list[tuple[str, date, str, str, int, int]]:
-    """(firm_id, day, provider_id, gpu_class, allocated_seconds, records) from deduplicated usage."""
-    where = []
-    params: dict[str, Any] = {"tz": tz}
-    if first_day is not None:
-        where.append("toDate(window_start, {tz:String}) >= {first:Date}")
-        params["first"] = first_day
-    if last_day is not None:
-        where.append("toDate(window_start, {tz:String}) <= {last:Date}")
-        params["last"] = last_day
-    clause = ("WHERE " + " AND ".join(where)) if where else ""
-    result = client.query(
-        f"""
-        SELECT firm_id, toDate(window_start, {{tz:String}}) AS day, provider_id, gpu_class,
-               sum(allocated_seconds) AS allocated_seconds, count() AS records
-        FROM {database}.usage_windows
-        {clause}
-        GROUP BY firm_id, day, provider_id, gpu_class
-        ORDER BY firm_id, day, provider_id, gpu_class
-        """,
-        parameters=params,
-    )
-    return [(str(r[0]), r[1], str(r[2]), str(r[3]), int(r[4]), int(r[5])) for r in result.result_rows]
 
 
 def count_rows(client: Any, database: str, table: str) -> int:
@@ -181,34 +156,10 @@ def seq_extents(client: Any, database: str) -> list[tuple[str, int, int, int]]:
     return [(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in result.result_rows]
 
 
-def refresh_rollups(client: Any, database: str, ingested_since: datetime) -> int:
-    """Recompute ``usage_hourly`` for every hour that received a delivery since ``ingested_since``.
-
-    Built from ``usage_windows`` (first deliveries), so replays and re-sent windows
-    cannot inflate it; read it with FINAL. Returns the hours recomputed.
-    """
-    hours = client.query(
-        f"SELECT DISTINCT toStartOfHour(window_start) FROM {database}.usage_raw "
-        "WHERE ingested_at >= {since:DateTime64(6)}",
-        parameters={"since": ingested_since},
-    ).result_rows
-    if not hours:
-        return 0
-    client.command(
-        f"""
-        INSERT INTO {database}.usage_hourly
-        SELECT toStartOfHour(window_start) AS hour, provider_id, gpu_class, firm_id,
-               sum(allocated_seconds), count(), now64(6)
-        FROM {database}.usage_windows
-        WHERE toStartOfHour(window_start) IN (
-            SELECT DISTINCT toStartOfHour(window_start) FROM {database}.usage_raw
-            WHERE ingested_at >= {{since:DateTime64(6)}}
-        )
-        GROUP BY hour, provider_id, gpu_class, firm_id
-        """,
-        parameters={"since": ingested_since},
-    )
-    return len(hours)
+def insert_hourly(client: Any, database: str, rows: Sequence[Sequence[Any]]) -> None:
+    """Rows of (hour, provider_id, gpu_class, firm_id, allocated_seconds, records, refreshed_at)."""
+    if rows:
+        client.insert(f"{database}.usage_hourly", rows, column_names=HOURLY_COLUMNS)
 
 
 def hourly_totals(client: Any, database: str) -> list[tuple[datetime, str, str, str, int, int]]:

@@ -20,7 +20,7 @@ Durability order, per block (never reorder these steps):
 A failure in 2 or 3 (ClickHouse or Kafka unavailable) commits nothing: the
 loader pauses its partitions, backs off, retries the same blocks and catches up.
 A crash anywhere replays from the last commit; the token absorbs an identical
-block and ``usage_windows`` reads each record_id once whatever was replayed.
+block and the usage store reads each record_id once (its first delivery) whatever was replayed.
 Partitions revoked in a rebalance lose their buffered messages here and are
 never committed by this member; the new owner replays them.
 """
@@ -300,7 +300,7 @@ class Loader:
             self.stats.commits += 1
         except (CommitFailedError, KafkaError) as exc:
             # The rows are durable; the next owner of these partitions replays them and
-            # the tokens and usage_windows absorb the replay. Nothing is lost.
+            # the tokens and the first-delivery read absorb the replay. Nothing is lost.
             self.stats.commit_failures += 1
             log.warning("offset commit failed (%s); the next owner replays, nothing is lost", exc)
 

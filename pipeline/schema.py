@@ -230,27 +230,10 @@ ARRAY JOIN windows AS w
 WHERE reason != ''"""
         return [raw, quarantine]
 
-    def windows_view(self) -> str:
-        return f"""CREATE VIEW IF NOT EXISTS {self.db}.usage_windows{self.on} AS
-SELECT
-    record_id,
-    first.1 AS provider_id, first.2 AS host_id, first.3 AS gpu_uuid, first.4 AS gpu_class,
-    first.5 AS firm_id, first.6 AS window_start, first.7 AS window_end,
-    first.8 AS allocated_seconds, first.9 AS busy_seconds, first.10 AS energy_joules,
-    first.11 AS ingested_at,
-    deliveries
-FROM (
-    SELECT
-        record_id,
-        argMin(
-            (provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end,
-             allocated_seconds, busy_seconds, energy_joules, ingested_at),
-            (ingested_at, kafka_partition, kafka_offset)
-        ) AS first,
-        count() AS deliveries
-    FROM {self.db}.usage_raw
-    GROUP BY record_id
-)"""
+    def drop_windows_view(self) -> str:
+        """Databases made before 0.2 had a ``usage_windows`` view with a first-delivery definition of its
+        own; every read now goes through ``usage_store.first_delivery_sql``, so the view is dropped."""
+        return f"DROP VIEW IF EXISTS {self.db}.usage_windows{self.on}"
 
     def hourly_table(self) -> str:
         return f"""CREATE TABLE IF NOT EXISTS {self.db}.usage_hourly{self.on} (
@@ -276,7 +259,7 @@ ORDER BY (hour, provider_id, gpu_class, firm_id)"""
         for writer in sorted(writers, key=lambda w: w.version):
             out.append(self.ingest_table(writer))
             out += self.ingest_views(writer)
-        out += [self.windows_view(), self.hourly_table()]
+        out += [self.drop_windows_view(), self.hourly_table()]
         return out
 
 

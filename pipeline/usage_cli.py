@@ -9,8 +9,18 @@ from pathlib import Path
 import click
 
 from gpumeter.cli import settings_from
+from gpumeter.inputfiles import InputFileError
+from gpumeter.settings import Settings
 from pipeline import clickhouse
 from pipeline.report import gpu_hours_table
+from pipeline.usage_csv import read_usage
+from pipeline.usage_store import UsageStore
+
+
+def _store(s: Settings) -> UsageStore:
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    clickhouse.ensure_schema(client, s.clickhouse_database)
+    return UsageStore(client, s.clickhouse_database)
 
 
 @click.group()
@@ -31,16 +41,14 @@ def usage() -> None:
 )
 @click.pass_context
 def summary(ctx: click.Context, first_day: datetime | None, last_day: datetime | None, tz: str, by: str) -> None:
-    """GPU-hours from deduplicated usage (each record_id once)."""
-    s = settings_from(ctx)
-    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
-    clickhouse.ensure_schema(client, s.clickhouse_database)
-    rows = clickhouse.gpu_seconds_by_day(
-        client,
-        s.clickhouse_database,
-        tz,
-        first_day.date() if first_day else None,
-        last_day.date() if last_day else None,
+    """GPU-hours from deduplicated usage (each record_id once, its first delivery).
+
+    \b
+    Example:
+      gpumeter usage summary --from 2026-03-01 --to 2026-03-31 --timezone Asia/Shanghai
+    """
+    rows = _store(settings_from(ctx)).gpu_seconds_by_day(
+        tz, first_day.date() if first_day else None, last_day.date() if last_day else None
     )
     click.echo(gpu_hours_table(rows, detailed=(by != "firm-class")))
 
@@ -55,29 +63,35 @@ def import_csv(ctx: click.Context, csv_file: Path) -> None:
     Header: record_id, window_start, window_end, provider_id, host_id, gpu_uuid,
             gpu_class, firm_id, allocated_seconds, busy_seconds, energy_joules
     Timestamps are ISO-8601 with an offset; allocated_seconds is whole seconds;
-    busy_seconds and energy_joules may be empty.
+    busy_seconds and energy_joules may be empty. record_id is the first 32 hex
+    digits of the SHA-256 of host_id, gpu_uuid, firm_id and window_start (epoch
+    milliseconds) joined by the byte 0x1f, as the agent computes it.
 
-    The file is validated whole: a bad row refuses it (FILE:LINE: reason) and
-    nothing is written. Records are deduplicated by record_id: one already known
-    is not billed again, and a record_id delivered again with different content
-    is reported at settlement and never billed twice. Importing the same file
-    again changes nothing.
+    The file is checked whole, by the same rules the Kafka loader applies to every
+    window (record id, length, seconds, energy, time); a bad row refuses it
+    (FILE:LINE: reason) and nothing is written. Records are deduplicated by
+    record_id: one already known is not billed again, and a record_id delivered
+    again with different content is reported at settlement and never billed twice.
+    Importing the same file again changes nothing.
+
+    \b
+    Example:
+      gpumeter usage import usage-2026-03.csv
     """
-    from billing.clickhouse_usage import ClickHouseUsage
-    from billing.files import read_usage
-
     s = settings_from(ctx)
-    rows = read_usage(csv_file)
+    windows, problems = read_usage(csv_file)
     content = csv_file.read_bytes()
     token = "import:" + hashlib.sha256(content).hexdigest()
-    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
-    clickhouse.ensure_schema(client, s.clickhouse_database)
-    store = ClickHouseUsage(client, s.clickhouse_database)
-    ids = list(dict.fromkeys(r.record_id for r in rows))
+    store = _store(s)
+    now = datetime.now(UTC)
+    problems += store.rejected(windows, now)  # the loader's rules, over the rows that parsed
+    if problems:
+        raise InputFileError(csv_file, sorted(problems))
+    ids = list(dict.fromkeys(w.record_id for w in windows))
     known = store.known_record_ids(ids)
-    store.import_rows(rows, source=f"import:{csv_file.name}", token=token, now=datetime.now(UTC))
+    store.import_windows(windows, source=f"import:{csv_file.name}", token=token, now=now)
     new = len(ids) - len(known)
     click.echo(
-        f"{csv_file}: {len(rows)} row(s), {len(ids)} record_id(s): {new} new, {len(known)} already in the store "
+        f"{csv_file}: {len(windows)} row(s), {len(ids)} record_id(s): {new} new, {len(known)} already in the store "
         "(counted once)"
     )

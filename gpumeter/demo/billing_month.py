@@ -14,14 +14,14 @@ from typing import Any
 
 import click
 
-from billing import state
-from billing.clickhouse_usage import ClickHouseUsage
-from billing.load import load_files
-from billing.money import format_money
-from billing.reconcile import reconcile
-from billing.settle import settle_month
-from billing.statements_cli import write_statements
-from billing.store import Store
+from billing.adapters import state
+from billing.adapters.clickhouse_usage import ClickHouseUsage
+from billing.adapters.store import Store
+from billing.app.load import load_files
+from billing.app.reconcile import reconcile
+from billing.app.settle import settle_month
+from billing.app.statements import write_statements
+from billing.core.money import format_money
 
 RATES = """# Prices per GPU-hour, tax included (CNY). Domestic accelerators are priced lower.
 currency = "CNY"

@@ -25,6 +25,7 @@ from gpumeter.errors import GpumeterError
 from pipeline import clickhouse
 from pipeline.loader import Loader, make_consumer
 from pipeline.report import gpu_hours_table, hours_text
+from pipeline.usage_store import UsageStore
 
 MARKER = ".gpumeter-demo"
 
@@ -128,7 +129,7 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
             f"({stats.inserts} inserts, {stats.commits} commits, {stats.quarantined} quarantined)"
         )
 
-    rows = clickhouse.gpu_seconds_by_day(client, settings.clickhouse_database, tz)
+    rows = UsageStore(client, settings.clickhouse_database).gpu_seconds_by_day(tz)
     click.echo()
     click.echo(f"GPU-hours per firm and class, {month} ({tz}), from ClickHouse:")
     click.echo(gpu_hours_table(rows))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gpumeter.cli import main
+from gpumeter.record import record_id
 
 USAGE_HEADER = (
     "record_id,window_start,window_end,provider_id,host_id,gpu_uuid,gpu_class,firm_id,"
@@ -68,14 +70,20 @@ class Cli:
         return self.file(name or f"usage{self.n}.csv", "\n".join([USAGE_HEADER, *rows]) + "\n")
 
 
-def row(rid: str, start: str, seconds: int, firm: str = "F1", cls: str = "H100", provider: str = "P1",
-        hours: int = 24) -> str:  # fmt: skip
-    """A usage CSV line; the window is ``hours`` long from ``start`` (UTC)."""
-    from datetime import datetime, timedelta
+def record_of(gpu: str, start: str, firm: str = "F1") -> str:
+    """The record_id of the window of GPU ``GPU-<gpu>`` on host h1 held by ``firm`` from ``start`` (UTC)."""
+    begin = datetime.fromisoformat(start + "+00:00")
+    return record_id("h1", f"GPU-{gpu}", firm, int(begin.timestamp()) * 1000)
 
+
+def row(gpu: str, start: str, seconds: int, firm: str = "F1", cls: str = "H100", provider: str = "P1",
+        hours: int = 24) -> str:  # fmt: skip
+    """A usage CSV line of GPU ``GPU-<gpu>`` on host h1 (with its true record_id); the window is
+    ``hours`` long from ``start`` (UTC). The same (gpu, start, firm) is the same record."""
     begin = datetime.fromisoformat(start + "+00:00")
     end = begin + timedelta(hours=hours)
-    return f"{rid},{begin.isoformat()},{end.isoformat()},{provider},h1,GPU-1,{cls},{firm},{seconds},,"
+    rid = record_of(gpu, start, firm)
+    return f"{rid},{begin.isoformat()},{end.isoformat()},{provider},h1,GPU-{gpu},{cls},{firm},{seconds},,"
 
 
 def amounts(doc: dict[str, Any]) -> dict[str, tuple[str, str, str]]:

@@ -6,7 +6,7 @@ import os
 import sqlite3
 
 import pytest
-from billing_helpers import RATES, Cli, amounts, row
+from billing_helpers import RATES, Cli, amounts, record_of, row
 
 pytestmark = pytest.mark.integration
 
@@ -85,9 +85,10 @@ def test_duplicate_record_ids_are_billed_once(cli: Cli) -> None:
 def test_later_delivery_with_different_content_is_reported_never_billed(cli: Cli) -> None:
     setup(cli)
     cli.ok("usage", "import", cli.usage(row("r", "2026-03-02T00:00:00", 3600)))
-    cli.ok("usage", "import", cli.usage(row("r", "2026-03-02T00:00:00", 7200, firm="F2")))
+    cli.ok("usage", "import", cli.usage(row("r", "2026-03-02T00:00:00", 7200)))  # same record, other seconds
     r = cli.ok("billing", "settle", "--month", "2026-03")
-    assert "different content (first delivery billed, later ones not): 1: r" in r.out
+    rid = record_of("r", "2026-03-02T00:00:00")
+    assert f"different content (first delivery billed, later ones not): 1: {rid}" in r.out
     doc = cli.ok("billing", "export", "--month", "2026-03").json()
     assert amounts(doc) == {"F1": ("10.00", "0.00", "10.00")}
 
@@ -302,7 +303,7 @@ def test_a_bad_usage_row_refuses_the_whole_file(cli: Cli) -> None:
     r = cli("usage", "import", path)
     assert r.code == 1
     assert f"{path}:3: window_start '2026-03-01T00:00:00' has no UTC offset" in r.err
-    assert f"{path}:4: allocated_seconds 99999 exceeds the window length 3600 s" in r.err
+    assert f"{path}:4: allocated_seconds > window length" in r.err
     setup(cli)
     r = cli("billing", "settle", "--month", "2026-03")
     assert "invoices: 0" in r.out
@@ -361,10 +362,11 @@ def test_hourly_rollup_ignores_redeliveries(cli: Cli) -> None:
 def test_conflicts_include_every_field_and_are_reported_once_in_the_settlement_they_arrived_in(cli: Cli) -> None:
     setup(cli)
     cli.ok("usage", "import", cli.usage(row("r", "2026-02-02T00:00:00", 3600)))
-    busy = "r,2026-02-02T00:00:00+00:00,2026-02-03T00:00:00+00:00,P1,h1,GPU-1,H100,F1,3600,5,"  # busy differs
+    busy = row("r", "2026-02-02T00:00:00", 3600).removesuffix(",,") + ",5,"  # the same record, busy differs
     cli.ok("usage", "import", cli.usage(busy))
     feb = cli.ok("billing", "settle", "--month", "2026-02")
-    assert "different content (first delivery billed, later ones not): 1: r" in feb.out
+    rid = record_of("r", "2026-02-02T00:00:00")
+    assert f"different content (first delivery billed, later ones not): 1: {rid}" in feb.out
     mar = cli.ok("billing", "settle", "--month", "2026-03")
     assert "different content" not in mar.out
 

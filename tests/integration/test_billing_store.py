@@ -22,14 +22,15 @@ from typing import Any
 
 import pytest
 
-from billing import state
-from billing.clickhouse_usage import UsageGroup, Window
-from billing.files import RateCardFile
-from billing.load import LoadReport
-from billing.load import _load_rates as load_rate_card
-from billing.model import Rate
-from billing.settle import SettlementResult, settle_month
-from billing.store import Store
+from billing.adapters import state
+from billing.adapters.files import RateCardFile
+from billing.adapters.store import Store
+from billing.app.load import LoadReport
+from billing.app.load import _load_rates as load_rate_card
+from billing.app.ports import SettlementSpan
+from billing.app.settle import SettlementResult, settle_month
+from billing.core.model import Rate, UsageAggregate
+from billing.core.pricing import UnpricedUsageError
 from gpumeter.demo.broker import free_port
 
 pytestmark = pytest.mark.integration
@@ -88,21 +89,29 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 class FixedUsage:
-    """A usage reader with fixed groups (this file tests the store, not ClickHouse)."""
+    """A usage reader with fixed groups (this file tests the store, not ClickHouse). With ``inside``,
+    the read waits at that barrier and then for ``release``: the settlement is held mid-transaction."""
 
-    def __init__(self, groups: list[UsageGroup], delay: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        groups: list[UsageAggregate],
+        inside: threading.Barrier | None = None,
+        release: threading.Event | None = None,
+    ) -> None:
         self._groups = groups
-        self.delay = delay
+        self.inside = inside
+        self.release = release
 
-    def groups(self, tz: str, window: Window) -> list[UsageGroup]:
-        if self.delay is not None:
-            self.delay.wait(5)
-        return [g for g in self._groups if g.day <= window.last_day]
+    def usage(self, tz: str, span: SettlementSpan) -> list[UsageAggregate]:
+        if self.inside is not None and self.release is not None:
+            self.inside.wait(10)
+            assert self.release.wait(10)
+        return [g for g in self._groups if g.day <= span.last_day]
 
     def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]:
         return []
 
-    def conflicting_records(self, window: Window, limit: int = 20) -> tuple[int, list[str]]:
+    def conflicting_records(self, span: SettlementSpan, limit: int = 20) -> tuple[int, list[str]]:
         return 0, []
 
 
@@ -113,8 +122,8 @@ def _load_rates(store: Store) -> None:
 
 
 GROUPS = [
-    UsageGroup("F1", date(2026, 3, 1), "P1", "H100", 3600, 1, 0, 0),
-    UsageGroup("F2", date(2026, 3, 2), "P1", "H100", 5400, 2, 0, 0),
+    UsageAggregate("F1", date(2026, 3, 1), "P1", "H100", 3600, 1, 0, 0),
+    UsageAggregate("F2", date(2026, 3, 2), "P1", "H100", 5400, 2, 0, 0),
 ]
 
 
@@ -129,25 +138,38 @@ def test_settlement_round_trips_through_the_store(store_url: str) -> None:
 
 
 def test_two_settlements_at_once_cannot_both_apply(store_url: str) -> None:
+    """The second settlement starts while the first is inside its transaction (held there at a
+    barrier), is still waiting for the lock half a second later, and then finds the month settled."""
     _load_rates(Store(store_url))
-    gate = threading.Event()
+    inside, release = threading.Barrier(2), threading.Event()
     results: list[SettlementResult] = []
     errors: list[BaseException] = []
+    second_done = threading.Event()
 
-    def run() -> None:
+    def first() -> None:
         try:
-            results.append(settle_month(Store(store_url), FixedUsage(GROUPS, delay=gate), "2026-03"))
+            results.append(settle_month(Store(store_url), FixedUsage(GROUPS, inside, release), "2026-03"))
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    def second() -> None:
+        try:
+            inside.wait(10)  # the first settlement holds the store's write lock now
+            results.append(settle_month(Store(store_url), FixedUsage(GROUPS), "2026-03"))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            second_done.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
     for t in threads:
         t.start()
-    gate.set()
+    assert not second_done.wait(0.5), "the second settlement did not wait for the first one's lock"
+    release.set()
     for t in threads:
         t.join(30)
     assert errors == []
-    assert sorted(r.already_settled for r in results) == [False, True]
+    assert sorted(r.already_settled for r in results) == [False, True]  # one settled it, the other found it done
     with Store(store_url).transaction() as tx:
         assert [s.month for s in state.settlements(tx)] == ["2026-03"]
         assert len(tx.query("SELECT * FROM items")) == 2
@@ -156,8 +178,8 @@ def test_two_settlements_at_once_cannot_both_apply(store_url: str) -> None:
 def test_a_failed_settlement_leaves_nothing(store_url: str) -> None:
     store = Store(store_url)
     _load_rates(store)
-    unpriced = [*GROUPS, UsageGroup("F3", date(2026, 3, 3), "P1", "B200", 60, 1, 0, 0)]
-    with pytest.raises(Exception, match="no price for 1 usage key"):
+    unpriced = [*GROUPS, UsageAggregate("F3", date(2026, 3, 3), "P1", "B200", 60, 1, 0, 0)]
+    with pytest.raises(UnpricedUsageError, match="no price for 1 usage key"):
         settle_month(store, FixedUsage(unpriced), "2026-03")
     with store.transaction() as tx:
         counts: dict[str, Any] = {

@@ -13,6 +13,7 @@ from agent.runner import Agent, run_simulated
 from agent.simulate import SimulatedFleet
 from pipeline import clickhouse
 from pipeline.loader import Loader, LoaderStats, make_consumer
+from pipeline.usage_store import UsageStore
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,7 @@ def load(bootstrap: str, topic: str, ch: tuple[Any, str], group: str, until_mess
 
 def measured(ch: tuple[Any, str], tz: str) -> dict[tuple[Any, ...], int]:
     client, db = ch
-    return {(f, d, p, c): s for f, d, p, c, s, _ in clickhouse.gpu_seconds_by_day(client, db, tz)}
+    return {(f, d, p, c): s for f, d, p, c, s, _ in UsageStore(client, db).gpu_seconds_by_day(tz)}
 
 
 @pytest.mark.parametrize("tz", ["UTC", "Asia/Shanghai"])

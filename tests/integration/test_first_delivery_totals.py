@@ -1,8 +1,9 @@
-"""Billing's deduplicated reads against a plain Python definition, on random re-deliveries.
+"""Every reader of usage against a plain Python definition of "first delivery", on random re-deliveries.
 
-``ClickHouseUsage`` finds each record's first delivery in one pass ordered by ingested_at,
-and reads the records whose order could matter there (contents differ, second delivery at
-the first one's instant) again, by id, in the exact order (then partition, offset).
+The usage store (``pipeline.usage_store``, behind billing's ``ClickHouseUsage`` port) finds each
+record's first delivery in one pass ordered by ingested_at, and reads the records whose order
+could matter there (contents differ, second delivery at the first one's instant) again, by id,
+in the exact order (then partition, offset).
 
 Here random raw rows - records delivered up to four times, later deliveries sometimes with
 other content (firm, class, day, seconds, busy, energy; NULL, 0 and -0.0 among them), with
@@ -18,13 +19,22 @@ import hashlib
 import random
 from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from billing.clickhouse_usage import READ_SETTINGS, ClickHouseUsage, UsageGroup, Window, first_delivery_sql
+from billing.adapters import state
+from billing.adapters.clickhouse_usage import ClickHouseUsage
+from billing.adapters.store import Store
+from billing.app.load import load_files
+from billing.app.ports import SettlementSpan as Window
+from billing.app.reconcile import reconcile
+from billing.app.settle import settle_month
+from billing.core.model import UsageAggregate
 from pipeline import clickhouse
+from pipeline.usage_store import READ_SETTINGS, UsageStore, first_delivery_sql
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +98,7 @@ def _in(window: Window, r: tuple[Any, ...]) -> bool:
     return inside
 
 
-def _expected_groups(rows: list[tuple[Any, ...]], window: Window) -> list[UsageGroup]:
+def _expected_groups(rows: list[tuple[Any, ...]], window: Window) -> list[UsageAggregate]:
     sums: dict[tuple[str, date, str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for r in _first(rows).values():
         if _in(window, r):
@@ -98,7 +108,7 @@ def _expected_groups(rows: list[tuple[Any, ...]], window: Window) -> list[UsageG
             s[2] += round((r[10] or 0) * 1000)  # busy and energy: summed in thousandths, then half-up to whole
             s[3] += round((r[11] or 0) * 1000)
     return [
-        UsageGroup(k[0], k[1], k[2], k[3], v[0], v[1], (v[2] + 500) // 1000, (v[3] + 500) // 1000)
+        UsageAggregate(k[0], k[1], k[2], k[3], v[0], v[1], (v[2] + 500) // 1000, (v[3] + 500) // 1000)
         for k, v in sorted(sums.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2], kv[0][3]))
     ]
 
@@ -121,7 +131,7 @@ def test_reads_equal_the_first_delivery_definition(ch: tuple[Any, str], seed: in
     lines: list[str] = []
     usage = ClickHouseUsage(client, db, progress=lines.append)
     for window in WINDOWS:
-        assert usage.groups(TZ, window) == _expected_groups(rows, window), window
+        assert usage.usage(TZ, window) == _expected_groups(rows, window), window
         # conflicts: more than one content, latest delivery inside (prev cutoff, cutoff]
         contents: dict[str, set[tuple[Any, ...]]] = defaultdict(set)
         latest: dict[str, datetime] = {}
@@ -194,3 +204,74 @@ def test_the_pass_reads_in_table_order_without_sorting(ch: tuple[Any, str]) -> N
     assert not any("MergeSortingTransform" in line for line in one_pass), one_pass
     exact = plan(first_delivery_sql(db, keys, "1", tied=True), tied=["x"])
     assert any("Sorting" in line for line in exact), exact  # the exact order sorts (only the tied ids)
+
+
+RATES_TOML = """currency = "CNY"
+timezone = "Asia/Shanghai"
+""" + "".join(
+    f'\n[[rate]]\ngpu_class = "{cls}"\nprovider = "*"\nprice_per_gpu_hour = "{price}"\neffective_from = 2025-01-01\n'
+    for cls, price in (("H100", "21.50"), ("A800", "12.80"), ("L40S", "6.40"))
+)
+
+
+@pytest.mark.parametrize(("seed", "shared_instants"), [(5, True), (6, False)])
+def test_every_reader_agrees_with_the_one_definition(
+    ch: tuple[Any, str], tmp_path: Path, seed: int, shared_instants: bool
+) -> None:
+    """Invoices (settled items and lines), ``usage summary``, the hourly rollup and ``billing reconcile``
+    all count exactly the first delivery of each record_id, on the same random re-deliveries."""
+    client, db = ch
+    rows = _deliveries(seed, shared_instants)
+    for part in range(3):
+        clickhouse.insert_raw(client, db, rows[part::3], None)
+    first = list(_first(rows).values())
+    by_day: dict[tuple[str, date, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    by_hour: dict[tuple[datetime, str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    by_month: dict[tuple[str, str], int] = defaultdict(int)
+    for r in first:
+        for sums, key in (
+            (by_day, (r[6], _day(r), r[2], r[5])),
+            (by_hour, (r[7].replace(minute=0, second=0, microsecond=0), r[2], r[5], r[6])),
+        ):
+            sums[key][0] += r[9]
+            sums[key][1] += 1
+        by_month[(_day(r).strftime("%Y-%m"), r[6])] += r[9]
+    store = UsageStore(client, db)
+
+    # usage summary (and the demo's ground-truth check): every first delivery, by firm, day, provider, class
+    assert store.gpu_seconds_by_day(TZ) == [(*k, *v) for k, v in sorted(by_day.items())]
+
+    # the hourly rollup, recomputed from first deliveries
+    delivered_hours = {r[7].replace(minute=0, second=0, microsecond=0) for r in rows}  # any delivery's hour
+    assert store.refresh_rollups(datetime(2000, 1, 1)) == len(delivered_hours)
+    assert [(h.replace(tzinfo=None), p, c, f, s, n) for h, p, c, f, s, n in store.hourly_totals()] == [
+        (*k, *v) for k, v in sorted(by_hour.items())
+    ]
+
+    # invoices: settle every month in order, after everything arrived
+    billing = Store(f"sqlite:///{tmp_path / 'billing.sqlite3'}")
+    rates = tmp_path / "rates.toml"
+    rates.write_text(RATES_TOML)
+    load_files(billing, datetime.now(UTC), ratecard=rates)
+    usage = ClickHouseUsage(client, db)
+    months = sorted({m for m, _ in by_month})
+    after_all = INGESTED[-1] + timedelta(days=1)
+    for month in months:
+        settle_month(billing, usage, month, clock=lambda: after_all)
+    with billing.transaction() as tx:
+        items = tx.query("SELECT firm_id, day, provider_id, gpu_class, allocated_seconds, record_count FROM items")
+        invoices = state.invoices(tx)
+    assert sorted((f, date.fromisoformat(d), p, c, s, n) for f, d, p, c, s, n in items) == [
+        (*k, *v) for k, v in sorted(by_day.items())
+    ]
+    invoiced: dict[tuple[str, str], int] = defaultdict(int)
+    for inv in invoices:
+        for line in inv.lines:
+            invoiced[(inv.month, inv.firm_id)] += line.allocated_seconds
+    assert invoiced == by_month
+
+    # reconcile: usage in ClickHouse per firm equals what was invoiced, for every month
+    for month in months:
+        check = reconcile(billing, usage, month)
+        assert check.problems == []
+        assert {f: u for f, u, *_ in check.rows} == {f: s for (m, f), s in by_month.items() if m == month}

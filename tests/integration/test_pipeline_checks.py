@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from billing_helpers import USAGE_HEADER, Cli
 
 from gpumeter.record import encode_batch, record_id
 from pipeline import clickhouse
@@ -35,11 +36,15 @@ def window(**changes: Any) -> dict[str, Any]:
 
 
 def load(
-    ch: tuple[Any, str], windows: list[dict[str, Any]], batch_host: str = "P01-H01", signer: tuple[str, str] = ("", "")
+    ch: tuple[Any, str],
+    windows: list[dict[str, Any]],
+    batch_host: str = "P01-H01",
+    signer: tuple[str, str] = ("", ""),
+    sent_ms: int = SENT,
 ) -> list[str]:
     client, db = ch
     writer, body = split_value(encode_batch(batch_host, "test", windows), shipped_versions())
-    data = container(writer, 0, 1_000_000, [Framed(5, SENT, body, *signer)])
+    data = container(writer, 0, 1_000_000, [Framed(5, sent_ms, body, *signer)])
     clickhouse.insert_ingest(client, db, writer, data, f"t:{db}")
     return [r[1] for r in clickhouse.quarantined_in_range(client, db, 0, 5, 5)]
 
@@ -103,3 +108,53 @@ def test_loaded_row_keeps_partition_offset_and_values(ch: tuple[Any, str]) -> No
     assert row[3].replace(tzinfo=UTC) == datetime(2026, 3, 1, tzinfo=UTC)
     assert row[4] == 60
     assert row[5].replace(tzinfo=UTC) == datetime.fromtimestamp(1, UTC)
+
+
+def csv_line(w: dict[str, Any]) -> str:
+    def iso(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+    def num(x: float | None) -> str:
+        return "" if x is None else repr(x)
+
+    return (
+        f"{w['record_id']},{iso(w['window_start'])},{iso(w['window_end'])},{w['provider_id']},{w['host_id']},"
+        f"{w['gpu_uuid']},{w['gpu_class']},{w['firm_id']},{w['allocated_seconds']},{num(w['busy_seconds'])},"
+        f"{num(w['energy_joules'])}"
+    )
+
+
+# what a CSV row cannot say: a batch of other hosts (the row is its own batch), a sequence number
+# (imports carry 0), NaN (not a plain decimal); the signer rules need a signature
+NOT_IN_CSV = {"other_host", "negative_seq", "busy_nan"}
+
+
+@pytest.mark.parametrize(
+    ("w", "reason"),
+    [c[1:] for c in CASES if c[0] not in NOT_IN_CSV],
+    ids=[c[0] for c in CASES if c[0] not in NOT_IN_CSV],
+)
+def test_a_csv_row_the_loader_quarantines_is_refused_by_usage_import(
+    ch: tuple[Any, str], cli: Cli, w: dict[str, Any], reason: str
+) -> None:
+    client, db = ch
+    sent_ms = SENT
+    if reason == FUTURE:  # an import's own clock is the message time: a window beyond now + tolerance
+        now_ms = int(datetime.now(UTC).timestamp()) * 1000
+        sent_ms, start = now_ms, now_ms + (FUTURE_TOLERANCE_S + 60) * 1000
+        w = window(window_start=start, window_end=start + 60_000)
+    good = window(gpu_uuid="GPU-ok")
+    path = cli.file("usage.csv", "\n".join([USAGE_HEADER, csv_line(good), csv_line(w)]) + "\n")
+    r = cli("usage", "import", path)
+    assert r.code == 1
+    assert f"{path} refused, nothing written:\n{path}:3: {reason}" in r.err
+    assert client.query(f"SELECT count() FROM {db}.usage_raw").result_rows == [(0,)]  # not even the good row
+    assert load(ch, [w], sent_ms=sent_ms) == [reason]  # the same window through Kafka: quarantined, same reason
+    assert cli("usage", "import", cli.file("good.csv", f"{USAGE_HEADER}\n{csv_line(good)}\n")).code == 0
+
+
+def test_csv_rows_that_pass_the_checks_load(ch: tuple[Any, str], cli: Cli) -> None:
+    client, db = ch
+    rows = [csv_line(window(gpu_uuid=f"GPU-{n}", allocated_seconds=n, busy_seconds=None)) for n in (0, 1, 60)]
+    cli.ok("usage", "import", cli.file("usage.csv", "\n".join([USAGE_HEADER, *rows]) + "\n"))
+    assert client.query(f"SELECT sum(allocated_seconds), count() FROM {db}.usage_raw").result_rows == [(61, 3)]

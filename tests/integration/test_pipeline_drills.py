@@ -19,6 +19,7 @@ from gpumeter.record import record_id, signature_headers
 from pipeline import clickhouse
 from pipeline.keys import parse_registry
 from pipeline.loader import DeadLetter, Loader, make_consumer
+from pipeline.usage_store import UsageStore
 
 pytestmark = pytest.mark.integration
 
@@ -195,11 +196,11 @@ def test_replay_whole_topic_from_zero_changes_nothing(kafka_bootstrap: str, topi
     run_loader(kafka_bootstrap, topic, ch, "g-first", sink.messages_sent)
     raw_before = clickhouse.count_rows(client, db, "usage_raw")
     since = datetime(2000, 1, 1, tzinfo=UTC)
-    clickhouse.refresh_rollups(client, db, since)
-    hourly_before = clickhouse.hourly_totals(client, db)
+    UsageStore(client, db).refresh_rollups(since)
+    hourly_before = UsageStore(client, db).hourly_totals()
     run_loader(kafka_bootstrap, topic, ch, "g-replay", sink.messages_sent)  # a new group: offset 0
     assert measured(ch, "UTC") == fl.ground_truth("UTC")
     assert clickhouse.count_rows(client, db, "usage_raw") == raw_before  # same blocks, same tokens
-    clickhouse.refresh_rollups(client, db, since)
-    assert clickhouse.hourly_totals(client, db) == hourly_before
+    UsageStore(client, db).refresh_rollups(since)
+    assert UsageStore(client, db).hourly_totals() == hourly_before
     assert sum(r[4] for r in hourly_before) == sum(fl.ground_truth("UTC").values())

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 CHILD = """
 import json, sys
+from pipeline.usage_store import UsageStore
 from pipeline import clickhouse
 from kafka import KafkaConsumer
 from pipeline.loader import Loader, consumer_config
@@ -38,7 +39,7 @@ while loader.stats.commits == 0 or expect < 0:
         print("committed", flush=True)   # the parent kills us now, mid-way through the topic
 if expect >= 0:
     loader.run(idle_timeout_s=4)
-    rows = clickhouse.gpu_seconds_by_day(client, "drill", "UTC")
+    rows = UsageStore(client, "drill").gpu_seconds_by_day("UTC")
     print(json.dumps({"totals": [[f, d.isoformat(), p, c, s] for f, d, p, c, s, _ in rows],
                       "stats": loader.stats.messages}), flush=True)
 """

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from billing_helpers import RATES, Cli, row
 
-from billing.statements import check_statement, firm_statement
-from billing.store import Store
+from billing.adapters.store import Store
+from billing.app.statements import check_statement, firm_statement
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.invoicing import Invoice, build_invoices, export_document, to_export_dict
-from billing.model import (
+from billing.core.invoicing import Invoice, build_invoices, export_document, to_export_dict
+from billing.core.model import (
     AutoGrant,
     ChargeItem,
     Credit,
@@ -25,8 +25,8 @@ from billing.model import (
     UsageAggregate,
     Voucher,
 )
-from billing.netting import net_items
-from billing.pricing import price_items
+from billing.core.netting import net_items
+from billing.core.pricing import price_items
 
 D = Decimal
 JAN1 = date(2025, 1, 1)

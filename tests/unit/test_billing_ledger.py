@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.ledger import (
+from billing.core.ledger import (
     AGING_BUCKETS,
     LedgerResult,
     Payment,
@@ -20,7 +20,7 @@ from billing.ledger import (
     apply_payments,
     bucket_of,
 )
-from billing.model import InvalidBillingDataError
+from billing.core.model import InvalidBillingDataError
 
 D = Decimal
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing.model import AutoGrant, ChargeItem, InvalidBillingDataError, Program, Voucher
-from billing.netting import NettingResult, NettingState, net_items
+from billing.core.model import AutoGrant, ChargeItem, InvalidBillingDataError, Program, Voucher
+from billing.core.netting import NettingResult, NettingState, net_items
 
 D = Decimal
 Y25_START, Y25_END = date(2025, 1, 1), date(2025, 12, 31)

@@ -6,9 +6,9 @@ import random
 from datetime import date
 from decimal import Decimal
 
-from billing.model import AutoGrant, Program, Rate, UsageAggregate, Voucher
-from billing.netting import net_items
-from billing.pricing import price_items
+from billing.core.model import AutoGrant, Program, Rate, UsageAggregate, Voucher
+from billing.core.netting import net_items
+from billing.core.pricing import price_items
 
 
 def test_explain_false_gives_identical_credits_and_no_trail() -> None:

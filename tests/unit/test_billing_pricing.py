@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.model import AutoGrant, ChargeItem, InvalidBillingDataError, Rate, UsageAggregate, Voucher
-from billing.money import (
+from billing.core.model import AutoGrant, ChargeItem, InvalidBillingDataError, Rate, UsageAggregate, Voucher
+from billing.core.money import (
     MoneyFormatError,
     charge_amount,
     format_gpu_hours,
@@ -22,7 +22,7 @@ from billing.money import (
     round_fraction_half_up,
     round_money,
 )
-from billing.pricing import RateCardConflictError, UnpricedUsage, UnpricedUsageError, price_items
+from billing.core.pricing import RateCardConflictError, UnpricedUsage, UnpricedUsageError, price_items
 
 D = Decimal
 HOUR = 3600

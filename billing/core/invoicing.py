@@ -10,7 +10,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from billing.model import (
+from billing.core.model import (
     DEFAULT_PAYMENT_TERMS_DAYS,
     ChargeItem,
     Credit,
@@ -21,7 +21,7 @@ from billing.model import (
     month_of,
     parse_month,
 )
-from billing.money import SECONDS_PER_HOUR, ZERO, exact_decimal, format_decimal, format_gpu_hours, format_money
+from billing.core.money import SECONDS_PER_HOUR, ZERO, exact_decimal, format_decimal, format_gpu_hours, format_money
 
 DEFAULT_CURRENCY = "CNY"
 

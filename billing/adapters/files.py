@@ -1,4 +1,4 @@
-"""The input files of billing-rules.md section 6, validated whole.
+"""Billing's input files (docs/file-formats.md): rate card, programs, vouchers, firms, validated whole.
 
 Each reader returns plain model objects, or raises ``InputFileError`` listing every
 bad row as ``FILE:LINE: reason`` - a file with one bad row is refused whole, so the
@@ -7,51 +7,27 @@ caller writes nothing. Readers never write anything themselves.
 
 from __future__ import annotations
 
-import csv
 import re
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from billing.model import AutoGrant, BillingError, Firm, Program, Rate, Voucher
-from billing.money import parse_decimal, parse_money, parse_price, parse_subsidy_rate
+from billing.core.model import AutoGrant, BillingError, Firm, Program, Rate, Voucher
+from billing.core.money import parse_money, parse_price, parse_subsidy_rate
+from gpumeter.inputfiles import InputFileError, RowError, parse_csv, text_field, whole_number
 
-MAX_REPORTED = 50
 T = TypeVar("T")
 
-USAGE_COLUMNS = (
-    "record_id", "window_start", "window_end", "provider_id", "host_id", "gpu_uuid", "gpu_class",
-    "firm_id", "allocated_seconds", "busy_seconds", "energy_joules",
-)  # fmt: skip
 VOUCHER_COLUMNS = (
     "voucher_id", "program_id", "firm_id", "face_value", "subsidy_rate",
     "valid_from", "valid_until", "priority",
 )  # fmt: skip
 FIRM_COLUMNS = ("firm_id", "name", "payment_terms_days")
-
-
-class InputFileError(BillingError):
-    """One or more bad rows in an input file; nothing was written."""
-
-    code = "bad_input_file"
-
-    def __init__(self, path: Path, problems: list[tuple[int, str]]) -> None:
-        self.path = path
-        self.problems = problems
-        shown = [f"{path}:{line}: {reason}" for line, reason in problems[:MAX_REPORTED]]
-        more = len(problems) - MAX_REPORTED
-        if more > 0:
-            shown.append(f"... and {more} more problem(s)")
-        super().__init__(f"{path} refused, nothing written:\n" + "\n".join(shown))
-
-
-class RowError(ValueError):
-    """A reason, raised while parsing one row."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,29 +38,7 @@ class RateCardFile:
     lines: dict[tuple[str, str, date], int]  # (gpu_class, provider, effective_from) -> line of its table
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRow:
-    line: int
-    record_id: str
-    window_start: datetime  # UTC
-    window_end: datetime  # UTC
-    provider_id: str
-    host_id: str
-    gpu_uuid: str
-    gpu_class: str
-    firm_id: str
-    allocated_seconds: int
-    busy_seconds: float | None
-    energy_joules: float | None
-
-
 # ---------------------------------------------------------------- field parsers
-
-
-def _text(value: object, name: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise RowError(f"{name} is missing")
-    return value.strip()
 
 
 def _number_text(value: object, name: str) -> str:
@@ -124,139 +78,27 @@ def _day(value: object, name: str) -> date:
     raise RowError(f"{name} must be a date YYYY-MM-DD, got {value!r}")
 
 
-def _int(value: object, name: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise RowError(f"{name} must be a whole number, got {value!r}")
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        number = int(value)
-    else:
-        raise RowError(f"{name} must be a whole number, got {value!r}")
-    if minimum is not None and number < minimum:
-        raise RowError(f"{name} must be >= {minimum}, got {number}")
-    return number
-
-
-def _timestamp(value: str, name: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise RowError(f"{name} {value!r} is not an ISO-8601 timestamp") from None
-    if parsed.tzinfo is None:
-        raise RowError(f"{name} {value!r} has no UTC offset")
-    return parsed.astimezone(UTC)
-
-
-def _optional_float(value: str, name: str) -> float | None:
-    if not value.strip():
-        return None
-    number = _wrap(lambda t: parse_decimal(t, what=name), value, name)
-    return float(number)
-
-
 # ---------------------------------------------------------------- CSV
-
-
-def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) for every non-empty data line; header checked first."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputFileError(path, [(0, "file not found")]) from None
-    except UnicodeDecodeError as exc:
-        raise InputFileError(path, [(0, f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
-    reader = csv.reader(text.splitlines())
-    try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
-        raise InputFileError(path, [(1, "empty file: expected a header line")]) from None
-    missing = [c for c in columns if c not in header]
-    unknown = [h for h in header if h not in columns]
-    duplicated = sorted({h for h in header if header.count(h) > 1})
-    problems = []
-    if missing:
-        problems.append(f"header lacks column(s) {', '.join(missing)}")
-    if unknown:
-        problems.append(f"header has unknown column(s) {', '.join(unknown)}")
-    if duplicated:
-        problems.append(f"header repeats column(s) {', '.join(duplicated)}")
-    if problems:
-        raise InputFileError(path, [(1, "; ".join(problems) + f" (expected: {', '.join(columns)})")])
-    for number, cells in enumerate(reader, start=2):
-        if not any(c.strip() for c in cells):
-            continue
-        if len(cells) != len(header):
-            yield number, {"__error__": f"has {len(cells)} field(s), the header has {len(header)}"}
-            continue
-        yield number, dict(zip(header, cells, strict=True))
-
-
-def _parse_csv(path: Path, columns: tuple[str, ...], parse: Callable[[int, dict[str, str]], T]) -> list[T]:
-    out: list[T] = []
-    problems: list[tuple[int, str]] = []
-    for number, row in _csv_rows(path, columns):
-        if "__error__" in row:
-            problems.append((number, row["__error__"]))
-            continue
-        try:
-            out.append(parse(number, row))
-        except RowError as exc:
-            problems.append((number, str(exc)))
-    if problems:
-        raise InputFileError(path, problems)
-    return out
-
-
-def read_usage(path: Path) -> list[UsageRow]:
-    def parse(line: int, r: dict[str, str]) -> UsageRow:
-        start = _timestamp(r["window_start"], "window_start")
-        end = _timestamp(r["window_end"], "window_end")
-        if end <= start:
-            raise RowError("window_end must be after window_start")
-        allocated = _int(r["allocated_seconds"], "allocated_seconds", minimum=0)
-        length = (end - start).total_seconds()
-        if allocated > length:
-            raise RowError(f"allocated_seconds {allocated} exceeds the window length {length:g} s")
-        busy = _optional_float(r["busy_seconds"], "busy_seconds")
-        if busy is not None and busy > allocated:
-            raise RowError(f"busy_seconds {r['busy_seconds'].strip()} exceeds allocated_seconds {allocated}")
-        return UsageRow(
-            line=line,
-            record_id=_text(r["record_id"], "record_id"),
-            window_start=start,
-            window_end=end,
-            provider_id=_text(r["provider_id"], "provider_id"),
-            host_id=_text(r["host_id"], "host_id"),
-            gpu_uuid=_text(r["gpu_uuid"], "gpu_uuid"),
-            gpu_class=_text(r["gpu_class"], "gpu_class"),
-            firm_id=_text(r["firm_id"], "firm_id"),
-            allocated_seconds=allocated,
-            busy_seconds=busy,
-            energy_joules=_optional_float(r["energy_joules"], "energy_joules"),
-        )
-
-    return _parse_csv(path, USAGE_COLUMNS, parse)
 
 
 def read_vouchers(path: Path) -> list[tuple[int, Voucher]]:
     def parse(line: int, r: dict[str, str]) -> Voucher:
-        voucher_id = _text(r["voucher_id"], "voucher_id")
+        voucher_id = text_field(r["voucher_id"], "voucher_id")
         try:
             return Voucher(
                 voucher_id=voucher_id,
-                program_id=_text(r["program_id"], "program_id"),
-                firm_id=_text(r["firm_id"], "firm_id"),
+                program_id=text_field(r["program_id"], "program_id"),
+                firm_id=text_field(r["firm_id"], "firm_id"),
                 face_value=_wrap(parse_money, r["face_value"], "face_value"),
                 subsidy_rate=_wrap(parse_subsidy_rate, r["subsidy_rate"], "subsidy_rate"),
                 valid_from=_day(r["valid_from"], "valid_from"),
                 valid_until=_day(r["valid_until"], "valid_until"),
-                priority=_int(r["priority"], "priority"),
+                priority=whole_number(r["priority"], "priority"),
             )
         except BillingError as exc:
             raise RowError(str(exc)) from None
 
-    return _unique(path, _parse_csv(path, VOUCHER_COLUMNS, _with_line(parse)), lambda v: v.voucher_id, "voucher_id")
+    return _unique(path, parse_csv(path, VOUCHER_COLUMNS, _with_line(parse)), lambda v: v.voucher_id, "voucher_id")
 
 
 def read_firms(path: Path) -> list[tuple[int, Firm]]:
@@ -264,14 +106,14 @@ def read_firms(path: Path) -> list[tuple[int, Firm]]:
         terms = r["payment_terms_days"].strip()
         try:
             return Firm(
-                firm_id=_text(r["firm_id"], "firm_id"),
+                firm_id=text_field(r["firm_id"], "firm_id"),
                 name=r["name"].strip(),
-                payment_terms_days=_int(terms, "payment_terms_days", minimum=0) if terms else 30,
+                payment_terms_days=whole_number(terms, "payment_terms_days", minimum=0) if terms else 30,
             )
         except BillingError as exc:
             raise RowError(str(exc)) from None
 
-    return _unique(path, _parse_csv(path, FIRM_COLUMNS, _with_line(parse)), lambda f: f.firm_id, "firm_id")
+    return _unique(path, parse_csv(path, FIRM_COLUMNS, _with_line(parse)), lambda f: f.firm_id, "firm_id")
 
 
 def _with_line(parse: Callable[[int, dict[str, str]], T]) -> Callable[[int, dict[str, str]], tuple[int, T]]:
@@ -354,8 +196,8 @@ def read_rate_card(path: Path) -> RateCardFile:
             if not isinstance(price_text, str):
                 raise RowError(f'price_per_gpu_hour must be a string such as "12.50", got {price_text!r}')
             rate = Rate(
-                gpu_class=_text(table["gpu_class"], "gpu_class"),
-                provider=_text(table["provider"], "provider"),
+                gpu_class=text_field(table["gpu_class"], "gpu_class"),
+                provider=text_field(table["provider"], "provider"),
                 price_per_gpu_hour=_wrap(parse_price, price_text, "price_per_gpu_hour"),
                 effective_from=_day(table["effective_from"], "effective_from"),
             )
@@ -399,9 +241,9 @@ def read_programs(path: Path) -> list[tuple[int, Program]]:
                 (
                     line,
                     Program(
-                        program_id=_text(table["id"], "id"),
-                        year=_int(table["year"], "year", minimum=1),
-                        category=_text(table["category"], "category"),
+                        program_id=text_field(table["id"], "id"),
+                        year=whole_number(table["year"], "year", minimum=1),
+                        category=text_field(table["category"], "category"),
                         budget=_wrap(parse_money, _number_text(table["budget"], "budget"), "budget"),
                         firm_cap=_wrap(parse_money, _number_text(table["firm_cap"], "firm_cap"), "firm_cap"),
                         auto_grant=grant,

@@ -17,8 +17,8 @@ from datetime import date
 from decimal import Decimal
 from typing import Protocol
 
-from billing.model import InvalidBillingDataError, is_whole_cents
-from billing.money import ZERO, exact_decimal
+from billing.core.model import InvalidBillingDataError, is_whole_cents
+from billing.core.money import ZERO, exact_decimal
 
 OPEN, PARTIALLY_PAID, PAID, OVERDUE = "open", "partially_paid", "paid", "overdue"
 NOT_DUE = "not_due"
@@ -26,7 +26,7 @@ AGING_BUCKETS = (NOT_DUE, "0-30", "31-60", "61-90", "90+")
 
 
 class Receivable(Protocol):
-    """What the ledger needs of an invoice (billing.invoicing.Invoice fits)."""
+    """What the ledger needs of an invoice (billing.core.invoicing.Invoice fits)."""
 
     @property
     def invoice_id(self) -> str: ...

@@ -17,9 +17,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from billing import state
-from billing.clickhouse_usage import UNATTRIBUTED, ClickHouseUsage
-from billing.store import Store, Tx
+from billing.adapters import state
+from billing.adapters.store import Store, Tx
+from billing.app.ports import UsageTotals
+from billing.core.model import UNATTRIBUTED
 
 
 @dataclass(slots=True)
@@ -33,21 +34,14 @@ class Reconciliation:
     settled: bool = False
 
 
-def reconcile(store: Store, usage: ClickHouseUsage, month: str) -> Reconciliation:
+def reconcile(store: Store, usage: UsageTotals, month: str) -> Reconciliation:
     out = Reconciliation(month)
     with store.transaction() as tx:
         done = state.settlements(tx)
         tz = state.get_meta(tx, "timezone", state.DEFAULT_TIMEZONE)
         out.settled = any(s.month == month for s in done)
         latest_cutoff = done[-1].usage_cutoff if done else None
-        own: dict[str, int] = defaultdict(int)
-        later: dict[str, int] = defaultdict(int)
-        for firm_id, seconds, adj in tx.query(
-            "SELECT firm_id, allocated_seconds, adjustment_for FROM items WHERE (month = ? AND adjustment_for = '') "
-            "OR adjustment_for = ?",
-            (month, month),
-        ):
-            (later if adj else own)[firm_id] += int(seconds)
+        own, later = state.invoiced_seconds_of_month(tx, month)
         _check_money(tx, out)
     seconds = usage.seconds_by_month(tz, latest_cutoff)  # (every record, those before the last cutoff)
     firms = sorted({f for (m, f) in seconds if m == month} | set(own) | set(later))
@@ -83,13 +77,8 @@ def _check_money(tx: Tx, out: Reconciliation) -> None:
         face = vouchers[vid].face_value if vid in vouchers else Decimal(0)
         if used > face:
             out.problems.append(f"voucher {vid}: credits {used} exceed its face value {face}")
-    item_amount: dict[tuple[str, ...], Decimal] = {
-        (r[0], r[1], r[2], r[3], r[4], r[5]): Decimal(r[6])
-        for r in tx.query("SELECT month, firm_id, day, provider_id, gpu_class, adjustment_for, amount FROM items")
-    }
-    credited: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
-    for r in tx.query("SELECT month, firm_id, day, provider_id, gpu_class, adjustment_for, amount FROM credits"):
-        credited[tuple(r[:6])] += Decimal(r[6])
+    item_amount = state.item_amounts(tx)
+    credited = state.credited_per_item(tx)
     for key, amount in credited.items():
         if key not in item_amount or amount > item_amount[key]:
             out.problems.append(f"item {key}: credits {amount} exceed the item amount {item_amount.get(key)}")
@@ -100,14 +89,17 @@ def _check_money(tx: Tx, out: Reconciliation) -> None:
     for (m, firm, *_rest), amount in credited.items():
         credits_by_invoice[(m, firm)] += amount
     for inv in state.invoices(tx):
-        key = (inv.month, inv.firm_id)
+        invoice_key = (inv.month, inv.firm_id)
         lines = sum((ln.amount for ln in inv.lines), Decimal(0))
         creds = sum((c.amount for c in inv.credits), Decimal(0))
         checks = [
             (lines == inv.gross, f"lines add up to {lines}, gross is {inv.gross}"),
             (creds == inv.credit_total, f"credits add up to {creds}, credit_total is {inv.credit_total}"),
             (inv.gross - inv.credit_total == inv.amount_due, "gross - credit_total != amount_due"),
-            (items_by_invoice[key] == inv.gross, f"items add up to {items_by_invoice[key]}, gross is {inv.gross}"),
-            (credits_by_invoice[key] == inv.credit_total, "item credits differ from the invoice's credits"),
+            (
+                items_by_invoice[invoice_key] == inv.gross,
+                f"items add up to {items_by_invoice[invoice_key]}, gross is {inv.gross}",
+            ),
+            (credits_by_invoice[invoice_key] == inv.credit_total, "item credits differ from the invoice's credits"),
         ]
         out.problems += [f"invoice {inv.invoice_id}: {text}" for ok, text in checks if not ok]

@@ -1,8 +1,6 @@
-"""What firms, billing staff and providers see: statements built from the stored invoices.
+"""A firm's statement as files: CSV (line items, daily usage) and one printable HTML page.
 
-Every figure comes from the store's invoices, items and credits, so a statement
-equals its invoice to the fen by construction; ``check_statement`` proves it
-(tests call it for every statement of a settled month).
+Pure formatting of a checked ``FirmStatement``: no store, no arithmetic beyond display.
 """
 
 from __future__ import annotations
@@ -10,76 +8,13 @@ from __future__ import annotations
 import csv
 import html
 import io
-from collections import defaultdict
-from dataclasses import dataclass
-from datetime import date
 from decimal import Decimal
 from fractions import Fraction
 
-from billing import state
-from billing.invoicing import Invoice
-from billing.ledger import InvoiceStatus, apply_payments
-from billing.model import BillingError
-from billing.money import ZERO, format_gpu_hours, format_money
-from billing.store import Tx
+from billing.core.money import format_gpu_hours, format_money
+from billing.core.statement import FirmStatement
 
 CLASS_COLOURS = ("#2f6fdf", "#e07a1f", "#2a9d6f", "#b23a8f", "#7a5cc7", "#c9a227", "#4a90a4", "#8a8a8a")
-
-
-@dataclass(frozen=True, slots=True)
-class FirmStatement:
-    firm_id: str
-    firm_name: str
-    month: str
-    invoice: Invoice
-    status: InvoiceStatus | None
-    as_of: date
-    daily_seconds: dict[tuple[date, str], int]  # (day, gpu_class) -> allocated seconds, own items of the month
-
-    @property
-    def subsidy_share(self) -> Decimal:
-        return self.invoice.credit_total
-
-    @property
-    def firm_share(self) -> Decimal:
-        return self.invoice.amount_due
-
-
-def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date) -> FirmStatement:
-    found = state.invoices(tx, month=month, firm_id=firm_id)
-    if not found:
-        settled = {s.month for s in state.settlements(tx)}
-        why = "has no invoice for" if month in settled else "cannot have a statement yet: not settled:"
-        raise BillingError(f"firm {firm_id} {why} {month}")
-    invoice = found[0]
-    ledger = apply_payments(state.invoices(tx, firm_id=firm_id), state.payments(tx), as_of)
-    status = next((s for s in ledger.statuses if s.invoice_id == invoice.invoice_id), None)
-    daily: dict[tuple[date, str], int] = defaultdict(int)
-    for day, cls, seconds in tx.query(
-        "SELECT day, gpu_class, allocated_seconds FROM items WHERE month = ? AND firm_id = ? AND adjustment_for = ''",
-        (month, firm_id),
-    ):
-        daily[(date.fromisoformat(day), cls)] += int(seconds)
-    firms = state.firms(tx)
-    name = firms[firm_id].name if firm_id in firms else firm_id
-    return FirmStatement(firm_id, name, month, invoice, status, as_of, dict(daily))
-
-
-def check_statement(st: FirmStatement) -> None:
-    """The statement's figures equal its invoice to the fen (and add up); raise if not."""
-    inv = st.invoice
-    lines = sum((ln.amount for ln in inv.lines), ZERO)
-    credits = sum((c.amount for c in inv.credits), ZERO)
-    own_seconds = sum(ln.allocated_seconds for ln in inv.lines if ln.adjustment_for is None)
-    problems = [
-        (lines == inv.gross, f"lines {lines} != gross {inv.gross}"),
-        (credits == inv.credit_total, f"credits {credits} != credit_total {inv.credit_total}"),
-        (st.firm_share + st.subsidy_share == inv.gross, "firm share + subsidy share != gross"),
-        (sum(st.daily_seconds.values()) == own_seconds, "daily usage != hours on the month's own lines"),
-    ]
-    bad = [text for ok, text in problems if not ok]
-    if bad:
-        raise BillingError(f"statement {inv.invoice_id} does not tie out: {'; '.join(bad)}")
 
 
 # ---------------------------------------------------------------- CSV

@@ -21,12 +21,19 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 
-from billing import state
-from billing.files import InputFileError, RateCardFile, read_firms, read_programs, read_rate_card, read_vouchers
-from billing.invoicing import DEFAULT_CURRENCY
-from billing.model import Program, Voucher
-from billing.settle import last_day_of_month
-from billing.store import Store, Tx
+from billing.adapters import state
+from billing.adapters.files import (
+    RateCardFile,
+    read_firms,
+    read_programs,
+    read_rate_card,
+    read_vouchers,
+)
+from billing.adapters.store import Store, Tx
+from billing.app.settle import last_day_of_month
+from billing.core.invoicing import DEFAULT_CURRENCY
+from billing.core.model import Program, Voucher
+from gpumeter.inputfiles import InputFileError
 
 
 @dataclass(slots=True)
@@ -115,13 +122,9 @@ def _load_rates(
         _upsert(report, "rates", old, rate, partial(state.put_rate, tx, rate, now))
 
 
-def _credited(tx: Tx, column: str) -> set[str]:
-    return {str(r[0]) for r in tx.query(f"SELECT DISTINCT {column} FROM credits")}
-
-
 def _load_programs(tx: Tx, path: Path, progs: list[tuple[int, Program]], report: LoadReport) -> None:
     stored = state.programs(tx)
-    used = _credited(tx, "program_id")
+    used = state.credited_programs(tx)
     problems = []
     for line, p in progs:
         old = stored.get(p.program_id)
@@ -136,7 +139,7 @@ def _load_programs(tx: Tx, path: Path, progs: list[tuple[int, Program]], report:
 def _load_vouchers(tx: Tx, path: Path, vouchs: list[tuple[int, Voucher]], report: LoadReport) -> None:
     stored = state.vouchers(tx)
     programs = state.programs(tx)
-    used = _credited(tx, "voucher_id")
+    used = state.credited_vouchers(tx)
     problems = []
     for line, v in vouchs:
         old = stored.get(v.voucher_id)

@@ -15,7 +15,7 @@ from decimal import Decimal
 from itertools import pairwise
 from operator import itemgetter
 
-from billing.model import (
+from billing.core.model import (
     AUTO_GRANT_PRIORITY,
     COMPUTE,
     ChargeItem,
@@ -25,7 +25,7 @@ from billing.model import (
     Program,
     Voucher,
 )
-from billing.money import ZERO, MoneyFormatError, exact_decimal, from_cents, subsidy_cents, to_cents
+from billing.core.money import ZERO, MoneyFormatError, exact_decimal, from_cents, subsidy_cents, to_cents
 
 FirmProgram = tuple[str, str]  # (firm_id, program_id)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 
-from billing.model import (
+from billing.core.model import (
     ANY_PROVIDER,
     BillingError,
     ChargeItem,
@@ -21,7 +21,7 @@ from billing.model import (
     Rate,
     UsageAggregate,
 )
-from billing.money import charge_amount, exact_decimal
+from billing.core.money import charge_amount, exact_decimal
 
 
 @dataclass(frozen=True, slots=True, order=True)

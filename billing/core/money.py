@@ -26,7 +26,7 @@ from decimal import (
 from fractions import Fraction
 from typing import ParamSpec, TypeVar
 
-from billing.model import BillingError
+from billing.core.model import BillingError
 
 CENT = Decimal("0.01")
 ZERO = Decimal("0.00")  # money zero, two places

@@ -1,11 +1,11 @@
 """Reading and writing billing objects in the store (one ``Tx`` at a time).
 
-Only SQL lives here; the rules live in the pure core and in ``settle.py``.
+All of billing's SQL lives here (and the DDL in ``store.py``); the rules live in the pure core
+and in the application (``billing.app``).
 """
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -13,12 +13,13 @@ from decimal import Decimal
 from fractions import Fraction
 from operator import attrgetter
 
-from billing.invoicing import Invoice, InvoiceCredit, InvoiceLine
-from billing.ledger import Payment
-from billing.model import AutoGrant, ChargeItem, Credit, Firm, Program, Rate, Voucher
-from billing.netting import NettingState
-from billing.pricing import RateCard
-from billing.store import Tx
+from billing.adapters.store import Tx
+from billing.core.fastpath import cached_isoformat
+from billing.core.invoicing import Invoice, InvoiceCredit, InvoiceLine
+from billing.core.ledger import Payment
+from billing.core.model import AutoGrant, ChargeItem, Credit, Firm, Program, Rate, Voucher
+from billing.core.netting import NettingState
+from billing.core.pricing import RateCard
 
 DEFAULT_TIMEZONE = "UTC"
 
@@ -233,7 +234,7 @@ def write_settlement(
     )
     # rows go in primary-key order (month, firm_id, day, ...) so the B-trees append: items come in
     # netting order (day, firm_id, ...), so a stable sort by firm gives key order
-    iso = functools.lru_cache(maxsize=None)(date.isoformat)  # a settlement has few distinct dates
+    iso = cached_isoformat()  # a settlement has few distinct dates
     item_rows = []
     for i in sorted(items, key=attrgetter("firm_id")):  # stable: each firm's items keep their order
         rate = rate_card.rate_for(i.provider_id, i.gpu_class, i.day)
@@ -398,3 +399,71 @@ def put_payment(tx: Tx, p: Payment, now: datetime) -> None:
         "INSERT INTO payments (firm_id, reference, amount, paid_on, recorded_at) VALUES (?, ?, ?, ?, ?)",
         (p.firm_id, p.reference, str(p.amount), p.paid_on.isoformat(), now.isoformat()),
     )
+
+
+# ---------------------------------------------------------------- reads for reports and checks
+
+ItemKeyText = tuple[str, str, str, str, str, str]  # (month, firm_id, day, provider_id, gpu_class, adjustment_for)
+
+
+def invoiced_seconds_of_month(tx: Tx, month: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Per firm, the allocated seconds of ``month`` invoiced on its own lines, and on later
+    settlements' adjustment lines."""
+    own: dict[str, int] = defaultdict(int)
+    later: dict[str, int] = defaultdict(int)
+    for firm_id, seconds, adj in tx.query(
+        "SELECT firm_id, allocated_seconds, adjustment_for FROM items WHERE (month = ? AND adjustment_for = '') "
+        "OR adjustment_for = ?",
+        (month, month),
+    ):
+        (later if adj else own)[firm_id] += int(seconds)
+    return dict(own), dict(later)
+
+
+def item_amounts(tx: Tx) -> dict[ItemKeyText, Decimal]:
+    return {
+        (r[0], r[1], r[2], r[3], r[4], r[5]): Decimal(r[6])
+        for r in tx.query("SELECT month, firm_id, day, provider_id, gpu_class, adjustment_for, amount FROM items")
+    }
+
+
+def credited_per_item(tx: Tx) -> dict[ItemKeyText, Decimal]:
+    credited: dict[ItemKeyText, Decimal] = defaultdict(Decimal)
+    for r in tx.query("SELECT month, firm_id, day, provider_id, gpu_class, adjustment_for, amount FROM credits"):
+        credited[(r[0], r[1], r[2], r[3], r[4], r[5])] += Decimal(r[6])
+    return dict(credited)
+
+
+def credited_programs(tx: Tx) -> set[str]:
+    """Programs that have paid at least one credit."""
+    return {str(r[0]) for r in tx.query("SELECT DISTINCT program_id FROM credits")}
+
+
+def credited_vouchers(tx: Tx) -> set[str]:
+    """Vouchers that have paid at least one credit."""
+    return {str(r[0]) for r in tx.query("SELECT DISTINCT voucher_id FROM credits")}
+
+
+def own_seconds_by_day_and_class(tx: Tx, month: str, firm_id: str) -> dict[tuple[date, str], int]:
+    """(day, gpu_class) -> allocated seconds on ``firm_id``'s own items of ``month`` (no adjustments)."""
+    daily: dict[tuple[date, str], int] = defaultdict(int)
+    for day, cls, seconds in tx.query(
+        "SELECT day, gpu_class, allocated_seconds FROM items WHERE month = ? AND firm_id = ? AND adjustment_for = ''",
+        (month, firm_id),
+    ):
+        daily[(date.fromisoformat(day), cls)] += int(seconds)
+    return dict(daily)
+
+
+def billed_by_class(tx: Tx, provider_id: str, month: str) -> dict[str, tuple[int, Decimal]]:
+    """gpu_class -> (allocated seconds, amount) of ``provider_id``'s items dated in ``month``: the
+    month's own items and later adjustment items for it."""
+    billed: dict[str, tuple[int, Decimal]] = {}
+    for cls, seconds, amount in tx.query(
+        "SELECT gpu_class, allocated_seconds, amount FROM items WHERE provider_id = ? AND "
+        "((month = ? AND adjustment_for = '') OR adjustment_for = ?)",
+        (provider_id, month, month),
+    ):
+        old = billed.get(cls, (0, Decimal(0)))
+        billed[cls] = (old[0] + int(seconds), old[1] + Decimal(amount))
+    return billed

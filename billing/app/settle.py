@@ -1,4 +1,4 @@
-"""Settling a month (billing-rules.md section 5) around the pure core.
+"""Settling a month (docs/billing-rules.md section 5) around the pure core.
 
 One transaction per settlement, holding the store's write lock from the first
 read to the last write:
@@ -6,48 +6,39 @@ read to the last write:
 1. if the month is already settled: report the stored result, change nothing;
 2. check the month order (calendar order, the month right after the last one;
    the first settlement refuses while earlier months have usage);
-3. read the usage this settlement bills from ClickHouse (see clickhouse_usage);
+3. read the usage this settlement bills through the usage port (``ports.UsageReader``);
 4. price, net, build invoices (pure functions; an unpriced item stops here);
 5. write the settlement, items, credits, auto-granted vouchers and invoices.
 """
 
 from __future__ import annotations
 
-import gc
+import dataclasses
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Protocol
 
-from billing import state
-from billing.clickhouse_usage import UNATTRIBUTED, UsageGroup, Window
-from billing.invoicing import DEFAULT_CURRENCY, Invoice, build_invoices
-from billing.model import (
+from billing.adapters import state
+from billing.adapters.store import Store
+from billing.app.ports import SettlementSpan, UsageReader
+from billing.core.fastpath import paused_cyclic_gc
+from billing.core.invoicing import DEFAULT_CURRENCY, Invoice, build_invoices
+from billing.core.model import (
+    UNATTRIBUTED,
     BillingError,
     ChargeItem,
-    UsageAggregate,
     first_day_of_month,
     first_day_of_next_month,
     month_of,
     parse_month,
 )
-from billing.netting import net_items
-from billing.pricing import RateCard, price_items
-from billing.store import Store
+from billing.core.netting import net_items
+from billing.core.pricing import RateCard, price_items
 
 
 class MonthOrderError(BillingError):
     code = "month_order"
-
-
-class UsageReader(Protocol):
-    def groups(self, tz: str, window: Window) -> list[UsageGroup]: ...
-
-    def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]: ...
-
-    def conflicting_records(self, window: Window, limit: int = 20) -> tuple[int, list[str]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,20 +59,6 @@ def next_month(month: str) -> str:
     return month_of(first_day_of_next_month(month))
 
 
-@contextmanager
-def _without_cyclic_gc() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector: a large settlement builds millions of acyclic objects,
-    and the collector's passes over them cost about 30 % of the pure core's time. Reference counting
-    still frees everything; the collector runs again afterwards."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def settle_month(
     store: Store,
     usage: UsageReader,
@@ -96,7 +73,7 @@ def settle_month(
     def step(text: str) -> None:
         progress(f"[{time.perf_counter() - started:7.1f}s] {text}")
 
-    with store.transaction() as tx, _without_cyclic_gc():
+    with store.transaction() as tx, paused_cyclic_gc():
         tx.lock_for_settlement()
         done = state.settlements(tx)
         by_month = {s.month: s for s in done}
@@ -120,25 +97,21 @@ def settle_month(
                     f"cannot settle {month}: earlier month(s) never settled still have unbilled usage: "
                     f"{', '.join(earlier)}; settle {earlier[0]} first"
                 )
-        window = Window(
+        span = SettlementSpan(
             last_day=last_day_of_month(month),
             cutoff=cutoff,
             prev_last_day=last_day_of_month(last.month) if last else None,
             prev_cutoff=last.usage_cutoff if last else None,
         )
         step("reading usage from ClickHouse (each record once, first delivery) ...")
-        groups = usage.groups(tz, window)
+        groups = usage.usage(tz, span)
         step(f"read {len(groups)} (firm, day, provider, class) groups")
-        billable = [g for g in groups if g.firm_id != UNATTRIBUTED]
-        unattributed = [g for g in groups if g.firm_id == UNATTRIBUTED]
-        aggregates = [
-            UsageAggregate(
-                firm_id=g.firm_id, day=g.day, provider_id=g.provider_id, gpu_class=g.gpu_class,
-                allocated_seconds=g.allocated_seconds, record_count=g.records, busy_seconds=g.busy_seconds,
-                energy_joules=g.energy_joules, adjustment_for=None if month_of(g.day) == month else month_of(g.day),
-            )
-            for g in billable
-        ]  # fmt: skip
+        unattributed = [g for g in groups if g.firm_id == UNATTRIBUTED]  # never invoiced (rule 5.6)
+        aggregates = [  # usage of an earlier, closed month is late: billed on adjustment lines (rule 5.4)
+            g if month_of(g.day) == month else dataclasses.replace(g, adjustment_for=month_of(g.day))
+            for g in groups
+            if g.firm_id != UNATTRIBUTED
+        ]
         rate_card = RateCard(state.rates(tx))
         items: list[ChargeItem] = price_items(aggregates, rate_card)
         step(f"priced {len(items)} items")
@@ -148,7 +121,7 @@ def settle_month(
         step(f"netted vouchers: {len(netting.credits)} credits, {len(netting.auto_granted)} automatic grants")
         invoices = build_invoices(month, items, netting.credits, state.firms(tx), currency=currency)
         step(f"built {len(invoices)} invoices")
-        conflicts, examples = usage.conflicting_records(window)
+        conflicts, examples = usage.conflicting_records(span)
         step(f"checked re-deliveries: {conflicts} with different content")
         row = state.SettlementRow(
             month=month,
@@ -159,9 +132,9 @@ def settle_month(
             currency=currency,
             items=len(items),
             invoices=len(invoices),
-            records=sum(g.records for g in billable),
+            records=sum(g.record_count for g in aggregates),
             unattributed_seconds=sum(g.allocated_seconds for g in unattributed),
-            unattributed_records=sum(g.records for g in unattributed),
+            unattributed_records=sum(g.record_count for g in unattributed),
             conflicting_records=conflicts,
         )
         state.write_settlement(tx, row, items, netting.credits, netting.auto_granted, invoices, rate_card)

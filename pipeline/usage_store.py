@@ -1,0 +1,386 @@
+"""The usage store: the one definition of "first delivery", every read built on it, and CSV import.
+
+``usage_raw`` keeps every delivery of every usage window. A record (one ``record_id``) counts
+once: its **first delivery**, the one with the least ``(ingested_at, kafka_partition,
+kafka_offset)`` (an import's line number is its offset). ``first_delivery_sql`` is the only
+place that picks it; invoices (through billing's adapter), ``usage summary``, the demo's
+ground-truth check, the hourly rollup, provider statements and ``billing reconcile`` all read
+through it. There is no view with a definition of its own.
+
+Windows enter the store two ways, both through the one list of checks (``schema.WINDOW_CHECKS``):
+the Kafka loader's materialized views, and ``import_windows`` (CSV), which evaluates the same
+SQL over the file's rows before it writes any of them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, NamedTuple
+
+from pipeline import clickhouse
+from pipeline.schema import reject_reason_sql
+
+DELIVERY_COLUMNS = (
+    "record_id, provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end, "
+    "allocated_seconds, busy_seconds, energy_joules, ingested_at, kafka_partition, kafka_offset"
+)
+# a delivery's content: every field of the window (NULL told apart from 0, -0.0 read as 0.0); deliveries
+# of one record with different hashes have different content (equal hashes of different content: 2^-64)
+CONTENT = (
+    "cityHash64(provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end, allocated_seconds, "
+    "isNull(busy_seconds), ifNull(busy_seconds, 0) + 0, isNull(energy_joules), ifNull(energy_joules, 0) + 0)"
+)
+FAST_ORDER = "ingested_at"  # with the table's ORDER BY (record_id, ingested_at): read in order, no sort
+EXACT_ORDER = "ingested_at, kafka_partition, kafka_offset"  # the definition of "first"; needs a sort
+# Without it (chDB 26's default is 0) the window sorts all rows instead of reading them in the table's
+# order: measured at 100M windows, 147 s and 16 GB instead of 29-36 s and 1.4 GB. Changing a setting
+# needs a ClickHouse user with readonly=0 or 2.
+READ_SETTINGS = {"optimize_read_in_window_order": 1}
+
+DAY = "toDate(window_start, {tz:String})"
+MONTH = "formatDateTime(toDate(window_start, {tz:String}), '%Y-%m')"
+HOUR = "toStartOfHour(window_start)"
+
+IMPORT_ROWS_PER_INSERT = 100_000
+# the scratch table a CSV import is checked in: a window as the Kafka path sees it (times in epoch ms)
+CHECK_COLUMNS = (
+    "line", "record_id", "seq", "provider_id", "host_id", "gpu_uuid", "gpu_class", "firm_id",
+    "window_start", "window_end", "allocated_seconds", "busy_seconds", "energy_joules",
+)  # fmt: skip
+
+
+def first_delivery_sql(
+    db: str, keys: Sequence[tuple[str, str]], where: str, conflicts_in: str = "0", tied: bool = False
+) -> str:
+    """One pass over the raw rows: per ``keys`` (expression, alias over DELIVERY_COLUMNS), the
+    allocated seconds, records, busy seconds and energy (both in integer thousandths) of each
+    record_id's first delivery where that delivery matches ``where``; ``conflicts``, the record_ids
+    with deliveries of different content whose latest delivery matches ``conflicts_in`` (a condition
+    on ``latest``); and ``tied``, the record_ids this pass leaves out of the sums.
+
+    The table is sorted by (record_id, ingested_at), so a window partitioned by record_id reads
+    every record's deliveries together, in arrival order, without a sort or a hash table of ids.
+    The first delivery is the earliest (ingested_at, kafka_partition, kafka_offset). This pass
+    orders by ingested_at alone, which avoids the sort and picks the right content unless the
+    record's earliest deliveries arrived at one instant and its contents differ. Those records
+    (found generously: contents differ anywhere and the second delivery shares the first's instant)
+    are left out and listed in ``tied``; with ``tied=True`` the query sums exactly those ids
+    (parameter ``tied``, read through the primary key) in the exact order. Measured at 100M windows
+    on a merged table: 29-36 s, where the re-delivery snapshot plus the raw sum it replaced took 38 s;
+    the exact order over every row would cost about 1 s more per 12.5M rows.
+    """
+    select = ", ".join(f"{expr} AS {alias}" for expr, alias in keys)
+    names = ", ".join(alias for _, alias in keys)
+    tie = "0" if tied else "differs AND second = ingested_at"
+    only = " WHERE record_id IN {tied:Array(String)}" if tied else ""
+    return f"""
+    SELECT {select},
+           toInt64(sumIf(allocated_seconds, bill)) AS seconds, toInt64(countIf(bill)) AS records,
+           sumIf(toInt64(round(ifNull(busy_seconds, 0) * 1000)), bill) AS busy,
+           sumIf(toInt64(round(ifNull(energy_joules, 0) * 1000)), bill) AS energy,
+           groupArrayIf(record_id, conflict) AS conflicts, groupArrayIf(record_id, tie) AS tied
+    FROM (
+        SELECT {DELIVERY_COLUMNS}, row_number() OVER p AS n,
+               min(content) OVER p != max(content) OVER p AS differs,
+               max(ingested_at) OVER p AS latest, nth_value(ingested_at, 2) OVER p AS second,
+               {tie} AS tie, ({where}) AND NOT tie AS bill, differs AND ({conflicts_in}) AS conflict
+        FROM (SELECT {DELIVERY_COLUMNS}, {CONTENT} AS content FROM {db}.usage_raw{only})
+        WINDOW p AS (PARTITION BY record_id ORDER BY {EXACT_ORDER if tied else FAST_ORDER}
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+    )
+    WHERE n = 1 AND (bill OR conflict OR tie)
+    GROUP BY {names}"""
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Records dated (in the time zone of the read) on or before ``last_day`` and ingested at or
+    before ``cutoff``, minus those dated on or before ``prev_last_day`` and ingested at or before
+    ``prev_cutoff``. Consecutive spans never share a record: a settlement reads one."""
+
+    last_day: date
+    cutoff: datetime
+    prev_last_day: date | None = None
+    prev_cutoff: datetime | None = None
+
+    def where(self) -> tuple[str, dict[str, Any]]:
+        sql = f"{DAY} <= {{last_day:Date}} AND ingested_at <= {{cutoff:DateTime64(6, 'UTC')}}"
+        params: dict[str, Any] = {"last_day": self.last_day, "cutoff": _naive_utc(self.cutoff)}
+        if self.prev_last_day is not None and self.prev_cutoff is not None:
+            sql += f" AND NOT ({DAY} <= {{prev_last_day:Date}} AND ingested_at <= {{prev_cutoff:DateTime64(6, 'UTC')}})"
+            params.update(prev_last_day=self.prev_last_day, prev_cutoff=_naive_utc(self.prev_cutoff))
+        return sql, params
+
+    def conflicts_where(self) -> tuple[str, dict[str, Any]]:
+        """The condition on a record's ``latest`` delivery for its conflict to belong to this span:
+        it arrived in (previous cutoff, this cutoff]."""
+        sql = "latest <= {conflicts_to:DateTime64(6, 'UTC')}"
+        params: dict[str, Any] = {"conflicts_to": _naive_utc(self.cutoff)}
+        if self.prev_cutoff is not None:
+            sql += " AND latest > {conflicts_from:DateTime64(6, 'UTC')}"
+            params["conflicts_from"] = _naive_utc(self.prev_cutoff)
+        return sql, params
+
+
+class DayTotals(NamedTuple):  # a tuple: a settlement reads ~10^6 of them
+    """First deliveries of one (firm, day, provider, class); busy and energy in exact thousandths."""
+
+    firm_id: str
+    day: date
+    provider_id: str
+    gpu_class: str
+    allocated_seconds: int
+    records: int
+    busy_ms: int  # busy seconds x 1000, summed from each window's value rounded to the millisecond
+    energy_mj: int  # energy joules x 1000 (millijoules), likewise
+
+
+@dataclass(frozen=True, slots=True)
+class ImportWindow:
+    """One usage window from a CSV file, parsed but not yet checked (``pipeline.usage_csv``)."""
+
+    line: int
+    record_id: str
+    window_start: datetime  # aware
+    window_end: datetime  # aware
+    provider_id: str
+    host_id: str
+    gpu_uuid: str
+    gpu_class: str
+    firm_id: str
+    allocated_seconds: int
+    busy_seconds: float | None
+    energy_joules: float | None
+
+
+def _naive_utc(t: datetime) -> datetime:
+    """The naive UTC datetime ClickHouse parameters take; a naive ``t`` is already UTC."""
+    return t if t.tzinfo is None else t.astimezone(UTC).replace(tzinfo=None)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _ms(t: datetime) -> int:
+    """Epoch milliseconds, exactly (the parser refuses finer timestamps)."""
+    return (t - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _check_row(w: ImportWindow) -> tuple[Any, ...]:
+    return (
+        w.line, w.record_id, 0, w.provider_id, w.host_id, w.gpu_uuid, w.gpu_class, w.firm_id,
+        _ms(w.window_start), _ms(w.window_end), w.allocated_seconds, w.busy_seconds, w.energy_joules,
+    )  # fmt: skip
+
+
+class UsageStore:
+    """Reads (each one pass over the raw rows, see ``first_delivery_sql``) and CSV import."""
+
+    def __init__(self, client: Any, database: str, progress: Callable[[str], None] = lambda _: None) -> None:
+        self.client = client
+        self.db = database
+        self.progress = progress  # hears one line per pass, with its time
+        self._conflicts: dict[Span, list[str]] = {}  # found by by_day(), asked for by conflicting_records()
+
+    # ------------------------------------------------------------ the one pass
+
+    def totals(
+        self,
+        keys: Sequence[tuple[str, str]],
+        where: str,
+        params: dict[str, Any],
+        order: Sequence[int] = (),
+        conflicts_in: str = "0",
+    ) -> tuple[list[tuple[Any, ...]], list[str]]:
+        """(rows of (*keys, seconds, records, busy, energy) with records > 0, sorted by the keys at
+        ``order``; sorted record_ids of conflicting records) - see ``first_delivery_sql``."""
+        width = len(keys)
+        by = f" ORDER BY {', '.join(keys[i][1] for i in order)}" if order else ""
+        started = time.perf_counter()
+        sql = first_delivery_sql(self.db, keys, where, conflicts_in) + by
+        rows = self.client.query(sql, parameters=params, settings=READ_SETTINGS).result_rows
+        self._timed(f"first deliveries of every record_id, {len(rows):,} groups", started)
+        conflicts = sorted({str(rid) for r in rows for rid in r[width + 4]})
+        tied = sorted({str(rid) for r in rows for rid in r[width + 5]})
+        sums_by_key = {tuple(r[:width]): list(r[width : width + 4]) for r in rows}
+        if tied:  # their first delivery, in the exact order, added to the sums
+            started = time.perf_counter()
+            sql = first_delivery_sql(self.db, keys, where, tied=True)
+            for r in self.client.query(sql, parameters={**params, "tied": tied}, settings=READ_SETTINGS).result_rows:
+                sums = sums_by_key.setdefault(tuple(r[:width]), [0, 0, 0, 0])
+                for i, value in enumerate(r[width : width + 4]):
+                    sums[i] += value
+            self._timed(f"{len(tied):,} record(s) with same-instant deliveries re-read in the exact order", started)
+        out = [(*key, *sums) for key, sums in sums_by_key.items() if sums[1] > 0]
+        if tied and order:  # rows the exact pass added go in their place
+            out.sort(key=lambda r: tuple(r[i] for i in order))
+        return out, conflicts
+
+    def _timed(self, text: str, started: float) -> None:
+        self.progress(f"  {text}: {time.perf_counter() - started:.1f} s")
+
+    # ------------------------------------------------------------ reads
+
+    def by_day(self, tz: str, span: Span) -> list[DayTotals]:
+        """First deliveries per (firm, day, provider, class) inside ``span``, sorted by (day, firm,
+        provider, class); the span's conflicting records come from the same pass."""
+        where, params = span.where()
+        conflicts_in, conflict_params = span.conflicts_where()
+        keys = [("firm_id", "firm_id"), (DAY, "day"), ("provider_id", "provider_id"), ("gpu_class", "gpu_class")]
+        rows, self._conflicts[span] = self.totals(
+            keys, where, {"tz": tz, **params, **conflict_params}, (1, 0, 2, 3), conflicts_in
+        )
+        return [DayTotals(str(r[0]), r[1], str(r[2]), str(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+
+    def conflicting_records(self, span: Span) -> list[str]:
+        """record_ids delivered again with different content whose latest delivery arrived in the
+        span's (previous cutoff, cutoff], sorted. From ``by_day`` of the same span when it ran."""
+        if span not in self._conflicts:
+            conflicts_in, params = span.conflicts_where()
+            self._conflicts[span] = self.totals([("0", "none")], "0", params, (), conflicts_in)[1]
+        return self._conflicts[span]
+
+    def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]:
+        """Months before ``first_day`` that have usage ingested up to ``cutoff``."""
+        where = f"{DAY} < {{first:Date}} AND ingested_at <= {{cutoff:DateTime64(6, 'UTC')}}"
+        params = {"tz": tz, "first": first_day, "cutoff": _naive_utc(cutoff)}
+        # raw rows are a superset of first deliveries: if none is that early, nothing is
+        early = self.client.query(f"SELECT count() FROM {self.db}.usage_raw WHERE {where}", parameters=params)
+        if not early.result_rows[0][0]:
+            return []
+        return [str(r[0]) for r in self.totals([(MONTH, "m")], where, params, (0,))[0]]
+
+    def seconds_by_month(self, tz: str, cutoff: datetime | None) -> dict[tuple[str, str], tuple[int, int]]:
+        """(month, firm_id) -> allocated_seconds of (every record, the records that arrived up to
+        ``cutoff``; 0 when it is None), in one pass."""
+        params: dict[str, Any] = {"tz": tz}
+        if cutoff:
+            params["cutoff"] = _naive_utc(cutoff)
+        keys = [
+            (MONTH, "m"),
+            ("firm_id", "firm_id"),
+            ("ingested_at <= {cutoff:DateTime64(6, 'UTC')}" if cutoff else "0", "arrived"),
+        ]
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for m, firm, arrived, seconds, *_ in self.totals(keys, "1", params)[0]:
+            every, by_cutoff = out.get((str(m), str(firm)), (0, 0))
+            out[(str(m), str(firm))] = (every + int(seconds), by_cutoff + (int(seconds) if arrived else 0))
+        return out
+
+    def by_host(self, tz: str, month: str, provider_id: str) -> list[tuple[str, str, int, int]]:
+        """(gpu_class, host_id, allocated_seconds, records) of a provider's usage dated in ``month``."""
+        where = f"provider_id = {{provider:String}} AND {MONTH} = {{month:String}}"
+        params = {"tz": tz, "month": month, "provider": provider_id}
+        rows = self.totals([("gpu_class", "gpu_class"), ("host_id", "host_id")], where, params, (0, 1))[0]
+        return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    def gpu_seconds_by_day(
+        self, tz: str, first_day: date | None = None, last_day: date | None = None
+    ) -> list[tuple[str, date, str, str, int, int]]:
+        """(firm_id, day, provider_id, gpu_class, allocated_seconds, records), every first delivery
+        dated from ``first_day`` to ``last_day`` (inclusive, either may be open), sorted."""
+        where, params = ["1"], {"tz": tz}
+        if first_day is not None:
+            where.append(f"{DAY} >= {{first:Date}}")
+            params["first"] = first_day  # type: ignore[assignment]
+        if last_day is not None:
+            where.append(f"{DAY} <= {{last:Date}}")
+            params["last"] = last_day  # type: ignore[assignment]
+        keys = [("firm_id", "firm_id"), (DAY, "day"), ("provider_id", "provider_id"), ("gpu_class", "gpu_class")]
+        rows = self.totals(keys, " AND ".join(where), params, (0, 1, 2, 3))[0]
+        return [(str(r[0]), r[1], str(r[2]), str(r[3]), int(r[4]), int(r[5])) for r in rows]
+
+    # ------------------------------------------------------------ the hourly rollup
+
+    def refresh_rollups(self, ingested_since: datetime) -> int:
+        """Recompute ``usage_hourly`` for every hour that received a delivery since ``ingested_since``,
+        from first deliveries, so replays and re-sent windows cannot inflate it; read it with FINAL.
+        Returns the hours recomputed."""
+        hours = [
+            r[0]
+            for r in self.client.query(
+                f"SELECT DISTINCT {HOUR} FROM {self.db}.usage_raw WHERE ingested_at >= {{since:DateTime64(6)}}",
+                parameters={"since": _naive_utc(ingested_since)},
+            ).result_rows
+        ]
+        if not hours:
+            return 0
+        keys = [(HOUR, "hour"), ("provider_id", "provider_id"), ("gpu_class", "gpu_class"), ("firm_id", "firm_id")]
+        rows, _ = self.totals(keys, f"{HOUR} IN {{hours:Array(DateTime('UTC'))}}", {"hours": hours})
+        refreshed = _naive_utc(datetime.now(UTC))
+        clickhouse.insert_hourly(self.client, self.db, [(r[0], r[1], r[2], r[3], r[4], r[5], refreshed) for r in rows])
+        return len(hours)
+
+    def hourly_totals(self) -> list[tuple[datetime, str, str, str, int, int]]:
+        """(hour, provider_id, gpu_class, firm_id, allocated_seconds, records) from the rollup."""
+        return clickhouse.hourly_totals(self.client, self.db)
+
+    # ------------------------------------------------------------ CSV import
+
+    def known_record_ids(self, record_ids: Sequence[str]) -> set[str]:
+        known: set[str] = set()
+        for i in range(0, len(record_ids), 50_000):
+            chunk = list(record_ids[i : i + 50_000])
+            rows = self.client.query(
+                f"SELECT DISTINCT record_id FROM {self.db}.usage_raw WHERE record_id IN {{ids:Array(String)}}",
+                parameters={"ids": chunk},
+            ).result_rows
+            known.update(str(r[0]) for r in rows)
+        return known
+
+    def rejected(self, windows: Sequence[ImportWindow], now: datetime) -> list[tuple[int, str]]:
+        """(line, reason) of every window the Kafka loader would quarantine: ``schema.WINDOW_CHECKS``,
+        the same SQL, run over the rows in a scratch table that is dropped afterwards. The import's
+        clock stands in for the producer's timestamp; no signer applies."""
+        table = f"{self.db}.usage_import_{uuid.uuid4().hex[:16]}"
+        self.client.command(
+            f"""CREATE TABLE {table} (
+    line Int64, record_id String, seq Int64, provider_id String, host_id String, gpu_uuid String,
+    gpu_class String, firm_id String, window_start Int64, window_end Int64, allocated_seconds Int64,
+    busy_seconds Nullable(Float64), energy_joules Nullable(Float64)
+) ENGINE = Memory"""
+        )
+        try:
+            for i in range(0, len(windows), IMPORT_ROWS_PER_INSERT):
+                chunk = [_check_row(w) for w in windows[i : i + IMPORT_ROWS_PER_INSERT]]
+                self.client.insert(table, chunk, column_names=CHECK_COLUMNS)
+            window = (
+                "CAST(tuple(record_id, seq, provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, "
+                "window_end, allocated_seconds, busy_seconds, energy_joules), 'Tuple(record_id String, seq Int64, "
+                "provider_id String, host_id String, gpu_uuid String, gpu_class String, firm_id String, "
+                "window_start Int64, window_end Int64, allocated_seconds Int64, busy_seconds Nullable(Float64), "
+                "energy_joules Nullable(Float64))')"
+            )
+            batch = (
+                "CAST(tuple(host_id, '', '', {now_ms:Int64}), "
+                "'Tuple(host_id String, gm_signer_host String, gm_signer_provider String, gm_timestamp_ms Int64)')"
+            )
+            result = self.client.query(
+                f"""SELECT line, reason FROM (
+                    SELECT line, {reject_reason_sql()} AS reason
+                    FROM (SELECT line, {window} AS w, {batch} AS b FROM {table})
+                ) WHERE reason != '' ORDER BY line""",
+                parameters={"now_ms": int(now.timestamp() * 1000)},
+            )
+            return [(int(r[0]), str(r[1])) for r in result.result_rows]
+        finally:
+            self.client.command(f"DROP TABLE IF EXISTS {table}")
+
+    def import_windows(self, windows: Sequence[ImportWindow], source: str, token: str, now: datetime) -> None:
+        """Insert checked CSV windows as deliveries: the line number is the offset, so an earlier line is
+        an earlier delivery. The caller runs ``rejected`` first; ``token`` makes a repeat a no-op."""
+        ingested = _naive_utc(now)
+        data = [
+            (
+                w.record_id, 0, w.provider_id, w.host_id, w.gpu_uuid, w.gpu_class, w.firm_id,
+                _naive_utc(w.window_start), _naive_utc(w.window_end), w.allocated_seconds, w.busy_seconds,
+                w.energy_joules, "import", source, -1, w.line, ingested,
+            )
+            for w in windows
+        ]  # fmt: skip
+        for i in range(0, len(data), IMPORT_ROWS_PER_INSERT):
+            clickhouse.insert_raw(self.client, self.db, data[i : i + IMPORT_ROWS_PER_INSERT], f"{token}:{i}")
