@@ -147,9 +147,6 @@ class WindowAccumulator:
             acc._gpus[uuid] = st
         return acc
 
-    def open_window_starts(self) -> set[int]:
-        return {st.window_start_s for st in self._gpus.values() if st.window_start_s is not None}
-
     def drop_open_before(self, end_s: int) -> int:
         """Forget open windows that end at or before ``end_s`` (already closed and spooled); count them."""
         dropped = 0

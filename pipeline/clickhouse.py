@@ -93,12 +93,6 @@ def insert_quarantine(client: Any, database: str, rows: Sequence[Sequence[Any]],
     client.insert(f"{database}.usage_quarantine", rows, column_names=QUARANTINE_COLUMNS, settings=settings)
 
 
-def count_rows(client: Any, database: str, table: str) -> int:
-    if not _NAME.match(table):
-        raise ValueError(table)
-    return int(client.query(f"SELECT count() FROM {database}.{table}").result_rows[0][0])
-
-
 def insert_ingest(client: Any, database: str, writer: WriterVersion, container: bytes, dedup_token: str) -> int:
     """Insert one Avro container into ``usage_ingest_v<N>``; the views fan it out. Returns messages read."""
     settings = {

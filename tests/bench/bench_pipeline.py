@@ -73,7 +73,7 @@ def pipeline_rate(bootstrap: str, topic: str, client: Any, messages: int) -> flo
     assert t0 is not None
     elapsed = time.perf_counter() - t0
     consumer.close(autocommit=False)
-    loaded = clickhouse.count_rows(client, db, "usage_raw")
+    loaded = int(client.query(f"SELECT count() FROM {db}.usage_raw").result_rows[0][0])
     assert loaded == N and loader.stats.quarantined == 0, (loaded, loader.stats)
     return N / elapsed
 

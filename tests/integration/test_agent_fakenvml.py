@@ -18,6 +18,9 @@ from pathlib import Path
 import pynvml
 import pytest
 
+# a real process (the CLI) loads a compiled stand-in driver through the real pynvml: not a unit test
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "tests" / "fakenvml" / "fake_nvml.c"
 GPUMETER = Path(sys.executable).with_name("gpumeter")

@@ -11,7 +11,6 @@ from kafka import KafkaProducer
 from agent.kafka_sink import KafkaSink
 from agent.runner import Agent, run_simulated
 from agent.simulate import SimulatedFleet
-from pipeline import clickhouse
 from pipeline.loader import Loader, LoaderStats, make_consumer
 from pipeline.usage_store import UsageStore
 
@@ -79,7 +78,7 @@ def test_replay_after_crash_before_commit_is_absorbed(kafka_bootstrap: str, topi
         while True:
             loader.poll_once()
     consumer.close(autocommit=False)
-    inserted_before_crash = clickhouse.count_rows(client, db, "usage_raw")
+    inserted_before_crash = int(client.query(f"SELECT count() FROM {db}.usage_raw").result_rows[0][0])
     assert inserted_before_crash > 0
 
     stats = load(kafka_bootstrap, topic, ch, "g-crash", sink.messages_sent)

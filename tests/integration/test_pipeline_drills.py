@@ -16,7 +16,6 @@ from agent.kafka_sink import KafkaSink
 from agent.runner import Agent, run_simulated
 from agent.simulate import SimulatedFleet
 from gpumeter.record import record_id, signature_headers
-from pipeline import clickhouse
 from pipeline.keys import parse_registry
 from pipeline.loader import DeadLetter, Loader, make_consumer
 from pipeline.usage_store import UsageStore
@@ -194,13 +193,15 @@ def test_replay_whole_topic_from_zero_changes_nothing(kafka_bootstrap: str, topi
     sink = meter_fleet(kafka_bootstrap, topic, fl)
     client, db = ch
     run_loader(kafka_bootstrap, topic, ch, "g-first", sink.messages_sent)
-    raw_before = clickhouse.count_rows(client, db, "usage_raw")
+    raw_before = int(client.query(f"SELECT count() FROM {db}.usage_raw").result_rows[0][0])
     since = datetime(2000, 1, 1, tzinfo=UTC)
     UsageStore(client, db).refresh_rollups(since)
     hourly_before = UsageStore(client, db).hourly_totals()
     run_loader(kafka_bootstrap, topic, ch, "g-replay", sink.messages_sent)  # a new group: offset 0
     assert measured(ch, "UTC") == fl.ground_truth("UTC")
-    assert clickhouse.count_rows(client, db, "usage_raw") == raw_before  # same blocks, same tokens
+    assert (
+        int(client.query(f"SELECT count() FROM {db}.usage_raw").result_rows[0][0]) == raw_before
+    )  # same blocks, same tokens
     UsageStore(client, db).refresh_rollups(since)
     assert UsageStore(client, db).hourly_totals() == hourly_before
     assert sum(r[4] for r in hourly_before) == sum(fl.ground_truth("UTC").values())

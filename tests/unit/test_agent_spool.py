@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from agent.runner import Agent
 from agent.sender import SpoolSender
 from agent.simulate import SimulatedFleet
-from agent.spool import Spool, decode_file, encode_file
+from agent.spool import Spool, SpoolError, decode_file, encode_file
 from gpumeter.record import decode_batch, verify
 
 KEY = ("host-key-1", bytes(range(32)))
@@ -56,7 +56,7 @@ def test_file_format_round_trips_and_detects_tearing() -> None:
     data = encode_file({"first_seq": 1}, b"value")
     assert decode_file(data) == ({"first_seq": 1}, b"value")
     for cut in (len(data) - 1, len(data) // 2, 5):
-        with pytest.raises(Exception, match=r"checksum|bad magic|length"):
+        with pytest.raises(SpoolError, match=r"checksum|bad magic|length"):
             decode_file(data[:cut])
 
 

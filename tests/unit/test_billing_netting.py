@@ -388,7 +388,7 @@ def assert_invariants(
 def test_netting_invariants(case: tuple[list[ChargeItem], list[Program], list[Voucher]]) -> None:
     items, programs, vouchers = case
     result = net_items(items, programs, vouchers)
-    assert result.state_after == NettingState.from_credits(result.credits)
+    assert result.state_after == NettingState().plus(result.credits)
     assert_invariants(items, programs, vouchers, result, result.state_after)
 
 
@@ -417,7 +417,7 @@ def test_netting_split_over_two_settlements_keeps_invariants(
         first.credits + second.credits, first.auto_granted + second.auto_granted, (), second.state_after
     )
     assert_invariants(items, programs, vouchers, combined, second.state_after)
-    assert second.state_after == NettingState.from_credits(combined.credits)
+    assert second.state_after == NettingState().plus(combined.credits)
     if all(p.auto_grant is None for p in programs):
         # without auto-grants (which happen at first sight) carrying state is exact
         assert combined.credits == net_items(items, programs, vouchers).credits
