@@ -103,6 +103,11 @@ def load(
     All files are validated whole first; a bad row anywhere refuses everything
     (FILE:LINE: reason) and nothing is written. Loading the same files again
     changes nothing. Rows are upserted by id; leaving a row out deletes nothing.
+
+    \b
+    Example:
+      gpumeter billing load --ratecard rates.toml --programs programs.toml \\
+                            --vouchers vouchers.csv --firms firms.csv
     """
     if not any((ratecard, programs, vouchers, firms)):
         raise click.UsageError("give at least one of --ratecard, --programs, --vouchers, --firms")
@@ -122,6 +127,10 @@ def settle(ctx: click.Context, month: str) -> None:
     nothing and shows the stored result. Usage that arrives later for a closed
     month is billed with the next settlement, on adjustment lines. Any unpriced
     usage stops the settlement with a list of what lacks a price; nothing is written.
+
+    \b
+    Example:
+      gpumeter billing settle --month 2026-03
     """
     s = settings_from(ctx)
     if month >= month_of(datetime.now(UTC).date()):
@@ -191,7 +200,12 @@ def export(ctx: click.Context, month: str, fmt: str) -> None:
 def pay(ctx: click.Context, firm_id: str, amount: str, paid_on: str, reference: str) -> None:
     """Record a payment: it settles the firm's open invoices oldest first; any
     leftover stays as credit for the next invoices. Recording the same payment
-    again changes nothing."""
+    again changes nothing.
+
+    \b
+    Example:
+      gpumeter billing pay --firm F0001 --amount 1200.00 --date 2026-04-20 --reference BANK-778
+    """
     try:
         value = parse_money(amount)
     except BillingError as exc:
@@ -216,7 +230,13 @@ def pay(ctx: click.Context, firm_id: str, amount: str, paid_on: str, reference: 
 @click.pass_context
 def invoices_cmd(ctx: click.Context, month: str | None, firm_id: str | None, as_of: str | None, fmt: str) -> None:
     """Invoices with what was paid, what is outstanding and their status (open,
-    partially_paid, paid, overdue)."""
+    partially_paid, paid, overdue).
+
+    \b
+    Example:
+      gpumeter billing invoices --month 2026-03
+      gpumeter billing invoices --firm F0001 --as-of 2026-05-01 --format csv
+    """
     all_invoices, ledger = receivables(_store(settings_from(ctx)), _day(as_of, "--as-of"))
     by_id = {i.invoice_id: i for i in all_invoices}
     rows = [
@@ -243,7 +263,13 @@ def invoices_cmd(ctx: click.Context, month: str | None, firm_id: str | None, as_
 @click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
 @click.pass_context
 def aging_cmd(ctx: click.Context, as_of: str | None, fmt: str) -> None:
-    """What each firm owes, by days past due: not yet due, 0-30, 31-60, 61-90, 90+."""
+    """What each firm owes, by days past due: not yet due, 0-30, 31-60, 61-90, 90+.
+
+    \b
+    Example:
+      gpumeter billing aging --as-of 2026-06-01
+      gpumeter billing aging --format csv > aging.csv
+    """
     report = aging_report(_store(settings_from(ctx)), _day(as_of, "--as-of"))
     rows = [
         (firm, *(format_money(buckets.get(b, Decimal(0))) for b in BUCKETS))
@@ -258,7 +284,12 @@ def aging_cmd(ctx: click.Context, as_of: str | None, fmt: str) -> None:
 @click.pass_context
 def reconcile_cmd(ctx: click.Context, month: str) -> None:
     """Usage hours in ClickHouse vs invoiced vs carried to adjustments, each
-    program's budget drawn and left, and every money invariant. Exit 1 on any mismatch."""
+    program's budget drawn and left, and every money invariant. Exit 1 on any mismatch.
+
+    \b
+    Example:
+      gpumeter billing reconcile --month 2026-03
+    """
     s = settings_from(ctx)
     result = reconcile(_store(s), _usage(s), month)
 
@@ -303,7 +334,13 @@ def _emit(header: tuple[str, ...], rows: list[tuple[Any, ...]], fmt: str, right:
 @click.pass_context
 def summary_cmd(ctx: click.Context, month: str, fmt: str) -> None:
     """A settled month at a glance: firms invoiced, gross, credits by program, amount
-    due, and each program's budget drawn (all settlements so far) and left."""
+    due, and each program's budget drawn (all settlements so far) and left.
+
+    \b
+    Example:
+      gpumeter billing summary --month 2026-03
+      gpumeter billing summary --month 2026-03 --format csv
+    """
     m = month_summary(_store(settings_from(ctx)), month)
     head = ("month", "firms_invoiced", "gross", "credits", "amount_due", "currency")
     row = (m.month, str(m.firms_invoiced), format_money(m.gross), format_money(m.credits), format_money(m.amount_due),
@@ -328,7 +365,12 @@ def summary_cmd(ctx: click.Context, month: str, fmt: str) -> None:
 def provider_statement(ctx: click.Context, provider_id: str, month: str, fmt: str) -> None:
     """What a provider's GPUs delivered in a month: GPU-hours by class and host (from
     ClickHouse, each record once), and the amount billed on that capacity (items
-    dated in the month, including late usage billed on adjustment lines)."""
+    dated in the month, including late usage billed on adjustment lines).
+
+    \b
+    Example:
+      gpumeter billing provider-statement --provider P01 --month 2026-03
+    """
     s = settings_from(ctx)
     st = provider_month(_store(s), _usage(s), provider_id, month)
 

@@ -36,7 +36,13 @@ def pipeline() -> None:
 @CLUSTER_OPTION
 @click.pass_context
 def init(ctx: click.Context, cluster: str | None) -> None:
-    """Create the ClickHouse database and tables (idempotent)."""
+    """Create the ClickHouse database and tables (idempotent).
+
+    \b
+    Example:
+      gpumeter pipeline init
+      gpumeter pipeline init --cluster prod
+    """
     s = settings_from(ctx)
     client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
     clickhouse.ensure_schema(client, s.clickhouse_database, cluster=cluster)
@@ -113,6 +119,10 @@ def gaps(ctx: click.Context) -> None:
 
     No gap means every window each agent numbered between its lowest and highest
     seq reached ClickHouse; a gap shows exactly which ones did not.
+
+    \b
+    Example:
+      gpumeter pipeline gaps
     """
     s = settings_from(ctx)
     client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
@@ -134,6 +144,11 @@ def rollup(ctx: click.Context, since: str | None) -> None:
 
     Hours are recomputed from first deliveries, so replays and re-sent windows
     never inflate them; running it again changes nothing. Billing never reads it.
+
+    \b
+    Example:
+      gpumeter pipeline rollup
+      gpumeter pipeline rollup --since 2026-03-01T00:00:00+00:00
     """
     s = settings_from(ctx)
     client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)

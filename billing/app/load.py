@@ -5,7 +5,7 @@ them go in one transaction. Loading the same files again changes nothing. Rows
 are keyed by their ids (rates by gpu_class, provider and effective_from) and
 upserted; nothing is deleted by leaving it out of a file.
 
-History is fixed once settled (rules we decided):
+History is fixed once settled (docs/billing-rules.md 6.4):
 - the billing time zone and currency cannot change after the first settlement;
 - a rate effective on or before the last settled month's last day cannot change
   its price (it priced closed invoices);

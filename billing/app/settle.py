@@ -106,8 +106,8 @@ def settle_month(
         step("reading usage from ClickHouse (each record once, first delivery) ...")
         groups = usage.usage(tz, span)
         step(f"read {len(groups)} (firm, day, provider, class) groups")
-        unattributed = [g for g in groups if g.firm_id == UNATTRIBUTED]  # never invoiced (rule 5.6)
-        aggregates = [  # usage of an earlier, closed month is late: billed on adjustment lines (rule 5.4)
+        unattributed = [g for g in groups if g.firm_id == UNATTRIBUTED]  # never invoiced (docs/billing-rules.md 5.6)
+        aggregates = [  # late usage of a closed month: adjustment lines (docs/billing-rules.md 5.4)
             g if month_of(g.day) == month else dataclasses.replace(g, adjustment_for=month_of(g.day))
             for g in groups
             if g.firm_id != UNATTRIBUTED

@@ -1,4 +1,4 @@
-"""Invoices of one settled month (billing-rules.md section 4) and their export shape (section 6)."""
+"""Invoices of one settled month (docs/billing-rules.md section 4) and their export shape (docs/billing-rules.md 4.7)."""
 
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ def build_invoices(
 
 @exact_decimal
 def to_export_dict(invoice: Invoice) -> dict[str, Any]:
-    """One invoice in the JSON shape of billing-rules.md section 6."""
+    """One invoice in the JSON shape of the export (docs/billing-rules.md 4.7, docs/file-formats.md)."""
     return {
         "invoice_id": invoice.invoice_id,
         "firm_id": invoice.firm_id,

@@ -1,4 +1,4 @@
-"""Voucher netting (billing-rules.md section 3) as one pure function.
+"""Voucher netting (docs/billing-rules.md section 3: order 3.7-3.9, credit 3.10, grants 3.4-3.6) as one pure function.
 
 Facts in (items, programs, vouchers, what earlier settlements drew), a result out:
 the credits, the vouchers auto-granted by this settlement, a trail with one step per

@@ -1,6 +1,6 @@
 """Charge items: one per (firm, day, provider, gpu_class[, adjustment month]), priced exactly.
 
-Rate selection (billing-rules.md section 2): among the rates of the item's gpu_class
+Rate selection (docs/billing-rules.md 2.2): among the rates of the item's gpu_class
 with ``effective_from <= day``, the provider's own rates are used if there are any,
 else the ``*`` rates; of the used ones the latest ``effective_from`` wins.
 """

@@ -65,6 +65,11 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
     program (automatic 30 % grants, a per-firm cap) and a small district pool
     (50-100 %, runs dry), reconciles it, and writes every firm's statement.
     Exit code 1 on any difference.
+
+    \b
+    Example:
+      gpumeter demo
+      gpumeter demo --month 2026-04 --workdir /tmp/gm-demo
     """
     settings = settings_from(ctx)
     work = _fresh_dir(workdir or settings.home / "demo")

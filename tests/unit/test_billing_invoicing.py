@@ -1,4 +1,4 @@
-"""Invoices (billing-rules.md section 4) and their JSON export (section 6)."""
+"""Invoices (docs/billing-rules.md section 4) and their JSON export (4.7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Payments, statuses and aging (billing-rules.md section 4, last bullet)."""
+"""Payments, statuses and aging (docs/billing-rules.md 4.9-4.14)."""
 
 from __future__ import annotations
 

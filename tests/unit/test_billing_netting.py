@@ -1,4 +1,4 @@
-"""Voucher netting (billing-rules.md section 3): worked examples and properties."""
+"""Voucher netting (docs/billing-rules.md section 3): worked examples and properties."""
 
 from __future__ import annotations
 

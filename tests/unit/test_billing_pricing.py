@@ -1,4 +1,4 @@
-"""Money helpers, model validation and pricing (billing-rules.md sections 1-2)."""
+"""Money helpers, model validation and pricing (docs/billing-rules.md sections 1-2)."""
 
 from __future__ import annotations
 

@@ -38,3 +38,18 @@ def test_every_command_has_help_text() -> None:
             assert isinstance(cmd, click.Group)
             cmd = cmd.get_command(ctx, part)
         assert cmd is not None and (cmd.help or "").strip(), f"{path} has no help"
+
+
+def test_every_command_shows_an_example() -> None:
+    """The README promises an example in every command's --help."""
+    ctx = click.Context(cli)
+    lacking = []
+    for path in command_paths(cli, "gpumeter", ctx):
+        cmd: click.Command | None = cli
+        for part in path.split()[1:]:
+            assert isinstance(cmd, click.Group)
+            cmd = cmd.get_command(ctx, part)
+        assert cmd is not None
+        if not isinstance(cmd, click.Group) and "Example" not in (cmd.help or ""):
+            lacking.append(path)
+    assert lacking == []
