@@ -1,4 +1,4 @@
-"""Invoices of one settled month (docs/billing-rules.md section 4) and their export shape (docs/billing-rules.md 4.7)."""
+"""Invoices of one settled month (docs/billing-rules.md section 4) and their export (docs/billing-rules.md 4.7)."""
 
 from __future__ import annotations
 
