@@ -1,4 +1,3 @@
-"""Pure settlement core of gpumeter: pricing, voucher netting, invoices and receivables.
-
-No I/O, no clock, no globals: plain data in, plain data out. See README.md.
-"""
+"""Settlement, invoices and payments: ``core`` (pure rules), ``app`` (one function per staff task,
+usage read through ``app.ports``), ``adapters`` (store and SQL, files, ClickHouse usage, statement
+files) and ``cli``. See README.md; the rules are in docs/billing-rules.md."""
