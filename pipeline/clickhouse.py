@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from typing import Any
 
 from gpumeter.errors import ConfigError, StoreBusyError
@@ -154,14 +153,3 @@ def insert_hourly(client: Any, database: str, rows: Sequence[Sequence[Any]]) -> 
     """Rows of (hour, provider_id, gpu_class, firm_id, allocated_seconds, records, refreshed_at)."""
     if rows:
         client.insert(f"{database}.usage_hourly", rows, column_names=HOURLY_COLUMNS)
-
-
-def hourly_totals(client: Any, database: str) -> list[tuple[datetime, str, str, str, int, int]]:
-    """(hour, provider_id, gpu_class, firm_id, allocated_seconds, records) from the rollup."""
-    result = client.query(
-        f"""
-        SELECT hour, provider_id, gpu_class, firm_id, allocated_seconds, records
-        FROM {database}.usage_hourly FINAL ORDER BY hour, provider_id, gpu_class, firm_id
-        """
-    )
-    return [(r[0], str(r[1]), str(r[2]), str(r[3]), int(r[4]), int(r[5])) for r in result.result_rows]

@@ -19,6 +19,7 @@ from pipeline.framing import PREFIX_FIELDS, WriterVersion
 DEDUP_WINDOW = 10_000  # insert blocks remembered per table for insert_deduplication_token
 FUTURE_TOLERANCE_S = 300  # a window may end at most this long after its Kafka message was produced
 EARLIEST_WINDOW_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+MAX_ALLOCATED_SECONDS = 2**32 - 1  # usage_raw.allocated_seconds is UInt32: a larger value would wrap
 
 # Highest power one GPU of a class can draw, in watts (board limit with headroom). A window's
 # energy_joules above watts * window length is impossible and quarantined.
@@ -55,7 +56,12 @@ WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
     ("window_start before 2000-01-01", f"w.window_start < {EARLIEST_WINDOW_MS}"),
     ("seq < 0", "w.seq < 0"),
     ("allocated_seconds < 0", "w.allocated_seconds < 0"),
-    ("allocated_seconds > window length", "w.allocated_seconds * 1000 > w.window_end - w.window_start"),
+    # compared in whole seconds: allocated_seconds * 1000 wraps around Int64 for a large enough value
+    ("allocated_seconds > window length", "w.allocated_seconds > intDiv(w.window_end - w.window_start, 1000)"),
+    (
+        f"allocated_seconds above {MAX_ALLOCATED_SECONDS}, the most the store holds",
+        f"w.allocated_seconds > {MAX_ALLOCATED_SECONDS}",
+    ),
     (
         "busy_seconds outside [0, allocated_seconds]",
         "w.busy_seconds IS NOT NULL AND (isNaN(assumeNotNull(w.busy_seconds)) "

@@ -20,8 +20,7 @@ USAGE_COLUMNS = (
     "record_id", "window_start", "window_end", "provider_id", "host_id", "gpu_uuid", "gpu_class",
     "firm_id", "allocated_seconds", "busy_seconds", "energy_joules",
 )  # fmt: skip
-# a number the store's checks can compare without overflow; the checks then bound it (the column is UInt32)
-ALLOCATED_SECONDS_RANGE = (-(2**31), 2**32 - 1)
+ALLOCATED_SECONDS_RANGE = (-(2**63), 2**63 - 1)  # what the checks' Int64 holds; the checks bound it
 _DECIMAL = re.compile(r"\A-?\d{1,15}(?:\.\d{1,9})?\Z")
 
 

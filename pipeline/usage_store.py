@@ -158,7 +158,8 @@ class ImportWindow:
 
 
 def _naive_utc(t: datetime) -> datetime:
-    """The naive UTC datetime ClickHouse parameters take; a naive ``t`` is already UTC."""
+    """The naive UTC datetime that a ``DateTime64(.., 'UTC')`` query parameter reads as UTC; a naive
+    ``t`` is already UTC. Never for inserted values: an insert reads a naive datetime as local time."""
     return t if t.tzinfo is None else t.astimezone(UTC).replace(tzinfo=None)
 
 
@@ -303,7 +304,7 @@ class UsageStore:
         hours = [
             r[0]
             for r in self.client.query(
-                f"SELECT DISTINCT {HOUR} FROM {self.db}.usage_raw WHERE ingested_at >= {{since:DateTime64(6)}}",
+                f"SELECT DISTINCT {HOUR} FROM {self.db}.usage_raw WHERE ingested_at >= {{since:DateTime64(6, 'UTC')}}",
                 parameters={"since": _naive_utc(ingested_since)},
             ).result_rows
         ]
@@ -311,13 +312,9 @@ class UsageStore:
             return 0
         keys = [(HOUR, "hour"), ("provider_id", "provider_id"), ("gpu_class", "gpu_class"), ("firm_id", "firm_id")]
         rows, _ = self.totals(keys, f"{HOUR} IN {{hours:Array(DateTime('UTC'))}}", {"hours": hours})
-        refreshed = _naive_utc(datetime.now(UTC))
+        refreshed = datetime.now(UTC)  # aware: a naive value would be stored as the process's local time
         clickhouse.insert_hourly(self.client, self.db, [(r[0], r[1], r[2], r[3], r[4], r[5], refreshed) for r in rows])
         return len(hours)
-
-    def hourly_totals(self) -> list[tuple[datetime, str, str, str, int, int]]:
-        """(hour, provider_id, gpu_class, firm_id, allocated_seconds, records) from the rollup."""
-        return clickhouse.hourly_totals(self.client, self.db)
 
     # ------------------------------------------------------------ CSV import
 
@@ -373,11 +370,12 @@ class UsageStore:
     def import_windows(self, windows: Sequence[ImportWindow], source: str, token: str, now: datetime) -> None:
         """Insert checked CSV windows as deliveries: the line number is the offset, so an earlier line is
         an earlier delivery. The caller runs ``rejected`` first; ``token`` makes a repeat a no-op."""
-        ingested = _naive_utc(now)
+        # aware datetimes: clickhouse-connect stores a naive one as the process's local time
+        ingested = now.astimezone(UTC)
         data = [
             (
                 w.record_id, 0, w.provider_id, w.host_id, w.gpu_uuid, w.gpu_class, w.firm_id,
-                _naive_utc(w.window_start), _naive_utc(w.window_end), w.allocated_seconds, w.busy_seconds,
+                w.window_start.astimezone(UTC), w.window_end.astimezone(UTC), w.allocated_seconds, w.busy_seconds,
                 w.energy_joules, "import", source, -1, w.line, ingested,
             )
             for w in windows

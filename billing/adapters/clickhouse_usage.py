@@ -11,8 +11,8 @@ from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any
 
-from billing.app.ports import SettlementSpan
-from billing.core.model import UsageAggregate
+from billing.app.ports import SettlementSpan, SpanUsage
+from billing.core.model import UNATTRIBUTED, UsageAggregate
 from billing.core.money import half_up
 from pipeline.usage_store import Span, UsageStore
 
@@ -35,12 +35,18 @@ class ClickHouseUsage:
     def progress(self, hear: Callable[[str], None]) -> None:
         self.store.progress = hear
 
-    def usage(self, tz: str, span: SettlementSpan) -> list[UsageAggregate]:
-        return [
+    def usage(self, tz: str, span: SettlementSpan) -> SpanUsage:
+        totals = self.store.by_day(tz, _span(span))
+        aggregates = [
             UsageAggregate(t.firm_id, t.day, t.provider_id, t.gpu_class, t.allocated_seconds, t.records,
                            half_up(t.busy_ms, 1000), half_up(t.energy_mj, 1000))
-            for t in self.store.by_day(tz, _span(span))
+            for t in totals
+            if t.firm_id != UNATTRIBUTED
         ]  # fmt: skip
+        unattributed = [t for t in totals if t.firm_id == UNATTRIBUTED]
+        return SpanUsage(
+            aggregates, sum(t.allocated_seconds for t in unattributed), sum(t.records for t in unattributed)
+        )
 
     def conflicting_records(self, span: SettlementSpan, limit: int = 20) -> tuple[int, list[str]]:
         found = self.store.conflicting_records(_span(span))

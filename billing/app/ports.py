@@ -26,10 +26,21 @@ class SettlementSpan:
     prev_cutoff: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SpanUsage:
+    """The deduplicated usage of one span: what firms used, and what no firm could be named for."""
+
+    aggregates: list[UsageAggregate]  # per (firm, day, provider, class), adjustment_for None, in that order
+    unattributed_seconds: int = 0  # recorded and shown, never invoiced (docs/billing-rules.md 5.6)
+    unattributed_records: int = 0
+
+
 class UsageReader(Protocol):
-    def usage(self, tz: str, span: SettlementSpan) -> list[UsageAggregate]:
-        """Deduplicated usage per (firm, day, provider, class) in ``span``, all with
-        ``adjustment_for=None`` (settlement decides which is late), in (day, firm, provider, class) order."""
+    def usage(self, tz: str, span: SettlementSpan) -> SpanUsage:
+        """Deduplicated usage in ``span``: the firms' per (firm, day, provider, class), all with
+        ``adjustment_for=None`` (settlement decides which is late), in (day, firm, provider, class)
+        order, and the unattributed totals (never built into aggregates, so never validated as a
+        firm's usage: a malformed unattributed window cannot stop a settlement)."""
         ...
 
     def conflicting_records(self, span: SettlementSpan, limit: int = 20) -> tuple[int, list[str]]:

@@ -25,7 +25,6 @@ from billing.app.ports import SettlementSpan, UsageReader
 from billing.core.fastpath import paused_cyclic_gc
 from billing.core.invoicing import DEFAULT_CURRENCY, Invoice, build_invoices
 from billing.core.model import (
-    UNATTRIBUTED,
     BillingError,
     ChargeItem,
     first_day_of_month,
@@ -104,13 +103,11 @@ def settle_month(
             prev_cutoff=last.usage_cutoff if last else None,
         )
         step("reading usage from ClickHouse (each record once, first delivery) ...")
-        groups = usage.usage(tz, span)
-        step(f"read {len(groups)} (firm, day, provider, class) groups")
-        unattributed = [g for g in groups if g.firm_id == UNATTRIBUTED]  # never invoiced (docs/billing-rules.md 5.6)
+        read = usage.usage(tz, span)
+        step(f"read {len(read.aggregates)} (firm, day, provider, class) groups")
         aggregates = [  # late usage of a closed month: adjustment lines (docs/billing-rules.md 5.4)
             g if month_of(g.day) == month else dataclasses.replace(g, adjustment_for=month_of(g.day))
-            for g in groups
-            if g.firm_id != UNATTRIBUTED
+            for g in read.aggregates
         ]
         rate_card = RateCard(state.rates(tx))
         items: list[ChargeItem] = price_items(aggregates, rate_card)
@@ -133,8 +130,8 @@ def settle_month(
             items=len(items),
             invoices=len(invoices),
             records=sum(g.record_count for g in aggregates),
-            unattributed_seconds=sum(g.allocated_seconds for g in unattributed),
-            unattributed_records=sum(g.record_count for g in unattributed),
+            unattributed_seconds=read.unattributed_seconds,  # never invoiced (docs/billing-rules.md 5.6)
+            unattributed_records=read.unattributed_records,
             conflicting_records=conflicts,
         )
         state.write_settlement(tx, row, items, netting.credits, netting.auto_granted, invoices, rate_card)

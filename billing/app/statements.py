@@ -50,7 +50,7 @@ def write_statements(
             check_statement(st)
             stem = out / f"statement-{firm_id}-{month}"
             if fmt == "html":
-                path = stem.with_suffix(".html")
+                path = Path(f"{stem}.html")  # not with_suffix: a firm id may contain a dot
                 path.write_text(statement_html(st), encoding="utf-8")
                 written.append(path)
             else:

@@ -48,6 +48,7 @@ class NettingState:
                 except MoneyFormatError:
                     raise InvalidBillingDataError(f"{name}[{key!r}] must be whole fen, got {amount}") from None
 
+    @exact_decimal
     def plus(self, credits: Iterable[Credit]) -> NettingState:
         """This state with ``credits`` drawn as well."""
         by_voucher: dict[str, Decimal] = dict(self.drawn_by_voucher)

@@ -88,3 +88,12 @@ def row(gpu: str, start: str, seconds: int, firm: str = "F1", cls: str = "H100",
 
 def amounts(doc: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
     return {i["firm_id"]: (i["gross"], i["credit_total"], i["amount_due"]) for i in doc["invoices"]}
+
+
+def hourly_rollup(client: Any, database: str) -> list[tuple[Any, ...]]:
+    """(hour, provider_id, gpu_class, firm_id, allocated_seconds, records) of usage_hourly, read with FINAL."""
+    result = client.query(
+        f"SELECT hour, provider_id, gpu_class, firm_id, allocated_seconds, records FROM {database}.usage_hourly "
+        "FINAL ORDER BY hour, provider_id, gpu_class, firm_id"
+    )
+    return [tuple(r) for r in result.result_rows]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
+from datetime import UTC, datetime
 
 import pytest
 from billing_helpers import RATES, Cli, amounts, record_of, row
@@ -378,3 +380,48 @@ def test_a_month_before_the_first_settlement_is_closed_and_exports_empty(cli: Cl
     assert "closed" in cli.ok("billing", "settle", "--month", "2026-02").out
     assert cli.ok("billing", "export", "--month", "2026-02").json() == {"month": "2026-02", "invoices": []}
     assert cli("billing", "export", "--month", "2026-04").code == 1
+
+
+def test_malformed_unattributed_usage_is_counted_and_never_stops_a_settlement(cli: Cli) -> None:
+    """Unattributed usage is never invoiced, so it is never checked as a firm's item: a provider id
+    the rate card reserves ('*') on such a row cannot block every firm's invoice."""
+    setup(cli)
+    odd = row("u", "2026-03-02T00:00:00", 1800, firm="unattributed", provider="*")
+    cli.ok("usage", "import", cli.usage(row("a", "2026-03-02T00:00:00", 3600), odd))
+    r = cli.ok("billing", "settle", "--month", "2026-03")
+    assert "unattributed usage (not invoiced): 1 records, 0.500000 GPU-hours" in r.out
+    assert amounts(cli.ok("billing", "export", "--month", "2026-03").json()) == {"F1": ("10.00", "0.00", "10.00")}
+
+
+def test_an_import_stores_utc_whatever_the_local_time_zone(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """clickhouse-connect reads a naive datetime as local time: the import must not hand it one."""
+    monkeypatch.setenv("TZ", "Asia/Shanghai")
+    time.tzset()
+    try:
+        cli.ok("usage", "import", cli.usage(row("z", "2026-03-31T20:00:00", 600, hours=1)))
+        cli.ok("pipeline", "rollup")
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    from pipeline import clickhouse
+
+    db = os.environ["GPUMETER_CLICKHOUSE_DATABASE"]
+    client = clickhouse.connect(os.environ["GPUMETER_CLICKHOUSE_DSN"], db)
+    stored = client.query(f"SELECT toString(window_start), ingested_at FROM {db}.usage_raw").result_rows
+    assert stored[0][0] == "2026-03-31 20:00:00.000"
+    ingested = stored[0][1].replace(tzinfo=UTC) if stored[0][1].tzinfo is None else stored[0][1]
+    assert abs((ingested - datetime.now(UTC)).total_seconds()) < 600
+    refreshed = client.query(f"SELECT max(refreshed_at) FROM {db}.usage_hourly").result_rows[0][0]
+    refreshed = refreshed.replace(tzinfo=UTC) if refreshed.tzinfo is None else refreshed
+    assert abs((refreshed - datetime.now(UTC)).total_seconds()) < 600
+
+
+def test_statements_of_firms_whose_ids_have_dots_do_not_overwrite_each_other(cli: Cli) -> None:
+    setup(cli)
+    cli.ok("usage", "import", cli.usage(row("a", "2026-03-02T00:00:00", 3600, firm="F.1"),
+                                        row("b", "2026-03-02T00:00:00", 7200, firm="F.2")))  # fmt: skip
+    cli.ok("billing", "settle", "--month", "2026-03")
+    out = cli.tmp / "statements"
+    files = cli.ok("statement", "--month", "2026-03", "--out", str(out)).out.split()
+    assert sorted(p.name for p in out.iterdir()) == ["statement-F.1-2026-03.html", "statement-F.2-2026-03.html"]
+    assert len(files) == 2

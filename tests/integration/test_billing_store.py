@@ -27,7 +27,7 @@ from billing.adapters.files import RateCardFile
 from billing.adapters.store import Store
 from billing.app.load import LoadReport
 from billing.app.load import _load_rates as load_rate_card
-from billing.app.ports import SettlementSpan
+from billing.app.ports import SettlementSpan, SpanUsage
 from billing.app.settle import SettlementResult, settle_month
 from billing.core.model import Rate, UsageAggregate
 from billing.core.pricing import UnpricedUsageError
@@ -102,11 +102,11 @@ class FixedUsage:
         self.inside = inside
         self.release = release
 
-    def usage(self, tz: str, span: SettlementSpan) -> list[UsageAggregate]:
+    def usage(self, tz: str, span: SettlementSpan) -> SpanUsage:
         if self.inside is not None and self.release is not None:
             self.inside.wait(10)
             assert self.release.wait(10)
-        return [g for g in self._groups if g.day <= span.last_day]
+        return SpanUsage([g for g in self._groups if g.day <= span.last_day])
 
     def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]:
         return []
@@ -141,7 +141,7 @@ def test_two_settlements_at_once_cannot_both_apply(store_url: str) -> None:
     """The second settlement starts while the first is inside its transaction (held there at a
     barrier), is still waiting for the lock half a second later, and then finds the month settled."""
     _load_rates(Store(store_url))
-    inside, release = threading.Barrier(2), threading.Event()
+    inside, release = threading.Barrier(3), threading.Event()  # the first settlement, the second, this test
     results: list[SettlementResult] = []
     errors: list[BaseException] = []
     second_done = threading.Event()
@@ -164,10 +164,13 @@ def test_two_settlements_at_once_cannot_both_apply(store_url: str) -> None:
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
     for t in threads:
         t.start()
-    assert not second_done.wait(0.5), "the second settlement did not wait for the first one's lock"
-    release.set()
-    for t in threads:
-        t.join(30)
+    try:
+        inside.wait(10)  # both are past the barrier: the first inside its transaction, the second starting
+        assert not second_done.wait(0.5), "the second settlement did not wait for the first one's lock"
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
     assert errors == []
     assert sorted(r.already_settled for r in results) == [False, True]  # one settled it, the other found it done
     with Store(store_url).transaction() as tx:

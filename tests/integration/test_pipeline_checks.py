@@ -12,7 +12,7 @@ from billing_helpers import USAGE_HEADER, Cli
 from gpumeter.record import encode_batch, record_id
 from pipeline import clickhouse
 from pipeline.framing import Framed, container, shipped_versions, split_value
-from pipeline.schema import FUTURE_TOLERANCE_S, WINDOW_CHECKS
+from pipeline.schema import FUTURE_TOLERANCE_S, MAX_ALLOCATED_SECONDS, WINDOW_CHECKS
 
 pytestmark = pytest.mark.integration
 
@@ -21,6 +21,7 @@ SENT = T0 + 120_000  # the Kafka message timestamp
 LATE = SENT + FUTURE_TOLERANCE_S * 1000  # a window starting here ends beyond the tolerance
 ENERGY = "energy_joules above what the GPU class can draw"
 FUTURE = f"window_end more than {FUTURE_TOLERANCE_S} s after the message was produced"
+UINT32 = f"allocated_seconds above {MAX_ALLOCATED_SECONDS}, the most the store holds"
 
 
 def window(**changes: Any) -> dict[str, Any]:
@@ -57,6 +58,11 @@ CASES = [
     ("negative_seq", window(seq=-1), "seq < 0"),
     ("negative_alloc", window(allocated_seconds=-5, busy_seconds=None), "allocated_seconds < 0"),
     ("alloc_over_window", window(allocated_seconds=61, busy_seconds=None), "allocated_seconds > window length"),
+    # x 1000 wraps around Int64 to a small number: once passed the check and was stored as 4,000,000,000 s
+    ("alloc_wraps", window(allocated_seconds=9_223_373_253_715_968, busy_seconds=None),
+     "allocated_seconds > window length"),
+    ("alloc_over_uint32", window(window_end=T0 + 2**32 * 1000, allocated_seconds=2**32, busy_seconds=None,
+                                 energy_joules=None), UINT32),
     ("busy_over_alloc", window(busy_seconds=60.5), "busy_seconds outside [0, allocated_seconds]"),
     ("busy_nan", window(busy_seconds=math.nan), "busy_seconds outside [0, allocated_seconds]"),
     ("energy_h100", window(energy_joules=800.0 * 60 + 1), ENERGY),

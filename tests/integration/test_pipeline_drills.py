@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from billing_helpers import hourly_rollup
 from kafka import KafkaConsumer, KafkaProducer
 from test_end_to_end import START, measured, meter_fleet
 
@@ -196,12 +197,12 @@ def test_replay_whole_topic_from_zero_changes_nothing(kafka_bootstrap: str, topi
     raw_before = int(client.query(f"SELECT count() FROM {db}.usage_raw").result_rows[0][0])
     since = datetime(2000, 1, 1, tzinfo=UTC)
     UsageStore(client, db).refresh_rollups(since)
-    hourly_before = UsageStore(client, db).hourly_totals()
+    hourly_before = hourly_rollup(client, db)
     run_loader(kafka_bootstrap, topic, ch, "g-replay", sink.messages_sent)  # a new group: offset 0
     assert measured(ch, "UTC") == fl.ground_truth("UTC")
     assert (
         int(client.query(f"SELECT count() FROM {db}.usage_raw").result_rows[0][0]) == raw_before
     )  # same blocks, same tokens
     UsageStore(client, db).refresh_rollups(since)
-    assert UsageStore(client, db).hourly_totals() == hourly_before
+    assert hourly_rollup(client, db) == hourly_before
     assert sum(r[4] for r in hourly_before) == sum(fl.ground_truth("UTC").values())
