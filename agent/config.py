@@ -45,6 +45,9 @@ class AgentConfig:
         return self.host_id or socket.gethostname()
 
 
+# the least each number may be, as the flags' ranges say (a zero interval would divide by zero)
+MINIMUM: dict[str, float] = {"interval_s": 1, "window_s": 1, "spool_max_bytes": 4096, "send_retry_max_s": 0.001}
+
 ATTRIBUTION_KEYS = {
     "order": list,  # of "kubernetes", "slurm", "static", "env"
     "env_var": str,
@@ -68,7 +71,14 @@ def load_agent_config(path: Path | None, **overrides: Any) -> AgentConfig:
             raise ConfigError(f"{path}: agent config file not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-        data = data.get("agent", data)
+        if "agent" in data:
+            beside = sorted(set(data) - {"agent"})
+            if beside:  # they would be ignored: say so rather than run with other settings
+                raise ConfigError(
+                    f"{path}: setting(s) {', '.join(beside)} outside the [agent] table; "
+                    "put every setting inside [agent], or use no [agent] table"
+                )
+            data = data["agent"]
         known = {f.name: f for f in fields(AgentConfig)}
         unknown = sorted(set(data) - set(known))
         if unknown:
@@ -82,6 +92,8 @@ def load_agent_config(path: Path | None, **overrides: Any) -> AgentConfig:
                 value = float(value)
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise ConfigError(f"{path}: agent setting {name} must be {want.__name__}, got {value!r}")
+            if name in MINIMUM and value < MINIMUM[name]:
+                raise ConfigError(f"{path}: agent setting {name} must be >= {MINIMUM[name]:g}, got {value!r}")
         cfg = replace(cfg, **data)
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 

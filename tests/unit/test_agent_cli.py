@@ -62,8 +62,11 @@ def test_window_must_be_a_multiple_of_interval_from_config_too(
         ("interval_s = '5'\n", "agent setting interval_s must be int, got '5'"),
         ("[attribution]\nwho = 1\n", "unknown [attribution] setting(s) who"),
         ("interval_s = \n", "not valid TOML"),
+        ('window_s = 5\n[agent]\nprovider_id = "P02"\n', "setting(s) window_s outside the [agent] table"),
+        ("interval_s = 0\n", "agent setting interval_s must be >= 1, got 0"),
+        ("[agent]\nwindow_s = -60\n", "agent setting window_s must be >= 1, got -60"),
     ],
-    ids=["unknown", "type", "attribution-key", "toml"],
+    ids=["unknown", "type", "attribution-key", "toml", "beside-agent-table", "zero-interval", "negative-window"],
 )
 def test_agent_config_errors(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "agent.toml"
