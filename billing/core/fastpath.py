@@ -9,6 +9,10 @@ Hypothesis; nothing else in billing may skip a check or cache a result on its ow
 - ``cached_isoformat``: ``date.isoformat`` memoised (a settlement has a few dozen distinct days).
 - ``paused_cyclic_gc``: no cyclic garbage collection while millions of acyclic objects are built.
 
+Two memos live beside what they remember, each a pure function of immutable input, and are
+tested here too: ``model.month_of`` (an ``lru_cache``) and ``pricing.RateCard.rate_for`` (a dict
+over the card's own ``_select``).
+
 The integer-fen arithmetic of charge and subsidy amounts lives in ``money.py``
 (``charge_amount``, ``subsidy_cents``), proved against exact ``Fraction`` definitions by
 ``tests/unit/test_billing_money_fastpath.py``.

@@ -11,8 +11,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from billing.core.fastpath import CheckedTexts, cached_isoformat, paused_cyclic_gc, unchecked_builder
-from billing.core.model import ChargeItem, Credit, InvalidBillingDataError, ItemKey, UsageAggregate, check_text
+from billing.core.model import (
+    ChargeItem,
+    Credit,
+    InvalidBillingDataError,
+    ItemKey,
+    Rate,
+    UsageAggregate,
+    check_text,
+    month_of,
+)
 from billing.core.money import charge_amount
+from billing.core.pricing import RateCard
 
 ids = st.text(alphabet="ABCFHP0123456789-", min_size=1, max_size=8)
 days = st.dates(min_value=date(2024, 1, 1), max_value=date(2027, 12, 31))
@@ -90,3 +100,24 @@ def test_the_collector_is_paused_and_restored_even_on_error(enabled: bool) -> No
         assert gc.isenabled() == enabled
     finally:
         gc.enable()
+
+
+@given(st.lists(days, max_size=60))
+def test_the_memoised_month_of_is_the_plain_month(values: list[date]) -> None:
+    assert [month_of(d) for d in values * 2] == [f"{d.year:04d}-{d.month:02d}" for d in values * 2]
+
+
+rate_rows = st.lists(
+    st.tuples(st.sampled_from(["H100", "A800"]), st.sampled_from(["*", "P1", "P2"]), days, prices),
+    max_size=12,
+    unique_by=lambda r: (r[0], r[1], r[2]),
+)
+
+
+@given(rate_rows, st.lists(st.tuples(st.sampled_from(["P1", "P2", "P3"]), st.sampled_from(["H100", "A800"]), days)))
+def test_the_memoised_rate_lookup_is_the_plain_selection(
+    rows: list[tuple[str, str, date, Decimal]], queries: list[tuple[str, str, date]]
+) -> None:
+    card = RateCard([Rate(c, p, price, d) for c, p, d, price in rows])
+    for provider, cls, day in queries * 2:  # the second round answers from the memo
+        assert card.rate_for(provider, cls, day) == card._select(provider, cls, day)
