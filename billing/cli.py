@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -30,17 +30,16 @@ from gpumeter.settings import Settings
 from pipeline import clickhouse
 
 FILE = click.Path(exists=False, dir_okay=False, path_type=Path)
-BUCKETS = AGING_BUCKETS
 
 
 def _store(s: Settings) -> Store:
     return Store(s.billing_db_resolved)
 
 
-def _usage(s: Settings) -> ClickHouseUsage:
+def _usage(s: Settings, progress: Callable[[str], None] = lambda _: None) -> ClickHouseUsage:
     client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
     clickhouse.ensure_schema(client, s.clickhouse_database)
-    return ClickHouseUsage(client, s.clickhouse_database)
+    return ClickHouseUsage(client, s.clickhouse_database, progress)
 
 
 def _month(value: str) -> str:
@@ -136,9 +135,11 @@ def settle(ctx: click.Context, month: str) -> None:
     if month >= month_of(datetime.now(UTC).date()):
         click.echo(f"Warning: {month} has not ended yet; usage after now will be billed as adjustments.", err=True)
     click.echo(f"settling {month}: reading usage from ClickHouse ...", err=True)
-    usage = _usage(s)
-    usage.progress = lambda line: click.echo(line, err=True)
-    result = settle_month(_store(s), usage, month, progress=lambda line: click.echo(line, err=True))
+
+    def to_stderr(line: str) -> None:
+        click.echo(line, err=True)
+
+    result = settle_month(_store(s), _usage(s, to_stderr), month, progress=to_stderr)
     row = result.settlement
     if row is None:
         click.echo(f"{month} is closed: it is before the first settled month and has no invoices.")
@@ -272,11 +273,11 @@ def aging_cmd(ctx: click.Context, as_of: str | None, fmt: str) -> None:
     """
     report = aging_report(_store(settings_from(ctx)), _day(as_of, "--as-of"))
     rows = [
-        (firm, *(format_money(buckets.get(b, Decimal(0))) for b in BUCKETS))
+        (firm, *(format_money(buckets.get(b, Decimal(0))) for b in AGING_BUCKETS))
         for firm, buckets in sorted(report.by_firm.items())
     ]
-    rows.append(("TOTAL", *(format_money(report.totals.get(b, Decimal(0))) for b in BUCKETS)))
-    _emit(("firm_id", *BUCKETS), rows, fmt, right={1, 2, 3, 4, 5})
+    rows.append(("TOTAL", *(format_money(report.totals.get(b, Decimal(0))) for b in AGING_BUCKETS)))
+    _emit(("firm_id", *AGING_BUCKETS), rows, fmt, right={1, 2, 3, 4, 5})
 
 
 @billing.command("reconcile")

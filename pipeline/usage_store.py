@@ -46,11 +46,16 @@ MONTH = "formatDateTime(toDate(window_start, {tz:String}), '%Y-%m')"
 HOUR = "toStartOfHour(window_start)"
 
 IMPORT_ROWS_PER_INSERT = 100_000
-# the scratch table a CSV import is checked in: a window as the Kafka path sees it (times in epoch ms)
-CHECK_COLUMNS = (
-    "line", "record_id", "seq", "provider_id", "host_id", "gpu_uuid", "gpu_class", "firm_id",
-    "window_start", "window_end", "allocated_seconds", "busy_seconds", "energy_joules",
+# the scratch table a CSV import is checked in: its line, then a window as the Kafka path sees it
+# (times in epoch ms); the checks read the window columns as the tuple ``w``
+WINDOW_CHECK_COLUMNS = (
+    ("record_id", "String"), ("seq", "Int64"), ("provider_id", "String"), ("host_id", "String"),
+    ("gpu_uuid", "String"), ("gpu_class", "String"), ("firm_id", "String"), ("window_start", "Int64"),
+    ("window_end", "Int64"), ("allocated_seconds", "Int64"), ("busy_seconds", "Nullable(Float64)"),
+    ("energy_joules", "Nullable(Float64)"),
 )  # fmt: skip
+CHECK_COLUMNS = ("line", *(name for name, _ in WINDOW_CHECK_COLUMNS))
+DAY_KEYS = (("firm_id", "firm_id"), (DAY, "day"), ("provider_id", "provider_id"), ("gpu_class", "gpu_class"))
 
 
 def first_delivery_sql(
@@ -231,9 +236,8 @@ class UsageStore:
         provider, class); the span's conflicting records come from the same pass."""
         where, params = span.where()
         conflicts_in, conflict_params = span.conflicts_where()
-        keys = [("firm_id", "firm_id"), (DAY, "day"), ("provider_id", "provider_id"), ("gpu_class", "gpu_class")]
         rows, self._conflicts[span] = self.totals(
-            keys, where, {"tz": tz, **params, **conflict_params}, (1, 0, 2, 3), conflicts_in
+            DAY_KEYS, where, {"tz": tz, **params, **conflict_params}, (1, 0, 2, 3), conflicts_in
         )
         return [DayTotals(str(r[0]), r[1], str(r[2]), str(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
@@ -284,15 +288,15 @@ class UsageStore:
     ) -> list[tuple[str, date, str, str, int, int]]:
         """(firm_id, day, provider_id, gpu_class, allocated_seconds, records), every first delivery
         dated from ``first_day`` to ``last_day`` (inclusive, either may be open), sorted."""
-        where, params = ["1"], {"tz": tz}
+        where = ["1"]
+        params: dict[str, Any] = {"tz": tz}
         if first_day is not None:
             where.append(f"{DAY} >= {{first:Date}}")
-            params["first"] = first_day  # type: ignore[assignment]
+            params["first"] = first_day
         if last_day is not None:
             where.append(f"{DAY} <= {{last:Date}}")
-            params["last"] = last_day  # type: ignore[assignment]
-        keys = [("firm_id", "firm_id"), (DAY, "day"), ("provider_id", "provider_id"), ("gpu_class", "gpu_class")]
-        rows = self.totals(keys, " AND ".join(where), params, (0, 1, 2, 3))[0]
+            params["last"] = last_day
+        rows = self.totals(DAY_KEYS, " AND ".join(where), params, (0, 1, 2, 3))[0]
         return [(str(r[0]), r[1], str(r[2]), str(r[3]), int(r[4]), int(r[5])) for r in rows]
 
     # ------------------------------------------------------------ the hourly rollup
@@ -334,24 +338,14 @@ class UsageStore:
         the same SQL, run over the rows in a scratch table that is dropped afterwards. The import's
         clock stands in for the producer's timestamp; no signer applies."""
         table = f"{self.db}.usage_import_{uuid.uuid4().hex[:16]}"
-        self.client.command(
-            f"""CREATE TABLE {table} (
-    line Int64, record_id String, seq Int64, provider_id String, host_id String, gpu_uuid String,
-    gpu_class String, firm_id String, window_start Int64, window_end Int64, allocated_seconds Int64,
-    busy_seconds Nullable(Float64), energy_joules Nullable(Float64)
-) ENGINE = Memory"""
-        )
+        columns = ", ".join(f"{name} {ch}" for name, ch in WINDOW_CHECK_COLUMNS)
+        self.client.command(f"CREATE TABLE {table} (line Int64, {columns}) ENGINE = Memory")
         try:
             for i in range(0, len(windows), IMPORT_ROWS_PER_INSERT):
                 chunk = [_check_row(w) for w in windows[i : i + IMPORT_ROWS_PER_INSERT]]
                 self.client.insert(table, chunk, column_names=CHECK_COLUMNS)
-            window = (
-                "CAST(tuple(record_id, seq, provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, "
-                "window_end, allocated_seconds, busy_seconds, energy_joules), 'Tuple(record_id String, seq Int64, "
-                "provider_id String, host_id String, gpu_uuid String, gpu_class String, firm_id String, "
-                "window_start Int64, window_end Int64, allocated_seconds Int64, busy_seconds Nullable(Float64), "
-                "energy_joules Nullable(Float64))')"
-            )
+            names = ", ".join(name for name, _ in WINDOW_CHECK_COLUMNS)
+            window = f"CAST(tuple({names}), 'Tuple({columns})')"
             batch = (
                 "CAST(tuple(host_id, '', '', {now_ms:Int64}), "
                 "'Tuple(host_id String, gm_signer_host String, gm_signer_provider String, gm_timestamp_ms Int64)')"

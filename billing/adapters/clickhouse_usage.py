@@ -27,14 +27,6 @@ class ClickHouseUsage:
     def __init__(self, client: Any, database: str, progress: Callable[[str], None] = lambda _: None) -> None:
         self.store = UsageStore(client, database, progress)
 
-    @property
-    def progress(self) -> Callable[[str], None]:
-        return self.store.progress
-
-    @progress.setter
-    def progress(self, hear: Callable[[str], None]) -> None:
-        self.store.progress = hear
-
     def usage(self, tz: str, span: SettlementSpan) -> SpanUsage:
         totals = self.store.by_day(tz, _span(span))
         aggregates = [
