@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpumeter.record import UNATTRIBUTED
+from gpumeter.record import FIRM_ID_PATTERN, UNATTRIBUTED
 
 log = logging.getLogger("gpumeter.agent.attribution")
 
@@ -29,7 +29,7 @@ Resolver = Callable[[int, str], str | None]  # (pid, gpu_uuid) -> firm_id or Non
 Lookup = Callable[[str], str | None]  # pod uid / job id / account -> firm_id or None
 
 DEFAULT_FIRM_ENV = "GPUMETER_FIRM"
-FIRM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+FIRM_ID = re.compile(FIRM_ID_PATTERN)
 # pod UIDs: dashes under the cgroupfs driver, underscores under the systemd driver
 POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
 SLURM_JOB = re.compile(r"/job_(\d+)(?:/|$)")

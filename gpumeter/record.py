@@ -37,6 +37,8 @@ SOE_MAGIC = b"\xc3\x01"
 HEADER_KEY_ID = "gm-key-id"
 HEADER_SIG = "gm-sig"
 UNATTRIBUTED = "unattributed"
+# a firm id as agents name it (and the pipeline enforces): letters and digits, then also . _ -, at most 64
+FIRM_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 CURRENT_VERSION = 2
 
 

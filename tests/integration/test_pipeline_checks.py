@@ -12,16 +12,15 @@ from billing_helpers import USAGE_HEADER, Cli
 from gpumeter.record import encode_batch, record_id
 from pipeline import clickhouse
 from pipeline.framing import Framed, container, shipped_versions, split_value
-from pipeline.schema import FUTURE_TOLERANCE_S, MAX_ALLOCATED_SECONDS, WINDOW_CHECKS
+from pipeline.schema import FUTURE_TOLERANCE_S, WINDOW_CHECKS
 
 pytestmark = pytest.mark.integration
 
 T0 = 1_772_323_200_000  # 2026-03-01T00:00:00Z
-SENT = T0 + 120_000  # the Kafka message timestamp
+SENT = T0 + 120_000  # the Kafka message timestamp, and the loader's clock unless a test says otherwise
 LATE = SENT + FUTURE_TOLERANCE_S * 1000  # a window starting here ends beyond the tolerance
 ENERGY = "energy_joules above what the GPU class can draw"
-FUTURE = f"window_end more than {FUTURE_TOLERANCE_S} s after the message was produced"
-UINT32 = f"allocated_seconds above {MAX_ALLOCATED_SECONDS}, the most the store holds"
+FUTURE = f"window_end more than {FUTURE_TOLERANCE_S} s after the loader's clock"
 
 
 def window(**changes: Any) -> dict[str, Any]:
@@ -42,10 +41,11 @@ def load(
     batch_host: str = "P01-H01",
     signer: tuple[str, str] = ("", ""),
     sent_ms: int = SENT,
+    loader_ms: int = SENT,
 ) -> list[str]:
     client, db = ch
     writer, body = split_value(encode_batch(batch_host, "test", windows), shipped_versions())
-    data = container(writer, 0, 1_000_000, [Framed(5, sent_ms, body, *signer)])
+    data = container(writer, 0, loader_ms * 1000, [Framed(5, sent_ms, body, *signer)])
     clickhouse.insert_ingest(client, db, writer, data, f"t:{db}")
     return [r[1] for r in clickhouse.quarantined_in_range(client, db, 0, 5, 5)]
 
@@ -61,8 +61,17 @@ CASES = [
     # x 1000 wraps around Int64 to a small number: once passed the check and was stored as 4,000,000,000 s
     ("alloc_wraps", window(allocated_seconds=9_223_373_253_715_968, busy_seconds=None),
      "allocated_seconds > window length"),
-    ("alloc_over_uint32", window(window_end=T0 + 2**32 * 1000, allocated_seconds=2**32, busy_seconds=None,
-                                 energy_joules=None), UINT32),
+    # once stored, after a cast to 32 bits, as 4,000,000,000 s: one line of 11 million CNY
+    ("alloc_4e9", window(window_end=T0 + 4 * 10**12, allocated_seconds=4 * 10**9, busy_seconds=None,
+                         energy_joules=None), FUTURE),
+    ("longer_than_a_day", window(window_start=T0 - 86_400_001, allocated_seconds=60, busy_seconds=None,
+                                 energy_joules=None), "window longer than a day"),
+    ("firm_formula", window(firm_id="=HYPERLINK(1)"),
+     "firm_id is not a firm id (letters, digits, then . _ -; at most 64)"),
+    ("samples_over_alloc", window(samples_taken=61), "samples_taken outside [0, allocated_seconds]"),
+    ("samples_negative", window(samples_taken=-1), "samples_taken outside [0, allocated_seconds]"),
+    ("samples_over_window", window(samples_taken=60, samples_missed=1),
+     "samples_taken + samples_missed above the window's seconds"),
     ("busy_over_alloc", window(busy_seconds=60.5), "busy_seconds outside [0, allocated_seconds]"),
     ("busy_nan", window(busy_seconds=math.nan), "busy_seconds outside [0, allocated_seconds]"),
     ("energy_h100", window(energy_joules=800.0 * 60 + 1), ENERGY),
@@ -79,6 +88,12 @@ def test_each_rule_quarantines_with_its_reason(ch: tuple[Any, str], w: dict[str,
     assert load(ch, [good, w]) == [reason]
     loaded = client.query(f"SELECT record_id FROM {db}.usage_raw").result_rows
     assert loaded == [(good["record_id"],)]  # the good window of the same batch still loads
+
+
+@pytest.mark.parametrize("sent_ms", [0, LATE + 10**9])
+def test_the_producer_timestamp_cannot_make_a_future_window_pass(ch: tuple[Any, str], sent_ms: int) -> None:
+    # an unsigned value: absent (0) or far ahead, it once let any window through
+    assert load(ch, [window(window_start=LATE, window_end=LATE + 60_000)], sent_ms=sent_ms) == [FUTURE]
 
 
 def test_every_rule_has_a_case() -> None:
@@ -113,7 +128,7 @@ def test_loaded_row_keeps_partition_offset_and_values(ch: tuple[Any, str]) -> No
     assert row[:3] == (0, 5, "kafka")
     assert row[3].replace(tzinfo=UTC) == datetime(2026, 3, 1, tzinfo=UTC)
     assert row[4] == 60
-    assert row[5].replace(tzinfo=UTC) == datetime.fromtimestamp(1, UTC)
+    assert row[5].replace(tzinfo=UTC) == datetime.fromtimestamp(SENT / 1000, UTC)  # the loader's clock
 
 
 def csv_line(w: dict[str, Any]) -> str:
@@ -131,8 +146,8 @@ def csv_line(w: dict[str, Any]) -> str:
 
 
 # what a CSV row cannot say: a batch of other hosts (the row is its own batch), a sequence number
-# (imports carry 0), NaN (not a plain decimal); the signer rules need a signature
-NOT_IN_CSV = {"other_host", "negative_seq", "busy_nan"}
+# (imports carry 0), NaN (not a plain decimal), sample counts (no such columns); the signer rules need a signature
+NOT_IN_CSV = {"other_host", "negative_seq", "busy_nan", "samples_over_alloc", "samples_negative", "samples_over_window"}
 
 
 @pytest.mark.parametrize(
@@ -155,7 +170,8 @@ def test_a_csv_row_the_loader_quarantines_is_refused_by_usage_import(
     assert r.code == 1
     assert f"{path} refused, nothing written:\n{path}:3: {reason}" in r.err
     assert client.query(f"SELECT count() FROM {db}.usage_raw").result_rows == [(0,)]  # not even the good row
-    assert load(ch, [w], sent_ms=sent_ms) == [reason]  # the same window through Kafka: quarantined, same reason
+    # the same window through Kafka: quarantined, same reason
+    assert load(ch, [w], sent_ms=sent_ms, loader_ms=sent_ms) == [reason]
     assert cli("usage", "import", cli.file("good.csv", f"{USAGE_HEADER}\n{csv_line(good)}\n")).code == 0
 
 
