@@ -30,7 +30,7 @@ from typing import Any
 
 from gpumeter.errors import ConfigError, StoreBusyError
 from pipeline.framing import WriterVersion, shipped_versions
-from pipeline.schema import Ddl
+from pipeline.schema import RAW_ORDER, Ddl
 
 RAW_COLUMNS = (
     "record_id", "seq", "provider_id", "host_id", "gpu_uuid", "gpu_class", "firm_id",
@@ -77,9 +77,48 @@ def ensure_schema(
     writers: Iterable[WriterVersion] | None = None,
 ) -> None:
     """Create every table and view (idempotent); ``cluster``: ON CLUSTER with Replicated engines."""
-    versions = shipped_versions().values() if writers is None else writers
-    for statement in Ddl(database, cluster).statements(versions):
+    versions = list(shipped_versions().values() if writers is None else writers)
+    ddl = Ddl(database, cluster)
+    for statement in ddl.statements(versions):
         client.command(statement)
+    _resort_raw(client, ddl, versions)
+    existing = [str(r[0]) for r in client.query(f"SHOW TABLES FROM {database}").result_rows]
+    for statement in ddl.stale_views(versions, existing):  # views of older checks, after the new ones exist
+        client.command(statement)
+
+
+def _sorting_key(client: Any, database: str, table: str) -> str:
+    rows = client.query(
+        "SELECT sorting_key FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+        parameters={"db": database, "t": table},
+    ).result_rows
+    return str(rows[0][0]) if rows else ""
+
+
+def _resort_raw(client: Any, ddl: Ddl, versions: list[WriterVersion]) -> None:
+    """Databases made before 0.3 sorted ``usage_raw`` by (record_id, ingested_at); the reads need
+    ``schema.RAW_ORDER``. Re-sort once: a copy in the new order, swapped in, with the ingest views
+    made again towards it. Run with every loader stopped (``gpumeter pipeline init`` says so)."""
+    if _sorting_key(client, ddl.db, "usage_raw") == RAW_ORDER:
+        return
+    if ddl.cluster:
+        raise ConfigError(
+            f"{ddl.db}.usage_raw is sorted by ({_sorting_key(client, ddl.db, 'usage_raw')}), this version needs "
+            f"({RAW_ORDER}); on a cluster, re-sort it per docs/operations.md before starting this version"
+        )
+    views = [str(r[0]) for r in client.query(f"SHOW TABLES FROM {ddl.db}").result_rows]
+    for name in views:  # towards the old table: made again below
+        if name.startswith(tuple(f"{w.ingest_table}_to_" for w in versions)):
+            client.command(f"DROP VIEW IF EXISTS {ddl.db}.{name}")
+    client.command(f"DROP TABLE IF EXISTS {ddl.db}.usage_raw_resorted")
+    client.command(ddl.raw_table().replace(f"{ddl.db}.usage_raw ", f"{ddl.db}.usage_raw_resorted ", 1))
+    columns = ", ".join((*RAW_COLUMNS, "samples_taken", "samples_missed"))
+    client.command(f"INSERT INTO {ddl.db}.usage_raw_resorted ({columns}) SELECT {columns} FROM {ddl.db}.usage_raw")
+    client.command(f"EXCHANGE TABLES {ddl.db}.usage_raw AND {ddl.db}.usage_raw_resorted")
+    client.command(f"DROP TABLE {ddl.db}.usage_raw_resorted")
+    for writer in versions:
+        for statement in ddl.ingest_views(writer):
+            client.command(statement)
 
 
 def insert_raw(client: Any, database: str, rows: Sequence[Sequence[Any]], dedup_token: str | None) -> None:

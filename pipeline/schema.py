@@ -11,15 +11,19 @@ the single list of rules; the first that matches names the quarantine reason.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
+from gpumeter.record import FIRM_ID_PATTERN, UNATTRIBUTED
 from pipeline.framing import PREFIX_FIELDS, WriterVersion
 
 DEDUP_WINDOW = 10_000  # insert blocks remembered per table for insert_deduplication_token
-FUTURE_TOLERANCE_S = 300  # a window may end at most this long after its Kafka message was produced
+FUTURE_TOLERANCE_S = 300  # a window may end at most this long after the loader's clock (never the producer's)
 EARLIEST_WINDOW_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
-MAX_ALLOCATED_SECONDS = 2**32 - 1  # usage_raw.allocated_seconds is UInt32: a larger value would wrap
+# no window is longer than a day: every later product stays far inside Int64, and allocated_seconds
+# (at most the window's length) inside usage_raw's UInt32
+MAX_WINDOW_MS = 86_400_000
 
 # Highest power one GPU of a class can draw, in watts (board limit with headroom). A window's
 # energy_joules above watts * window length is impossible and quarantined.
@@ -54,14 +58,21 @@ WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
     ),
     ("window_end <= window_start", "w.window_end <= w.window_start"),
     ("window_start before 2000-01-01", f"w.window_start < {EARLIEST_WINDOW_MS}"),
+    # the loader's clock, never the producer's timestamp (unsigned, and 0 when absent); checked before
+    # any arithmetic on the window's length, so no later product can wrap around
+    (
+        f"window_end more than {FUTURE_TOLERANCE_S} s after the loader's clock",
+        f"w.window_end > intDiv(b.gm_ingested_at_us, 1000) + {FUTURE_TOLERANCE_S * 1000}",
+    ),
+    ("window longer than a day", f"w.window_end - w.window_start > {MAX_WINDOW_MS}"),
+    (
+        "firm_id is not a firm id (letters, digits, then . _ -; at most 64)",
+        f"w.firm_id != '{UNATTRIBUTED}' AND NOT match(w.firm_id, '^{FIRM_ID_PATTERN}$')",
+    ),
     ("seq < 0", "w.seq < 0"),
     ("allocated_seconds < 0", "w.allocated_seconds < 0"),
     # compared in whole seconds: allocated_seconds * 1000 wraps around Int64 for a large enough value
     ("allocated_seconds > window length", "w.allocated_seconds > intDiv(w.window_end - w.window_start, 1000)"),
-    (
-        f"allocated_seconds above {MAX_ALLOCATED_SECONDS}, the most the store holds",
-        f"w.allocated_seconds > {MAX_ALLOCATED_SECONDS}",
-    ),
     (
         "busy_seconds outside [0, allocated_seconds]",
         "w.busy_seconds IS NOT NULL AND (isNaN(assumeNotNull(w.busy_seconds)) "
@@ -74,10 +85,22 @@ WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
         "OR assumeNotNull(w.energy_joules) > {max_watts} * (w.window_end - w.window_start) / 1000)",
     ),
     (
-        f"window_end more than {FUTURE_TOLERANCE_S} s after the message was produced",
-        f"b.gm_timestamp_ms > 0 AND w.window_end > b.gm_timestamp_ms + {FUTURE_TOLERANCE_S * 1000}",
+        "samples_taken outside [0, allocated_seconds]",  # the agent samples at most once a second
+        "w.samples_taken IS NOT NULL AND (assumeNotNull(w.samples_taken) < 0 "
+        "OR assumeNotNull(w.samples_taken) > w.allocated_seconds)",
+    ),
+    (
+        "samples_taken + samples_missed above the window's seconds",
+        "w.samples_missed IS NOT NULL AND (assumeNotNull(w.samples_missed) < 0 "
+        "OR ifNull(w.samples_taken, 0) + assumeNotNull(w.samples_missed) "
+        "> intDiv(w.window_end - w.window_start, 1000))",
     ),
 )
+
+# usage_raw's sort key: one GPU's window together, each record's deliveries together in arrival order
+# (usage_store.first_delivery_sql reads in it). Databases sorted otherwise are re-sorted once
+# (clickhouse.ensure_schema).
+RAW_ORDER = "gpu_uuid, window_start, record_id, ingested_at, kafka_partition, kafka_offset"
 
 _AVRO_TO_CH = {"string": "String", "long": "Int64", "int": "Int32", "double": "Float64",
                "float": "Float32", "boolean": "Bool", "bytes": "String"}  # fmt: skip
@@ -106,7 +129,13 @@ def _max_watts_sql() -> str:
     return f"transform(w.gpu_class, [{names}], [{watts}], {DEFAULT_MAX_WATTS})"
 
 
-OPTIONAL_WINDOW_FIELDS = ("busy_seconds", "energy_joules")  # a writer version may lack these
+# a writer version may lack these; a missing one reads as NULL of this type
+OPTIONAL_WINDOW_FIELDS = {
+    "busy_seconds": "Nullable(Float64)",
+    "energy_joules": "Nullable(Float64)",
+    "samples_taken": "Nullable(Int64)",
+    "samples_missed": "Nullable(Int64)",
+}
 
 
 def reject_reason_sql(window_fields: Iterable[str] | None = None) -> str:
@@ -117,9 +146,9 @@ def reject_reason_sql(window_fields: Iterable[str] | None = None) -> str:
     present = set(OPTIONAL_WINDOW_FIELDS if window_fields is None else window_fields)
     parts = []
     for reason, condition in WINDOW_CHECKS:
-        for name in OPTIONAL_WINDOW_FIELDS:
+        for name, null_type in OPTIONAL_WINDOW_FIELDS.items():
             if name not in present:
-                condition = condition.replace(f"w.{name}", "CAST(NULL, 'Nullable(Float64)')")
+                condition = condition.replace(f"w.{name}", f"CAST(NULL, '{null_type}')")
         parts.append("(" + condition.replace("{max_watts}", _max_watts_sql()) + ")")
         parts.append("'" + reason.replace("'", "\\'") + "'")
     return "multiIf(" + ", ".join(parts) + ", '')"
@@ -167,7 +196,7 @@ class Ddl:
 )
 ENGINE = {self.engine("usage_raw")}
 PARTITION BY toYYYYMM(window_start)
-ORDER BY (record_id, ingested_at)
+ORDER BY ({RAW_ORDER})
 SETTINGS {self.dedup_setting()}"""
 
     def quarantine_table(self) -> str:
@@ -201,15 +230,23 @@ SETTINGS {self.dedup_setting()}"""
         body = ",\n".join(cols)
         return f"CREATE TABLE IF NOT EXISTS {self.db}.{writer.ingest_table}{self.on} (\n{body}\n)\nENGINE = Null"
 
+    def view_names(self, writer: WriterVersion) -> tuple[str, str]:
+        """(to_raw, to_quarantine) view names of a writer version under today's checks: the names
+        carry a digest of the checks, so a database made under other checks gets new views beside
+        its old ones, and ``clickhouse.ensure_schema`` then drops the old (``stale_views``)."""
+        digest = hashlib.sha256(reject_reason_sql(_window_fields(writer)).encode()).hexdigest()[:10]
+        return f"{writer.ingest_table}_to_raw_{digest}", f"{writer.ingest_table}_to_quarantine_{digest}"
+
     def ingest_views(self, writer: WriterVersion) -> list[str]:
         """Two views per writer version: passing windows -> usage_raw, failing ones -> usage_quarantine."""
         window_fields = _window_fields(writer)
         src = f"{self.db}.{writer.ingest_table}"
+        to_raw, to_quarantine = self.view_names(writer)
 
         def opt(name: str, ch_type: str = "Nullable(Float64)") -> str:  # a field an older writer lacks is NULL
             return f"CAST(w.{name}, '{ch_type}')" if name in window_fields else f"CAST(NULL, '{ch_type}')"
 
-        raw = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{writer.ingest_table}_to_raw{self.on}
+        raw = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{to_raw}{self.on}
 TO {self.db}.usage_raw AS
 SELECT
     w.record_id AS record_id, toUInt64(w.seq) AS seq, w.provider_id AS provider_id, w.host_id AS host_id,
@@ -225,7 +262,7 @@ SELECT
 FROM {src} AS b
 ARRAY JOIN windows AS w
 WHERE {reject_reason_sql(window_fields)} = ''"""
-        quarantine = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{writer.ingest_table}_to_quarantine{self.on}
+        quarantine = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{to_quarantine}{self.on}
 TO {self.db}.usage_quarantine AS
 SELECT
     toJSONString(w) AS raw, {reject_reason_sql(window_fields)} AS reason, 'kafka' AS source,
@@ -235,6 +272,19 @@ FROM {src} AS b
 ARRAY JOIN windows AS w
 WHERE reason != ''"""
         return [raw, quarantine]
+
+    def stale_views(self, writers: Iterable[WriterVersion], existing: Iterable[str]) -> list[str]:
+        """DROP statements for the views among ``existing`` (table names in the database) that feed
+        from an ingest table but are not today's (``view_names``). Run after the new views exist, so
+        no block goes through neither; a block that goes through both is delivered twice, with the
+        same content, and counts once."""
+        current = {name for w in writers for name in self.view_names(w)}
+        prefixes = tuple(f"{w.ingest_table}_to_" for w in writers)
+        return [
+            f"DROP VIEW IF EXISTS {self.db}.{name}{self.on}"
+            for name in sorted(existing)
+            if name.startswith(prefixes) and name not in current
+        ]
 
     def drop_windows_view(self) -> str:
         """Databases made before 0.2 had a ``usage_windows`` view with a first-delivery definition of its
@@ -254,6 +304,35 @@ WHERE reason != ''"""
 ENGINE = {self.engine("usage_hourly", "ReplacingMergeTree", "refreshed_at")}
 ORDER BY (hour, provider_id, gpu_class, firm_id)"""
 
+    def fleet_tables(self) -> list[str]:
+        """The fleet registry (``gpumeter.fleet``): every loaded version's devices, and the versions.
+        A version exists once its row is in ``fleet_versions``: devices of a load that died before it
+        are never read, and their version number is never used again."""
+        devices = f"""CREATE TABLE IF NOT EXISTS {self.db}.fleet_devices{self.on} (
+    version UInt32,
+    line UInt32,
+    provider_id LowCardinality(String),
+    host_id LowCardinality(String),
+    gpu_uuid String,
+    gpu_class LowCardinality(String),
+    window_seconds UInt32,
+    valid_from DateTime('UTC'),
+    valid_to DateTime('UTC'),
+    parent_uuid String
+)
+ENGINE = {self.engine("fleet_devices")}
+ORDER BY (version, gpu_uuid, valid_from)"""
+        versions = f"""CREATE TABLE IF NOT EXISTS {self.db}.fleet_versions{self.on} (
+    version UInt32,
+    digest String,
+    source String,
+    devices UInt32,
+    loaded_at DateTime64(6, 'UTC')
+)
+ENGINE = {self.engine("fleet_versions")}
+ORDER BY version"""
+        return [devices, versions]
+
     def statements(self, writers: Iterable[WriterVersion]) -> list[str]:
         """Every statement, in order; each is idempotent."""
         out = [
@@ -265,7 +344,7 @@ ORDER BY (hour, provider_id, gpu_class, firm_id)"""
         for writer in sorted(writers, key=lambda w: w.version):
             out.append(self.ingest_table(writer))
             out += self.ingest_views(writer)
-        out += [self.drop_windows_view(), self.hourly_table()]
+        out += [self.drop_windows_view(), self.hourly_table(), *self.fleet_tables()]
         return out
 
 

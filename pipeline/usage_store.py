@@ -34,8 +34,9 @@ CONTENT = (
     "cityHash64(provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end, allocated_seconds, "
     "isNull(busy_seconds), ifNull(busy_seconds, 0) + 0, isNull(energy_joules), ifNull(energy_joules, 0) + 0)"
 )
-FAST_ORDER = "ingested_at"  # with the table's ORDER BY (record_id, ingested_at): read in order, no sort
-EXACT_ORDER = "ingested_at, kafka_partition, kafka_offset"  # the definition of "first"; needs a sort
+# the table's order (schema.RAW_ORDER): a (GPU, window) and, inside it, each record's deliveries in
+# the order that defines "first"; the pass below reads in it without a sort.
+WINDOW_ORDER = "PARTITION BY gpu_uuid, window_start ORDER BY record_id, ingested_at, kafka_partition, kafka_offset"
 # Without it (chDB 26's default is 0) the window sorts all rows instead of reading them in the table's
 # order: measured at 100M windows, 147 s and 16 GB instead of 29-36 s and 1.4 GB. Changing a setting
 # needs a ClickHouse user with readonly=0 or 2.
@@ -58,46 +59,43 @@ CHECK_COLUMNS = ("line", *(name for name, _ in WINDOW_CHECK_COLUMNS))
 DAY_KEYS = (("firm_id", "firm_id"), (DAY, "day"), ("provider_id", "provider_id"), ("gpu_class", "gpu_class"))
 
 
-def first_delivery_sql(
-    db: str, keys: Sequence[tuple[str, str]], where: str, conflicts_in: str = "0", tied: bool = False
-) -> str:
+def first_delivery_sql(db: str, keys: Sequence[tuple[str, str]], where: str, conflicts_in: str = "0") -> str:
     """One pass over the raw rows: per ``keys`` (expression, alias over DELIVERY_COLUMNS), the
     allocated seconds, records, busy seconds and energy (both in integer thousandths) of each
-    record_id's first delivery where that delivery matches ``where``; ``conflicts``, the record_ids
-    with deliveries of different content whose latest delivery matches ``conflicts_in`` (a condition
-    on ``latest``); and ``tied``, the record_ids this pass leaves out of the sums.
+    record_id's first delivery where that delivery matches ``where``; and ``conflicts``, the
+    record_ids with deliveries of different content whose latest delivery matches ``conflicts_in``
+    (a condition on ``latest``).
 
-    The table is sorted by (record_id, ingested_at), so a window partitioned by record_id reads
-    every record's deliveries together, in arrival order, without a sort or a hash table of ids.
-    The first delivery is the earliest (ingested_at, kafka_partition, kafka_offset). This pass
-    orders by ingested_at alone, which avoids the sort and picks the right content unless the
-    record's earliest deliveries arrived at one instant and its contents differ. Those records
-    (found generously: contents differ anywhere and the second delivery shares the first's instant)
-    are left out and listed in ``tied``; with ``tied=True`` the query sums exactly those ids
-    (parameter ``tied``, read through the primary key) in the exact order. Measured at 100M windows
-    on a merged table: 29-36 s, where the re-delivery snapshot plus the raw sum it replaced took 38 s;
-    the exact order over every row would cost about 1 s more per 12.5M rows.
+    The table is sorted by (gpu_uuid, window_start, record_id, ingested_at, kafka_partition,
+    kafka_offset). Every delivery of a record has the record's GPU and window start (the record_id
+    is a hash of them, checked on the way in), so a window partitioned by (gpu_uuid, window_start)
+    holds every delivery of its records, each record's together and in the order that defines
+    "first": a row whose record_id differs from the previous row's is a first delivery. The pass
+    reads in the table's order, with no sort and no hash table of ids; the same window partition is
+    one GPU's window, where the usage checks (``hold_reason_sql``) count what its records claim.
     """
     select = ", ".join(f"{expr} AS {alias}" for expr, alias in keys)
     names = ", ".join(alias for _, alias in keys)
-    tie = "0" if tied else "differs AND second = ingested_at"
-    only = " WHERE record_id IN {tied:Array(String)}" if tied else ""
     return f"""
     SELECT {select},
            toInt64(sumIf(allocated_seconds, bill)) AS seconds, toInt64(countIf(bill)) AS records,
            sumIf(toInt64(round(ifNull(busy_seconds, 0) * 1000)), bill) AS busy,
            sumIf(toInt64(round(ifNull(energy_joules, 0) * 1000)), bill) AS energy,
-           groupArrayIf(record_id, conflict) AS conflicts, groupArrayIf(record_id, tie) AS tied
+           groupArrayIf(record_id, conflict) AS conflicts
     FROM (
-        SELECT {DELIVERY_COLUMNS}, row_number() OVER p AS n,
-               min(content) OVER p != max(content) OVER p AS differs,
-               max(ingested_at) OVER p AS latest, nth_value(ingested_at, 2) OVER p AS second,
-               {tie} AS tie, ({where}) AND NOT tie AS bill, differs AND ({conflicts_in}) AS conflict
-        FROM (SELECT {DELIVERY_COLUMNS}, {CONTENT} AS content FROM {db}.usage_raw{only})
-        WINDOW p AS (PARTITION BY record_id ORDER BY {EXACT_ORDER if tied else FAST_ORDER}
-                     ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+        SELECT *, arrayFilter(d -> d.1 = record_id, deliveries) AS mine,
+               arrayExists(d -> d.2 != content, mine) AS differs, arrayMax(d -> d.3, mine) AS latest,
+               ({where}) AS bill, differs AND ({conflicts_in}) AS conflict
+        FROM (
+            SELECT {DELIVERY_COLUMNS}, content,
+                   record_id != lagInFrame(record_id, 1, '') OVER p AS first,
+                   groupArray((record_id, content, ingested_at)) OVER p AS deliveries
+            FROM (SELECT {DELIVERY_COLUMNS}, {CONTENT} AS content FROM {db}.usage_raw)
+            WINDOW p AS ({WINDOW_ORDER} ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+        )
+        WHERE first
     )
-    WHERE n = 1 AND (bill OR conflict OR tie)
+    WHERE bill OR conflict
     GROUP BY {names}"""
 
 
@@ -211,20 +209,7 @@ class UsageStore:
         rows = self.client.query(sql, parameters=params, settings=READ_SETTINGS).result_rows
         self._timed(f"first deliveries of every record_id, {len(rows):,} groups", started)
         conflicts = sorted({str(rid) for r in rows for rid in r[width + 4]})
-        tied = sorted({str(rid) for r in rows for rid in r[width + 5]})
-        sums_by_key = {tuple(r[:width]): list(r[width : width + 4]) for r in rows}
-        if tied:  # their first delivery, in the exact order, added to the sums
-            started = time.perf_counter()
-            sql = first_delivery_sql(self.db, keys, where, tied=True)
-            for r in self.client.query(sql, parameters={**params, "tied": tied}, settings=READ_SETTINGS).result_rows:
-                sums = sums_by_key.setdefault(tuple(r[:width]), [0, 0, 0, 0])
-                for i, value in enumerate(r[width : width + 4]):
-                    sums[i] += value
-            self._timed(f"{len(tied):,} record(s) with same-instant deliveries re-read in the exact order", started)
-        out = [(*key, *sums) for key, sums in sums_by_key.items() if sums[1] > 0]
-        if tied and order:  # rows the exact pass added go in their place
-            out.sort(key=lambda r: tuple(r[i] for i in order))
-        return out, conflicts
+        return [tuple(r[: width + 4]) for r in rows if r[width + 1] > 0], conflicts
 
     def _timed(self, text: str, started: float) -> None:
         self.progress(f"  {text}: {time.perf_counter() - started:.1f} s")
@@ -336,7 +321,7 @@ class UsageStore:
     def rejected(self, windows: Sequence[ImportWindow], now: datetime) -> list[tuple[int, str]]:
         """(line, reason) of every window the Kafka loader would quarantine: ``schema.WINDOW_CHECKS``,
         the same SQL, run over the rows in a scratch table that is dropped afterwards. The import's
-        clock stands in for the producer's timestamp; no signer applies."""
+        clock is the loader's clock; no signer applies."""
         table = f"{self.db}.usage_import_{uuid.uuid4().hex[:16]}"
         columns = ", ".join(f"{name} {ch}" for name, ch in WINDOW_CHECK_COLUMNS)
         self.client.command(f"CREATE TABLE {table} (line Int64, {columns}) ENGINE = Memory")
@@ -347,15 +332,15 @@ class UsageStore:
             names = ", ".join(name for name, _ in WINDOW_CHECK_COLUMNS)
             window = f"CAST(tuple({names}), 'Tuple({columns})')"
             batch = (
-                "CAST(tuple(host_id, '', '', {now_ms:Int64}), "
-                "'Tuple(host_id String, gm_signer_host String, gm_signer_provider String, gm_timestamp_ms Int64)')"
+                "CAST(tuple(host_id, '', '', {now_us:Int64}), "
+                "'Tuple(host_id String, gm_signer_host String, gm_signer_provider String, gm_ingested_at_us Int64)')"
             )
             result = self.client.query(
                 f"""SELECT line, reason FROM (
-                    SELECT line, {reject_reason_sql()} AS reason
+                    SELECT line, {reject_reason_sql(names.split(", "))} AS reason
                     FROM (SELECT line, {window} AS w, {batch} AS b FROM {table})
                 ) WHERE reason != '' ORDER BY line""",
-                parameters={"now_ms": int(now.timestamp() * 1000)},
+                parameters={"now_us": int(now.timestamp() * 1_000_000)},
             )
             return [(int(r[0]), str(r[1])) for r in result.result_rows]
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+from datetime import UTC, datetime
 from typing import Any
 
 import fastavro
@@ -19,10 +20,11 @@ from test_end_to_end import START, measured
 
 from agent.runner import Agent, run_simulated
 from agent.simulate import SimulatedFleet
-from gpumeter.record import SOE_MAGIC, encode_batch
+from gpumeter.record import SOE_MAGIC, encode_batch, record_id
 from pipeline import clickhouse
-from pipeline.framing import WriterVersion, shipped_versions
+from pipeline.framing import Framed, WriterVersion, container, shipped_versions, split_value
 from pipeline.loader import Loader, make_consumer
+from pipeline.schema import RAW_ORDER, Ddl
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +107,18 @@ def test_every_shipped_version_has_an_ingest_path(ch: Any) -> None:
     client, db = ch
     tables = {r[0] for r in client.query(f"SHOW TABLES FROM {db}").result_rows}
     for writer in shipped_versions().values():
-        assert {writer.ingest_table, writer.ingest_table + "_to_raw", writer.ingest_table + "_to_quarantine"} <= tables
+        assert {writer.ingest_table, *Ddl(db).view_names(writer)} <= tables
+        assert len([t for t in tables if t.startswith(writer.ingest_table + "_to_")]) == 2
+
+
+def test_views_made_under_older_checks_are_replaced(ch: Any) -> None:
+    client, db = ch
+    writer = max(shipped_versions().values(), key=lambda w: w.version)
+    old = f"{writer.ingest_table}_to_raw"  # the name views had before their names carried the checks
+    client.command(f"CREATE MATERIALIZED VIEW {db}.{old} TO {db}.usage_raw AS SELECT * FROM {db}.usage_raw WHERE 0")
+    clickhouse.ensure_schema(client, db)
+    tables = {r[0] for r in client.query(f"SHOW TABLES FROM {db}").result_rows}
+    assert old not in tables and set(Ddl(db).view_names(writer)) <= tables
 
 
 def test_shipped_v1_and_v2_writers_mix_and_v2_carries_sample_counts(kafka_bootstrap: str, topic: str, ch: Any) -> None:
@@ -126,3 +139,40 @@ def test_shipped_v1_and_v2_writers_mix_and_v2_carries_sample_counts(kafka_bootst
     (v1, v1_null, _, v1_count), (v2, v2_null, v2_exact, v2_count) = rows
     assert (v1, v1_null) == ("v1-agent", v1_count)  # a v1 writer has no counts: NULL, never 0
     assert (v2, v2_null, v2_exact) == ("v2-agent", 0, v2_count)  # allocated = samples x interval
+
+
+def test_a_store_sorted_by_record_id_is_resorted_once_and_keeps_every_row(ch: Any) -> None:
+    client, db = ch
+    old = Ddl(db).raw_table().replace(f"ORDER BY ({RAW_ORDER})", "ORDER BY (record_id, ingested_at)")
+    assert old != Ddl(db).raw_table()
+    writer = max(shipped_versions().values(), key=lambda w: w.version)
+    for name in [r[0] for r in client.query(f"SHOW TABLES FROM {db}").result_rows]:
+        if name == "usage_raw" or "_to_" in name:
+            client.command(f"DROP TABLE {db}.{name}")
+    client.command(old)  # a 0.2 store: sorted by record, with views towards it
+    for statement in Ddl(db).ingest_views(writer):
+        client.command(statement)
+    rows = [
+        (f"r{n}", n, "P01", "P01-H01", f"GPU-{n % 3}", "H100", "F1", datetime(2026, 3, 1, tzinfo=UTC),
+         datetime(2026, 3, 1, 0, 1, tzinfo=UTC), 60, None, None, "t", "kafka", 0, n, datetime(2026, 3, 2, tzinfo=UTC))
+        for n in range(10)
+    ]  # fmt: skip
+    clickhouse.insert_raw(client, db, rows, None)
+    clickhouse.ensure_schema(client, db)
+    key = client.query(f"SELECT sorting_key FROM system.tables WHERE database = '{db}' AND name = 'usage_raw'")
+    assert key.result_rows == [(RAW_ORDER,)]
+    assert client.query(f"SELECT count(), sum(seq) FROM {db}.usage_raw").result_rows == [(10, 45)]
+    tables = {r[0] for r in client.query(f"SHOW TABLES FROM {db}").result_rows}
+    assert "usage_raw_resorted" not in tables
+    views = sorted(t for t in tables if t.startswith(writer.ingest_table + "_to_"))
+    assert views == sorted(Ddl(db).view_names(writer))  # made again, towards the new table
+    clickhouse.ensure_schema(client, db)  # once: a second run changes nothing
+    assert client.query(f"SELECT count() FROM {db}.usage_raw").result_rows == [(10,)]
+    start = 1_772_323_200_000
+    w = {"record_id": record_id("P01-H01", "GPU-x", "F1", start), "seq": 1, "provider_id": "P01", "host_id": "P01-H01",
+         "gpu_uuid": "GPU-x", "gpu_class": "H100", "firm_id": "F1", "window_start": start, "window_end": start + 60_000,
+         "allocated_seconds": 60, "busy_seconds": None, "energy_joules": None, "signature": None}  # fmt: skip
+    written, body = split_value(encode_batch("P01-H01", "t", [w]), shipped_versions())
+    data = container(written, 0, start * 1000, [Framed(1, start, body, "", "")])
+    clickhouse.insert_ingest(client, db, written, data, "x")
+    assert client.query(f"SELECT count() FROM {db}.usage_raw").result_rows == [(11,)]  # the views feed the new table

@@ -34,13 +34,22 @@ def test_cluster_ddl_is_on_cluster_and_replicated() -> None:
 
 def test_one_ingest_table_and_two_views_per_writer_version() -> None:
     statements = Ddl("gm").statements(shipped_versions().values())
-    views = [s.splitlines()[0] for s in statements if "MATERIALIZED VIEW" in s]
+    views = [re.sub(r"_[0-9a-f]{10}$", "_<checks>", s.splitlines()[0]) for s in statements if "MATERIALIZED VIEW" in s]
     assert views == [
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v1_to_raw",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v1_to_quarantine",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v2_to_raw",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v2_to_quarantine",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v1_to_raw_<checks>",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v1_to_quarantine_<checks>",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v2_to_raw_<checks>",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v2_to_quarantine_<checks>",
     ]
+
+
+def test_views_of_other_checks_are_stale_and_todays_are_not() -> None:
+    writers = list(shipped_versions().values())
+    ddl = Ddl("gm")
+    today = [name for w in writers for name in ddl.view_names(w)]
+    old = ["usage_ingest_v1_to_raw", "usage_ingest_v2_to_quarantine_0123456789"]
+    drops = ddl.stale_views(writers, [*today, *old, "usage_raw", "usage_ingest_v1"])
+    assert drops == [f"DROP VIEW IF EXISTS gm.{name}" for name in sorted(old)]
 
 
 def test_reject_reason_names_every_rule_in_order() -> None:
