@@ -142,3 +142,49 @@ def check(ctx: click.Context, /, agent_config: Path | None, **flags: Any) -> Non
     failed = [name for name, (ok, _) in verdicts if not ok]
     if failed:
         raise checks.ChecksFailed(f"{len(failed)} of {len(verdicts)} checks failed: {', '.join(failed)}")
+
+
+def _valid_from(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    from agent.inventory import parse_hour
+
+    try:
+        return None if value is None else parse_hour(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+@agent.command("inventory")
+@_agent_options
+@click.option(
+    "--valid-from",
+    metavar="TIME",
+    callback=_valid_from,
+    help="Start of the rows' period: ISO-8601 UTC on a whole hour (default: the start of this hour).",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the rows to FILE (replaced whole: temp file, then rename) instead of stdout.",
+)
+@click.pass_context
+def inventory(
+    ctx: click.Context, /, agent_config: Path | None, valid_from: datetime | None, output: Path | None, **flags: Any
+) -> None:
+    """Print this host's rows of the fleet registry, read through NVML: header line, then one row per
+    metered GPU (a GPU in MIG mode as its instances, with parent_uuid), sorted by gpu_uuid. Provider,
+    host, window and class overrides come from the agent config, as `agent run` uses them; valid_to
+    stays empty. Paste the rows into the fleet file instead of typing GPU UUIDs.
+
+    \b
+    Example:
+      gpumeter agent inventory --agent-config /etc/gpumeter/agent.toml --valid-from 2026-12-02T03:00:00Z
+    """
+    from agent import inventory as inv
+
+    cfg, _ = _config(ctx, agent_config, **flags)
+    start = valid_from or inv.hour_start(datetime.now(UTC))
+    text = inv.render(inv.inventory_rows(inv.read_devices(), cfg, start))
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        inv.write_output(output, text)

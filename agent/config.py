@@ -47,6 +47,9 @@ class AgentConfig:
 
 # the least each number may be, as the flags' ranges say (a zero interval would divide by zero)
 MINIMUM: dict[str, float] = {"interval_s": 1, "window_s": 1, "spool_max_bytes": 4096, "send_retry_max_s": 0.001}
+# the fleet registry changes on whole hours (gpumeter/fleet.py): a window must never straddle one
+HOUR_S = 3600
+_WINDOW_RULE = "must divide 3600 so windows never straddle an hour (e.g. 60, 300, 600, 3600)"
 
 ATTRIBUTION_KEYS = {
     "order": list,  # of "kubernetes", "slurm", "static", "env"
@@ -94,7 +97,12 @@ def load_agent_config(path: Path | None, **overrides: Any) -> AgentConfig:
                 raise ConfigError(f"{path}: agent setting {name} must be {want.__name__}, got {value!r}")
             if name in MINIMUM and value < MINIMUM[name]:
                 raise ConfigError(f"{path}: agent setting {name} must be >= {MINIMUM[name]:g}, got {value!r}")
+            if name == "window_s" and HOUR_S % value:
+                raise ConfigError(f"{path}: agent setting window_s {_WINDOW_RULE}, got {value!r}")
         cfg = replace(cfg, **data)
+    window = overrides.get("window_s")
+    if window is not None and window >= 1 and HOUR_S % window:
+        raise ConfigError(f"window_s (--window) {_WINDOW_RULE}, got {window!r}")
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 

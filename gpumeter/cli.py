@@ -21,6 +21,7 @@ GROUPS: dict[str, tuple[str, str, str]] = {
     "agent": ("agent.cli:agent", "base", "Meter GPUs on this host and send usage windows to Kafka."),
     "pipeline": ("pipeline.cli:pipeline", "pipeline", "Load usage from Kafka into ClickHouse, exactly once."),
     "usage": ("pipeline.usage_cli:usage", "pipeline", "Inspect and import usage in ClickHouse."),
+    "fleet": ("pipeline.fleet_cli:fleet", "pipeline", "The fleet registry: which GPUs each provider has."),
     "billing": (
         "billing.cli:billing",
         "billing",
