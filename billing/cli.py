@@ -4,6 +4,7 @@ function (``billing.app``), format its answer. No rule and no SQL lives here."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
@@ -15,6 +16,7 @@ import click
 
 from billing.adapters.clickhouse_usage import ClickHouseUsage
 from billing.adapters.store import Store
+from billing.app.holds import decide, list_holds
 from billing.app.load import load_files
 from billing.app.payments import aging_report, receivables, record_payment
 from billing.app.reconcile import reconcile
@@ -28,6 +30,7 @@ from billing.core.money import format_money, parse_money
 from gpumeter.cli import settings_from
 from gpumeter.settings import Settings
 from pipeline import clickhouse
+from pipeline.usage_checks import HOLD_REASONS, reason_text
 
 FILE = click.Path(exists=False, dir_okay=False, path_type=Path)
 
@@ -168,6 +171,20 @@ def settle(ctx: click.Context, month: str) -> None:
             f"  unattributed usage (not invoiced): {row.unattributed_records} records, "
             f"{Decimal(row.unattributed_seconds) / 3600:.6f} GPU-hours"
         )
+    if result.held:
+        by_reason: dict[str, list[int]] = {}
+        for h in result.held:
+            r = by_reason.setdefault(h.reason, [0, 0])
+            r[0] += h.records
+            r[1] += h.allocated_seconds
+        click.echo("  held, not billed (docs/usage-checks.md; see `gpumeter billing holds`):")
+        for reason, (records, seconds) in sorted(by_reason.items()):
+            hours = f"{Decimal(seconds) / 3600:.6f}"
+            click.echo(f"    {reason:<15} {records:>9} records  {hours} GPU-hours  ({reason_text(reason)})")
+    if result.released_records:
+        click.echo(f"  records held before that bill now, as late usage: {result.released_records}")
+    if not result.already_settled and not result.fleet_version:
+        click.echo("  no fleet registry is loaded: every GPU is unknown and its usage held (gpumeter fleet load)")
     if row.conflicting_records:
         examples = ", ".join(result.conflicting_examples[:5])
         click.echo(
@@ -280,6 +297,115 @@ def aging_cmd(ctx: click.Context, as_of: str | None, fmt: str) -> None:
     _emit(("firm_id", *AGING_BUCKETS), rows, fmt, right={1, 2, 3, 4, 5})
 
 
+def _reasons(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [v for v in values if v not in HOLD_REASONS]
+    if unknown:
+        raise click.BadParameter(f"unknown reason {', '.join(unknown)}; one of {', '.join(HOLD_REASONS)}")
+    return values
+
+
+@billing.command("holds")
+@click.option("--reason", "reasons", multiple=True, callback=_reasons, help="Only this reason (repeatable).")
+@click.option(
+    "--examples", default=5, show_default=True, type=click.IntRange(0, 1000), help="Records shown per reason."
+)
+@click.pass_context
+def holds_cmd(ctx: click.Context, reasons: tuple[str, ...], examples: int) -> None:
+    """Usage the settlements hold, never billed: per reason, records, GPU-hours and examples.
+
+    A settlement holds every record the usage checks cannot defend (docs/usage-checks.md):
+    a GPU not in the fleet registry, reported by another host, a window off the host's grid,
+    a GPU window claimed beyond its length, usage older than the horizon, a firm not loaded.
+    Fix the registry (gpumeter fleet load) or the firms (gpumeter billing load --firms), or
+    decide (gpumeter billing release / exclude): the next settlement bills what passes now
+    as late usage.
+
+    \b
+    Example:
+      gpumeter billing holds --reason unregistered --examples 20
+    """
+    s = settings_from(ctx)
+    result = list_holds(_store(s), _usage(s), reasons, examples)
+    if not result.groups:
+        through = f" through {result.settled_through}" if result.settled_through else ""
+        click.echo(f"no usage is held (settlements{through})")
+        return
+    rows = [(g.reason, str(g.records), f"{Decimal(g.allocated_seconds) / 3600:.6f}", str(g.decided),
+             reason_text(g.reason)) for g in result.groups]  # fmt: skip
+    click.echo(_table(("reason", "records", "gpu_hours", "decided", "meaning"), rows, right={1, 2, 3}))
+    for g in result.groups:
+        if not g.examples:
+            continue
+        click.echo(f"\n{g.reason}: first {len(g.examples)} of {g.records}")
+        click.echo(
+            _table(
+                ("record_id", "window_start", "provider", "host", "gpu", "firm", "seconds", "decision"),
+                [(h.record_id, h.window_start.isoformat(), h.provider_id, h.host_id, h.gpu_uuid, h.firm_id,
+                  str(h.allocated_seconds), result.pending.get(h.record_id, ("",))[0]) for h in g.examples],
+                right={6},
+            )
+        )  # fmt: skip
+
+
+def _decide(ctx: click.Context, decision: str, reasons: tuple[str, ...], records: tuple[str, ...], why: str,
+            by: str | None) -> None:  # fmt: skip
+    s = settings_from(ctx)
+    who = by or os.environ.get("USER") or "unknown"
+    counts = decide(_store(s), _usage(s), decision, why, who, datetime.now(UTC), reasons, records)
+    total = sum(counts.values())
+    detail = ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
+    verb = "released (they bill at the next settlement, as late usage)" if decision == "release" else "excluded"
+    click.echo(f"{total} held record(s) {verb}: {detail}; recorded as {who}: {why.strip()}")
+
+
+_DECISION_OPTIONS = [
+    click.option("--reason", "reasons", multiple=True, callback=_reasons, help="Every record held for this reason."),
+    click.option("--record", "records", multiple=True, help="This held record (repeatable)."),
+    click.option("--why", required=True, help="Why: recorded with the decision."),
+    click.option("--by", default=None, help="Who decides (default: $USER)."),
+]
+
+
+def _decision_options(f: Any) -> Any:
+    for option in reversed(_DECISION_OPTIONS):
+        f = option(f)
+    return f
+
+
+@billing.command("release")
+@_decision_options
+@click.pass_context
+def release_cmd(ctx: click.Context, reasons: tuple[str, ...], records: tuple[str, ...], why: str,
+                by: str | None) -> None:  # fmt: skip
+    """Bill held records after all: the next settlement bills them as late usage.
+
+    For a record whose host, window or age the checks could not defend and staff can
+    (reasons other_host, other_provider, window_length, misaligned, too_old). An
+    unregistered GPU is settled by registering it (its usage then bills in the registry's
+    class), an oversubscribed window by excluding the records that should not bill, an
+    unknown firm by loading it. Who, when and why are recorded.
+
+    \b
+    Example:
+      gpumeter billing release --reason misaligned --why "P07-H03 ran 30 s windows until 4 May, ticket 4411"
+    """
+    _decide(ctx, "release", reasons, records, why, by)
+
+
+@billing.command("exclude")
+@_decision_options
+@click.pass_context
+def exclude_cmd(ctx: click.Context, reasons: tuple[str, ...], records: tuple[str, ...], why: str,
+                by: str | None) -> None:  # fmt: skip
+    """Never bill held records: the next settlement records them as excluded.
+
+    \b
+    Example:
+      gpumeter billing exclude --record 3f2a9c... --why "duplicate report of GPU-7 by P02-H01"
+    """
+    _decide(ctx, "exclude", reasons, records, why, by)
+
+
 @billing.command("reconcile")
 @click.option("--month", required=True, callback=lambda c, p, v: _month(v), help="Month, YYYY-MM.")
 @click.pass_context
@@ -298,12 +424,12 @@ def reconcile_cmd(ctx: click.Context, month: str) -> None:
         return f"{Decimal(seconds) / 3600:.6f}"
 
     click.echo(f"usage of {month} (GPU-hours){'' if result.settled else ' - month not settled yet'}:")
-    rows = [(f, h(u), h(o), h(a), h(p), h(x)) for f, u, o, a, p, x in result.rows]
+    rows = [tuple([r[0], *(h(v) for v in r[1:])]) for r in result.rows]
     click.echo(
         _table(
-            ("firm_id", "in_clickhouse", "invoiced", "adjusted_later", "pending", "unbilled"),
+            ("firm_id", "in_clickhouse", "invoiced", "adjusted_later", "held", "excluded", "pending", "unbilled"),
             rows,
-            right={1, 2, 3, 4, 5},
+            right={1, 2, 3, 4, 5, 6, 7},
         )
     )
     click.echo("\nprograms:")
@@ -315,7 +441,9 @@ def reconcile_cmd(ctx: click.Context, month: str) -> None:
         for p in result.problems:
             click.echo(f"MISMATCH {p}", err=True)
         raise BillingError(f"reconciliation of {month} failed: {len(result.problems)} mismatch(es)")
-    click.echo(f"\nreconciled {month}: OK (usage = invoiced + adjusted later; all money invariants hold)")
+    click.echo(
+        f"\nreconciled {month}: OK (usage = invoiced + adjusted later + held + excluded; all money invariants hold)"
+    )
 
 
 def _emit(header: tuple[str, ...], rows: list[tuple[Any, ...]], fmt: str, right: set[int]) -> None:
@@ -365,15 +493,18 @@ def summary_cmd(ctx: click.Context, month: str, fmt: str) -> None:
 @click.pass_context
 def provider_statement(ctx: click.Context, provider_id: str, month: str, fmt: str) -> None:
     """What a provider's GPUs delivered in a month: GPU-hours by class and host (from
-    ClickHouse, each record once), and the amount billed on that capacity (items
-    dated in the month, including late usage billed on adjustment lines).
+    ClickHouse, each record once), the amount billed on that capacity (items
+    dated in the month, including late usage billed on adjustment lines), and per
+    GPU the hours billed, held (with the reasons, docs/usage-checks.md), excluded
+    by staff and still pending.
 
     \b
     Example:
       gpumeter billing provider-statement --provider P01 --month 2026-03
     """
     s = settings_from(ctx)
-    st = provider_month(_store(s), _usage(s), provider_id, month)
+    usage = _usage(s)
+    st = provider_month(_store(s), usage, usage, provider_id, month)
 
     def h(seconds: int) -> str:
         return f"{Decimal(seconds) / 3600:.6f}"
@@ -384,6 +515,13 @@ def provider_statement(ctx: click.Context, provider_id: str, month: str, fmt: st
     billed_rows = [(cls, h(sec), format_money(amt)) for cls, sec, amt in st.billed]
     billed_rows.append(("TOTAL", h(st.billed_seconds), format_money(st.billed_amount)))
     _emit(("gpu_class", "gpu_hours_billed", "amount_billed"), billed_rows, fmt, right={1, 2})
+    click.echo("")
+    gpu_rows = [
+        (host, gpu, h(b), h(held), h(excl), h(pend), "; ".join(f"{r} {h(n)}" for r, n in sorted(why.items())))
+        for host, gpu, b, held, excl, pend, why in st.gpus
+    ]
+    _emit(("host_id", "gpu_uuid", "gpu_hours_billed", "held", "excluded", "pending", "held_why"), gpu_rows, fmt,
+          right={2, 3, 4, 5})  # fmt: skip
 
 
 @click.command("statement")

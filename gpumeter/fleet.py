@@ -7,7 +7,8 @@ ends where the new one starts, so its history stays. Pure: text in, ``FleetDevic
 every problem of the file reported at once (``FILE:LINE: reason``).
 
 Rules a whole file must keep (each refusal names the lines):
-- ``window_seconds`` divides 3600; ``valid_from``/``valid_to`` fall on whole UTC hours, so a
+- ``window_seconds`` divides 3600 (what agents use), or is a whole number of hours dividing a
+  day (imports); ``valid_from``/``valid_to`` fall on whole UTC hours and on that window grid, so a
   host's windows never straddle a change of registration;
 - one GPU's periods never overlap, on one host or across hosts;
 - rows of one host that overlap in time agree on its provider and window length;
@@ -32,7 +33,9 @@ FLEET_COLUMNS = (
     "provider_id", "host_id", "gpu_uuid", "gpu_class", "window_seconds", "valid_from", "valid_to", "parent_uuid",
 )  # fmt: skip
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # provider, host and GPU ids; a GPU UUID fits
+MAX_PERIODS = 8  # rows one GPU may have in a file (its moves and re-classings); the checks look up at most these
 HOUR_S = 3600
+DAY_S = 86_400
 OPEN_END = datetime(2106, 2, 7, 6, 0, tzinfo=UTC)  # "still there": the last whole hour a DateTime holds
 
 
@@ -67,11 +70,14 @@ def _hour(value: str, name: str) -> datetime:
 
 
 def _device(line: int, row: dict[str, str]) -> FleetDevice:
-    window = whole_number(row["window_seconds"], "window_seconds", minimum=1, maximum=HOUR_S)
-    if HOUR_S % window:
-        raise RowError(f"window_seconds {window} must divide 3600 (e.g. 60, 300, 600, 3600)")
+    window = whole_number(row["window_seconds"], "window_seconds", minimum=1, maximum=DAY_S)
+    if HOUR_S % window if window <= HOUR_S else DAY_S % window:
+        raise RowError(f"window_seconds {window} must divide 3600 (e.g. 60, 300, 3600) or 86400 (e.g. 86400)")
     start = _hour(row["valid_from"], "valid_from")
     end = _hour(row["valid_to"], "valid_to") if row["valid_to"].strip() else OPEN_END
+    for name, t in (("valid_from", start), ("valid_to", end)):
+        if t != OPEN_END and int(t.timestamp()) % window:
+            raise RowError(f"{name} {row[name].strip()} must fall on the host's {window} s window grid")
     if end <= start:
         raise RowError(f"valid_to {row['valid_to'].strip()} must be after valid_from {row['valid_from'].strip()}")
     if end > OPEN_END:
@@ -94,6 +100,9 @@ def _cross_checks(devices: list[FleetDevice]) -> list[tuple[int, str]]:
         by_gpu[d.gpu_uuid].append(d)
         by_host[d.host_id].append(d)
     for rows in by_gpu.values():
+        if len(rows) > MAX_PERIODS:
+            problems.append((rows[MAX_PERIODS].line, f"GPU {rows[0].gpu_uuid} has more than {MAX_PERIODS} rows; "
+                             "drop the periods that ended before any usage still to settle"))  # fmt: skip
         for i, b in enumerate(rows):
             for a in rows[:i]:
                 if a.overlaps(b):

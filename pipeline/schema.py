@@ -333,6 +333,39 @@ ENGINE = {self.engine("fleet_versions")}
 ORDER BY version"""
         return [devices, versions]
 
+    def hold_tables(self) -> list[str]:
+        """What settlements recorded of held records, and staff's decisions (docs/usage-checks.md).
+        Rows are only ever added; a record's latest row (by settlement, by decision time) is its state."""
+        holds = f"""CREATE TABLE IF NOT EXISTS {self.db}.usage_holds{self.on} (
+    store_id String,
+    record_id String,
+    settlement_seq UInt32,
+    month String,
+    state LowCardinality(String),
+    reason LowCardinality(String),
+    firm_id LowCardinality(String),
+    provider_id LowCardinality(String),
+    host_id LowCardinality(String),
+    gpu_uuid String,
+    gpu_class LowCardinality(String),
+    window_start DateTime64(3, 'UTC'),
+    allocated_seconds UInt32,
+    written_at DateTime64(6, 'UTC')
+)
+ENGINE = {self.engine("usage_holds")}
+ORDER BY (store_id, record_id, settlement_seq)"""
+        decisions = f"""CREATE TABLE IF NOT EXISTS {self.db}.usage_decisions{self.on} (
+    store_id String,
+    record_id String,
+    decision LowCardinality(String),
+    decided_by String,
+    decided_at DateTime64(6, 'UTC'),
+    reason String
+)
+ENGINE = {self.engine("usage_decisions")}
+ORDER BY (store_id, record_id, decided_at)"""
+        return [holds, decisions]
+
     def statements(self, writers: Iterable[WriterVersion]) -> list[str]:
         """Every statement, in order; each is idempotent."""
         out = [
@@ -344,7 +377,7 @@ ORDER BY version"""
         for writer in sorted(writers, key=lambda w: w.version):
             out.append(self.ingest_table(writer))
             out += self.ingest_views(writer)
-        out += [self.drop_windows_view(), self.hourly_table(), *self.fleet_tables()]
+        out += [self.drop_windows_view(), self.hourly_table(), *self.fleet_tables(), *self.hold_tables()]
         return out
 
 

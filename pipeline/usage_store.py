@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, NamedTuple
 
+from gpumeter.record import UNATTRIBUTED
 from pipeline import clickhouse
 from pipeline.schema import reject_reason_sql
+from pipeline.usage_checks import CLAIM_SQL, HOLD_SQL, JUDGED_COLUMNS, MARK_BITS, OCCUPIED_SQL, REGISTRY_COLUMNS, Checks
 
 DELIVERY_COLUMNS = (
     "record_id, provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end, "
@@ -37,10 +39,13 @@ CONTENT = (
 # the table's order (schema.RAW_ORDER): a (GPU, window) and, inside it, each record's deliveries in
 # the order that defines "first"; the pass below reads in it without a sort.
 WINDOW_ORDER = "PARTITION BY gpu_uuid, window_start ORDER BY record_id, ingested_at, kafka_partition, kafka_offset"
+# the same partitions and order: a frame of one record's deliveries (peers in record_id), read alongside
+RECORD_PEERS = "PARTITION BY gpu_uuid, window_start ORDER BY record_id RANGE BETWEEN CURRENT ROW AND CURRENT ROW"
 # Without it (chDB 26's default is 0) the window sorts all rows instead of reading them in the table's
 # order: measured at 100M windows, 147 s and 16 GB instead of 29-36 s and 1.4 GB. Changing a setting
 # needs a ClickHouse user with readonly=0 or 2.
-READ_SETTINGS = {"optimize_read_in_window_order": 1}
+# force_enable: the checks' lookups for the rare GPU with several registry periods run only for its rows
+READ_SETTINGS = {"optimize_read_in_window_order": 1, "short_circuit_function_evaluation": "force_enable"}
 
 DAY = "toDate(window_start, {tz:String})"
 MONTH = "formatDateTime(toDate(window_start, {tz:String}), '%Y-%m')"
@@ -59,12 +64,27 @@ CHECK_COLUMNS = ("line", *(name for name, _ in WINDOW_CHECK_COLUMNS))
 DAY_KEYS = (("firm_id", "firm_id"), (DAY, "day"), ("provider_id", "provider_id"), ("gpu_class", "gpu_class"))
 
 
-def first_delivery_sql(db: str, keys: Sequence[tuple[str, str]], where: str, conflicts_in: str = "0") -> str:
+def first_delivery_sql(
+    db: str,
+    keys: Sequence[tuple[str, str]],
+    where: str,
+    conflicts_in: str = "0",
+    checked: bool = False,
+    collect: str = "0",
+    marked: bool = False,
+) -> str:
     """One pass over the raw rows: per ``keys`` (expression, alias over DELIVERY_COLUMNS), the
     allocated seconds, records, busy seconds and energy (both in integer thousandths) of each
-    record_id's first delivery where that delivery matches ``where``; and ``conflicts``, the
+    record_id's first delivery where that delivery matches ``where``; ``conflicts``, the
     record_ids with deliveries of different content whose latest delivery matches ``conflicts_in``
-    (a condition on ``latest``).
+    (a condition on ``latest``); and ``collected``, (record_id, host_id, gpu_uuid, window_start,
+    allocated_seconds) of the first deliveries matching ``collect``.
+
+    ``checked``: the usage checks (``usage_checks``) run in the same pass. Each delivery gets its
+    registry columns, ``gpu_class`` becomes the registered class, and keys and conditions may use
+    ``hold`` (the hold code, '' for a record that bills) and ``hold_state`` (what settlements
+    have recorded of the record: 'held', 'billed', 'excluded' or ''); parameters from
+    ``Checks.params`` and ``settled_seq``.
 
     The table is sorted by (gpu_uuid, window_start, record_id, ingested_at, kafka_partition,
     kafka_offset). Every delivery of a record has the record's GPU and window start (the record_id
@@ -72,31 +92,54 @@ def first_delivery_sql(db: str, keys: Sequence[tuple[str, str]], where: str, con
     holds every delivery of its records, each record's together and in the order that defines
     "first": a row whose record_id differs from the previous row's is a first delivery. The pass
     reads in the table's order, with no sort and no hash table of ids; the same window partition is
-    one GPU's window, where the usage checks (``hold_reason_sql``) count what its records claim.
+    one GPU's window, where the checks add up what its records claim.
     """
     select = ", ".join(f"{expr} AS {alias}" for expr, alias in keys)
     names = ", ".join(alias for _, alias in keys)
+    registry = (
+        f",{REGISTRY_COLUMNS.replace('{db}', db)},\n    {CLAIM_SQL} AS claim, cityHash64(record_id) AS rid_hash"
+        if checked
+        else ""
+    )
+    marks = f",\n    {_marks_sql(marked)}" if checked else ""
+    hold = f", {JUDGED_COLUMNS}, {OCCUPIED_SQL} AS occupied, {HOLD_SQL} AS hold" if checked else ", '' AS hold"
+    claims = ",\n                       groupArray((rid_hash, claim)) OVER p AS claims" if checked else ""
+    as_registered = " REPLACE (registered_class AS gpu_class)" if checked else ""
     return f"""
     SELECT {select},
            toInt64(sumIf(allocated_seconds, bill)) AS seconds, toInt64(countIf(bill)) AS records,
            sumIf(toInt64(round(ifNull(busy_seconds, 0) * 1000)), bill) AS busy,
            sumIf(toInt64(round(ifNull(energy_joules, 0) * 1000)), bill) AS energy,
-           groupArrayIf(record_id, conflict) AS conflicts
+           groupArrayIf(record_id, conflict) AS conflicts,
+           groupArrayIf((record_id, host_id, gpu_uuid, window_start, allocated_seconds), bill AND ({collect}))
+               AS collected
     FROM (
-        SELECT *, arrayFilter(d -> d.1 = record_id, deliveries) AS mine,
-               arrayExists(d -> d.2 != content, mine) AS differs, arrayMax(d -> d.3, mine) AS latest,
-               ({where}) AS bill, differs AND ({conflicts_in}) AS conflict
+        SELECT *{as_registered}, ({where}) AS bill, differs AND ({conflicts_in}) AS conflict
         FROM (
-            SELECT {DELIVERY_COLUMNS}, content,
-                   record_id != lagInFrame(record_id, 1, '') OVER p AS first,
-                   groupArray((record_id, content, ingested_at)) OVER p AS deliveries
-            FROM (SELECT {DELIVERY_COLUMNS}, {CONTENT} AS content FROM {db}.usage_raw)
-            WINDOW p AS ({WINDOW_ORDER} ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+            SELECT *{hold}
+            FROM (
+                SELECT *, record_id != lagInFrame(record_id, 1, '') OVER p AS first,
+                       min(content) OVER r != max(content) OVER r AS differs, max(ingested_at) OVER r AS latest{claims}
+                FROM (SELECT {DELIVERY_COLUMNS}, {CONTENT} AS content{marks}{registry} FROM {db}.usage_raw)
+                WINDOW p AS ({WINDOW_ORDER} ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING),
+                       r AS ({RECORD_PEERS})
+            )
+            WHERE first
         )
-        WHERE first
     )
     WHERE bill OR conflict
     GROUP BY {names}"""
+
+
+def _marks_sql(marked: bool) -> str:
+    """The ``marks`` of a delivery (usage_checks.MARK_BITS) and its ``hold_state``; a lookup in the
+    few marked record_ids, or none at all when nothing is marked."""
+    marks = (
+        "transform(record_id, {mark_ids:Array(String)}, {mark_bits:Array(UInt8)}, toUInt8(0))"
+        if marked
+        else "toUInt8(0)"
+    )
+    return f"{marks} AS marks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +183,42 @@ class DayTotals(NamedTuple):  # a tuple: a settlement reads ~10^6 of them
     records: int
     busy_ms: int  # busy seconds x 1000, summed from each window's value rounded to the millisecond
     energy_mj: int  # energy joules x 1000 (millijoules), likewise
+
+
+class CheckedDay(NamedTuple):
+    """``DayTotals`` of a checked read (``checked_by_day``): also the hold and what was recorded."""
+
+    firm_id: str
+    day: date
+    provider_id: str
+    gpu_class: str  # the registered class (the record's own when its GPU is not registered)
+    hold: str  # '' bills; else a code of usage_checks.HOLD_REASONS
+    hold_state: str  # '' a record of this span; 'held' one an earlier settlement held
+    allocated_seconds: int
+    records: int
+    busy_ms: int
+    energy_mj: int
+    collected: list[tuple[str, str, str, datetime, int]]  # (record_id, host, gpu, window_start, seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRow:
+    record_id: str
+    state: str  # 'held' | 'billed' | 'excluded'
+    reason: str
+    firm_id: str
+    provider_id: str
+    host_id: str
+    gpu_uuid: str
+    gpu_class: str
+    window_start: datetime
+    allocated_seconds: int
+
+
+HOLD_COLUMNS = (
+    "store_id", "record_id", "settlement_seq", "month", "state", "reason", "firm_id", "provider_id", "host_id",
+    "gpu_uuid", "gpu_class", "window_start", "allocated_seconds", "written_at",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,17 +278,30 @@ class UsageStore:
         params: dict[str, Any],
         order: Sequence[int] = (),
         conflicts_in: str = "0",
+        checks: Checks | None = None,
+        collect: str = "0",
     ) -> tuple[list[tuple[Any, ...]], list[str]]:
         """(rows of (*keys, seconds, records, busy, energy) with records > 0, sorted by the keys at
-        ``order``; sorted record_ids of conflicting records) - see ``first_delivery_sql``."""
+        ``order``; sorted record_ids of conflicting records) - see ``first_delivery_sql``. With
+        ``checks`` (and ``settled_seq`` among ``params``), the usage checks run in the pass and each
+        row ends with its ``collected`` first deliveries."""
         width = len(keys)
         by = f" ORDER BY {', '.join(keys[i][1] for i in order)}" if order else ""
         started = time.perf_counter()
-        sql = first_delivery_sql(self.db, keys, where, conflicts_in) + by
+        marked = False
+        if checks is not None:
+            params = {"settled_seq": 0, **checks.params(), **params}
+            marks = self.marks(checks.store_id, int(params["settled_seq"]), checks.cutoff)
+            marked = bool(marks)
+            params.update(mark_ids=list(marks), mark_bits=list(marks.values()))
+        sql = first_delivery_sql(self.db, keys, where, conflicts_in, checks is not None, collect, marked) + by
         rows = self.client.query(sql, parameters=params, settings=READ_SETTINGS).result_rows
-        self._timed(f"first deliveries of every record_id, {len(rows):,} groups", started)
+        checked = ", usage checks" if checks is not None else ""
+        self._timed(f"first deliveries of every record_id{checked}, {len(rows):,} groups", started)
         conflicts = sorted({str(rid) for r in rows for rid in r[width + 4]})
-        return [tuple(r[: width + 4]) for r in rows if r[width + 1] > 0], conflicts
+        keep = width + 4 if checks is None else width + 4 + 1
+        out = [(*r[: width + 4], r[width + 5]) if checks is not None else tuple(r[:keep]) for r in rows]
+        return [r for r in out if r[width + 1] > 0], conflicts
 
     def _timed(self, text: str, started: float) -> None:
         self.progress(f"  {text}: {time.perf_counter() - started:.1f} s")
@@ -226,6 +318,114 @@ class UsageStore:
         )
         return [DayTotals(str(r[0]), r[1], str(r[2]), str(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
+    def checked_by_day(self, tz: str, span: Span, checks: Checks, settled_seq: int) -> list[CheckedDay]:
+        """What one settlement reads: the span's first deliveries and the records earlier settlements
+        held (``hold_state`` 'held'), each judged now (``usage_checks``), per (firm, day, provider,
+        registered class, hold, hold_state), sorted by (day, firm, provider, class); the records of a
+        group that is held or was held come with it (``collected``). Conflicts as ``by_day``."""
+        where, params = span.where()
+        conflicts_in, conflict_params = span.conflicts_where()
+        keys = (*DAY_KEYS, ("hold", "hold"), ("hold_state", "hold_state"))
+        rows, self._conflicts[span] = self.totals(
+            keys,
+            f"({where}) OR hold_state = 'held'",
+            {"tz": tz, **params, **conflict_params, "settled_seq": settled_seq},
+            (1, 0, 2, 3, 4, 5),
+            conflicts_in,
+            checks=checks,
+            collect="hold != '' OR hold_state = 'held'",
+        )
+        return [
+            CheckedDay(str(r[0]), r[1], str(r[2]), str(r[3]), str(r[4]), str(r[5]), r[6], r[7], r[8], r[9],
+                       [(str(c[0]), str(c[1]), str(c[2]), c[3], int(c[4])) for c in r[10]])
+            for r in rows
+        ]  # fmt: skip
+
+    def marks(self, store_id: str, settled_seq: int, cutoff: datetime) -> dict[str, int]:
+        """record_id -> usage_checks.MARK_BITS of every record the store's settlements up to
+        ``settled_seq`` recorded a hold state for, or staff decided on by ``cutoff``."""
+        out: dict[str, int] = {}
+        for rid, state in self.client.query(
+            f"""SELECT record_id, argMax(state, settlement_seq) FROM {self.db}.usage_holds
+                WHERE store_id = {{s:String}} AND settlement_seq <= {{q:UInt32}} GROUP BY record_id""",
+            parameters={"s": store_id, "q": settled_seq},
+        ).result_rows:
+            out[str(rid)] = MARK_BITS.get(str(state), 0)
+        for rid, decision in self.client.query(
+            f"""SELECT record_id, argMax(decision, decided_at) FROM {self.db}.usage_decisions
+                WHERE store_id = {{s:String}} AND decided_at <= {{at:DateTime64(6, 'UTC')}} GROUP BY record_id""",
+            parameters={"s": store_id, "at": _naive_utc(cutoff)},
+        ).result_rows:
+            out[str(rid)] = out.get(str(rid), 0) | MARK_BITS.get(str(decision), 0)
+        return out
+
+    def discard_holds_after(self, store_id: str, settled_seq: int) -> None:
+        """Forget hold rows of settlements after ``settled_seq``: left by an attempt that did not commit."""
+        self.client.command(
+            f"DELETE FROM {self.db}.usage_holds WHERE store_id = {{s:String}} AND settlement_seq > {{q:UInt32}}",
+            parameters={"s": store_id, "q": settled_seq},
+        )
+
+    def record_holds(self, store_id: str, seq: int, month: str, rows: Sequence[HoldRow]) -> None:
+        """Write what settlement ``seq`` decided of held and once-held records (before it commits)."""
+        now = datetime.now(UTC)
+        data = [
+            (store_id, h.record_id, seq, month, h.state, h.reason, h.firm_id, h.provider_id, h.host_id, h.gpu_uuid,
+             h.gpu_class, h.window_start.replace(tzinfo=UTC) if h.window_start.tzinfo is None else h.window_start,
+             h.allocated_seconds, now)
+            for h in rows
+        ]  # fmt: skip
+        for i in range(0, len(data), IMPORT_ROWS_PER_INSERT):
+            chunk = data[i : i + IMPORT_ROWS_PER_INSERT]
+            self.client.insert(f"{self.db}.usage_holds", chunk, column_names=HOLD_COLUMNS)
+
+    def open_holds(
+        self, store_id: str, settled_seq: int, reasons: Sequence[str] = (), record_ids: Sequence[str] = ()
+    ) -> list[HoldRow]:
+        """Records the store's settlements up to ``settled_seq`` hold now (latest state 'held'),
+        optionally only these reasons or ids, by (reason, gpu_uuid, window_start, record_id)."""
+        where = ["store_id = {s:String}", "settlement_seq <= {q:UInt32}"]
+        params: dict[str, Any] = {"s": store_id, "q": settled_seq}
+        if record_ids:
+            where.append("record_id IN {ids:Array(String)}")
+            params["ids"] = list(record_ids)
+        latest = ", ".join(f"argMax({c}, settlement_seq) AS {c}" for c in HOLD_COLUMNS[4:13])
+        rows = self.client.query(
+            f"""SELECT record_id, {", ".join(HOLD_COLUMNS[4:13])} FROM (
+                    SELECT record_id, {latest} FROM {self.db}.usage_holds WHERE {" AND ".join(where)}
+                    GROUP BY record_id)
+                WHERE state = 'held'{" AND reason IN {reasons:Array(String)}" if reasons else ""}
+                ORDER BY reason, gpu_uuid, window_start, record_id""",
+            parameters={**params, "reasons": list(reasons)},
+        ).result_rows
+        return [
+            HoldRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6]), str(r[7]),
+                    r[8].replace(tzinfo=UTC), int(r[9]))
+            for r in rows
+        ]  # fmt: skip
+
+    def decisions_after(self, store_id: str, after: datetime | None) -> dict[str, tuple[str, str, datetime, str]]:
+        """record_id -> (decision, by, at, why) of the latest decision made after ``after`` (None: ever)."""
+        rows = self.client.query(
+            f"""SELECT record_id, argMax(decision, decided_at), argMax(decided_by, decided_at), max(decided_at),
+                       argMax(reason, decided_at)
+                FROM {self.db}.usage_decisions
+                WHERE store_id = {{s:String}} AND decided_at > {{after:DateTime64(6, 'UTC')}}
+                GROUP BY record_id""",
+            parameters={"s": store_id, "after": _naive_utc(after or _EPOCH)},
+        ).result_rows
+        return {str(r[0]): (str(r[1]), str(r[2]), r[3].replace(tzinfo=UTC), str(r[4])) for r in rows}
+
+    def decide(self, store_id: str, record_ids: Sequence[str], decision: str, by: str, why: str, at: datetime) -> None:
+        """Record staff's ``decision`` ('release' or 'exclude') on records: the next settlement applies it."""
+        rows = [(store_id, rid, decision, by, at.astimezone(UTC), why) for rid in record_ids]
+        for i in range(0, len(rows), IMPORT_ROWS_PER_INSERT):
+            self.client.insert(
+                f"{self.db}.usage_decisions",
+                rows[i : i + IMPORT_ROWS_PER_INSERT],
+                column_names=("store_id", "record_id", "decision", "decided_by", "decided_at", "reason"),
+            )
+
     def conflicting_records(self, span: Span) -> list[str]:
         """record_ids delivered again with different content whose latest delivery arrived in the
         span's (previous cutoff, cutoff], sorted. From ``by_day`` of the same span when it ran."""
@@ -234,31 +434,49 @@ class UsageStore:
             self._conflicts[span] = self.totals([("0", "none")], "0", params, (), conflicts_in)[1]
         return self._conflicts[span]
 
-    def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]:
-        """Months before ``first_day`` that have usage ingested up to ``cutoff``."""
+    def months_before(
+        self, tz: str, first_day: date, cutoff: datetime, checks: Checks | None = None, settled_seq: int = 0
+    ) -> list[str]:
+        """Months before ``first_day`` that have usage ingested up to ``cutoff``; with ``checks``, only
+        usage of a firm that the checks would bill (held and unattributed usage does not count)."""
         where = f"{DAY} < {{first:Date}} AND ingested_at <= {{cutoff:DateTime64(6, 'UTC')}}"
-        params = {"tz": tz, "first": first_day, "cutoff": _naive_utc(cutoff)}
+        params: dict[str, Any] = {"tz": tz, "first": first_day, "cutoff": _naive_utc(cutoff)}
         # raw rows are a superset of first deliveries: if none is that early, nothing is
         early = self.client.query(f"SELECT count() FROM {self.db}.usage_raw WHERE {where}", parameters=params)
         if not early.result_rows[0][0]:
             return []
-        return [str(r[0]) for r in self.totals([(MONTH, "m")], where, params, (0,))[0]]
+        if checks is None:
+            return [str(r[0]) for r in self.totals([(MONTH, "m")], where, params, (0,))[0]]
+        keys = [(MONTH, "m"), (f"hold = '' AND firm_id != '{UNATTRIBUTED}'", "bills")]
+        rows = self.totals(keys, where, {**params, "settled_seq": settled_seq}, (0,), checks=checks)[0]
+        return sorted({str(r[0]) for r in rows if r[1]})
 
-    def seconds_by_month(self, tz: str, cutoff: datetime | None) -> dict[tuple[str, str], tuple[int, int]]:
+    def seconds_by_month(
+        self, tz: str, cutoff: datetime | None, store_id: str = "", settled_seq: int = 0
+    ) -> dict[tuple[str, str], tuple[int, int, int, int]]:
         """(month, firm_id) -> allocated_seconds of (every record, the records that arrived up to
-        ``cutoff``; 0 when it is None), in one pass."""
-        params: dict[str, Any] = {"tz": tz}
+        ``cutoff`` (0 when it is None), of those the ones settlements up to ``settled_seq`` of billing
+        store ``store_id`` hold, and the ones they excluded), in one pass."""
+        params: dict[str, Any] = {"tz": tz, "settled_seq": settled_seq}
         if cutoff:
             params["cutoff"] = _naive_utc(cutoff)
         keys = [
             (MONTH, "m"),
             ("firm_id", "firm_id"),
             ("ingested_at <= {cutoff:DateTime64(6, 'UTC')}" if cutoff else "0", "arrived"),
+            ("hold_state", "hold_state"),
         ]
-        out: dict[tuple[str, str], tuple[int, int]] = {}
-        for m, firm, arrived, seconds, *_ in self.totals(keys, "1", params)[0]:
-            every, by_cutoff = out.get((str(m), str(firm)), (0, 0))
-            out[(str(m), str(firm))] = (every + int(seconds), by_cutoff + (int(seconds) if arrived else 0))
+        checks = Checks((), (), cutoff or datetime.now(UTC), store_id, _EPOCH)  # only hold_state is read
+        out: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+        for m, firm, arrived, state, seconds, *_ in self.totals(keys, "1", params, checks=checks)[0]:
+            every, by_cutoff, held, excluded = out.get((str(m), str(firm)), (0, 0, 0, 0))
+            late = int(seconds) if arrived else 0
+            out[(str(m), str(firm))] = (
+                every + int(seconds),
+                by_cutoff + late,
+                held + (late if state == "held" else 0),
+                excluded + (late if state == "excluded" else 0),
+            )
         return out
 
     def by_host(self, tz: str, month: str, provider_id: str) -> list[tuple[str, str, int, int]]:
@@ -267,6 +485,26 @@ class UsageStore:
         params = {"tz": tz, "month": month, "provider": provider_id}
         rows = self.totals([("gpu_class", "gpu_class"), ("host_id", "host_id")], where, params, (0, 1))[0]
         return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    def gpu_states(
+        self, tz: str, month: str, provider_id: str, cutoff: datetime | None, store_id: str, settled_seq: int
+    ) -> list[tuple[str, str, int, int, int, int]]:
+        """(host_id, gpu_uuid, seconds billed, held, excluded, pending) of a provider's usage dated in
+        ``month``, by what the store's settlements up to ``settled_seq`` (cutoff ``cutoff``) did with each
+        record: pending arrived after the cutoff; billed is the rest, neither held nor excluded."""
+        where = f"provider_id = {{provider:String}} AND {MONTH} = {{month:String}}"
+        params: dict[str, Any] = {"tz": tz, "month": month, "provider": provider_id, "settled_seq": settled_seq}
+        arrived = "0"
+        if cutoff is not None:
+            arrived, params["cutoff"] = "ingested_at <= {cutoff:DateTime64(6, 'UTC')}", _naive_utc(cutoff)
+        keys = [("host_id", "host_id"), ("gpu_uuid", "gpu_uuid"), (arrived, "arrived"), ("hold_state", "hold_state")]
+        checks = Checks((), (), cutoff or datetime.now(UTC), store_id, _EPOCH)  # only hold_state is read
+        out: dict[tuple[str, str], list[int]] = {}
+        for host, gpu, came, state, seconds, *_ in self.totals(keys, where, params, checks=checks)[0]:
+            sums = out.setdefault((str(host), str(gpu)), [0, 0, 0, 0])
+            column = 3 if not came else {"held": 1, "excluded": 2}.get(str(state), 0)
+            sums[column] += int(seconds)
+        return [(host, gpu, *sums) for (host, gpu), sums in sorted(out.items())]  # type: ignore[misc]
 
     def gpu_seconds_by_day(
         self, tz: str, first_day: date | None = None, last_day: date | None = None

@@ -36,6 +36,7 @@ class RateCardFile:
     timezone: str
     rates: tuple[Rate, ...]
     lines: dict[tuple[str, str, date], int]  # (gpu_class, provider, effective_from) -> line of its table
+    usage_horizon_days: int | None = None  # docs/usage-checks.md 3.2; None: the default
 
 
 # ---------------------------------------------------------------- field parsers
@@ -188,8 +189,11 @@ def read_rate_card(path: Path) -> RateCardFile:
         ZoneInfo(str(timezone))
     except (ZoneInfoNotFoundError, ValueError):
         problems.append((1, f"timezone {timezone!r} is not an IANA time zone such as Asia/Shanghai"))
+    horizon = data.get("usage_horizon_days")
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= 3660):
+        problems.append((1, f"usage_horizon_days must be a whole number of days from 1 to 3660, got {horizon!r}"))
     rates: list[tuple[int, Rate]] = []
-    for line, table in _tables(path, data, text, "rate", {"currency", "timezone"}):
+    for line, table in _tables(path, data, text, "rate", {"currency", "timezone", "usage_horizon_days"}):
         try:
             _check_keys(table, {"gpu_class", "provider", "price_per_gpu_hour", "effective_from"}, set())
             price_text = table["price_per_gpu_hour"]
@@ -215,7 +219,10 @@ def read_rate_card(path: Path) -> RateCardFile:
         raise InputFileError(path, sorted(problems))
     unique = {(r.gpu_class, r.provider, r.effective_from): r for _, r in rates}
     lines = {k: line for k, (line, _) in seen.items()}
-    return RateCardFile(str(currency), str(timezone), tuple(unique[k] for k in sorted(unique)), lines)
+    return RateCardFile(
+        str(currency), str(timezone), tuple(unique[k] for k in sorted(unique)), lines,
+        horizon if isinstance(horizon, int) else None,
+    )  # fmt: skip
 
 
 def read_programs(path: Path) -> list[tuple[int, Program]]:

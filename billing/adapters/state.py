@@ -6,7 +6,9 @@ and in the application (``billing.app``).
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -14,6 +16,7 @@ from fractions import Fraction
 from operator import attrgetter
 
 from billing.adapters.store import Tx
+from billing.app.ports import HeldTotal
 from billing.core.fastpath import cached_isoformat
 from billing.core.invoicing import Invoice, InvoiceCredit, InvoiceLine
 from billing.core.ledger import Payment
@@ -51,6 +54,16 @@ def get_meta(tx: Tx, key: str, default: str) -> str:
 def set_meta(tx: Tx, key: str, value: str) -> None:
     tx.execute("DELETE FROM meta WHERE key = ?", (key,))
     tx.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def store_id(tx: Tx) -> str:
+    """This billing store's identity, made on first use: hold records and decisions in ClickHouse
+    carry it, so another store over the same usage never reads them as its own."""
+    value = get_meta(tx, "store_id", "")
+    if not value:
+        value = uuid.uuid4().hex
+        set_meta(tx, "store_id", value)
+    return value
 
 
 # ---------------------------------------------------------------- configuration
@@ -467,3 +480,42 @@ def billed_by_class(tx: Tx, provider_id: str, month: str) -> dict[str, tuple[int
         old = billed.get(cls, (0, Decimal(0)))
         billed[cls] = (old[0] + int(seconds), old[1] + Decimal(amount))
     return billed
+
+
+# ---------------------------------------------------------------- holds
+
+
+def write_settlement_holds(
+    tx: Tx, month: str, fleet_version: int, held: Sequence[HeldTotal], released_records: int
+) -> None:
+    """What one settlement held (per reason, firm, day, provider, class) and what it checked against."""
+    tx.execute(
+        "INSERT INTO settlement_checks (month, fleet_version, held_seconds, held_records, released_records) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (month, fleet_version, sum(h.allocated_seconds for h in held), sum(h.records for h in held), released_records),
+    )
+    merged: dict[tuple[str, str, str, str, str, int], list[int]] = {}
+    for h in held:
+        m = merged.setdefault(
+            (h.reason, h.firm_id, h.day.isoformat(), h.provider_id, h.gpu_class, int(h.carried)), [0, 0]
+        )
+        m[0] += h.allocated_seconds
+        m[1] += h.records
+    tx.executemany(
+        "INSERT INTO settlement_holds (month, reason, firm_id, day, provider_id, gpu_class, carried, "
+        "allocated_seconds, records) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(month, *key, *sums) for key, sums in sorted(merged.items())],
+    )
+
+
+def settlement_holds(tx: Tx, month: str) -> list[HeldTotal]:
+    rows = tx.query(
+        "SELECT reason, firm_id, day, provider_id, gpu_class, allocated_seconds, records, carried "
+        "FROM settlement_holds WHERE month = ? ORDER BY reason, firm_id, day, provider_id, gpu_class, carried",
+        (month,),
+    )
+    return [
+        HeldTotal(str(r[0]), str(r[1]), date.fromisoformat(r[2]), str(r[3]), str(r[4]), int(r[5]), int(r[6]),
+                  bool(r[7]))
+        for r in rows
+    ]  # fmt: skip

@@ -70,6 +70,14 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS invoice_credits (
         invoice_id TEXT NOT NULL, voucher_id TEXT NOT NULL, program_id TEXT NOT NULL,
         amount TEXT NOT NULL, PRIMARY KEY (invoice_id, voucher_id))""",
+    """CREATE TABLE IF NOT EXISTS settlement_checks (
+        month TEXT PRIMARY KEY, fleet_version INTEGER NOT NULL, held_seconds BIGINT NOT NULL,
+        held_records BIGINT NOT NULL, released_records BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS settlement_holds (
+        month TEXT NOT NULL, reason TEXT NOT NULL, firm_id TEXT NOT NULL, day TEXT NOT NULL,
+        provider_id TEXT NOT NULL, gpu_class TEXT NOT NULL, carried INTEGER NOT NULL,
+        allocated_seconds BIGINT NOT NULL, records BIGINT NOT NULL,
+        PRIMARY KEY (month, reason, firm_id, day, provider_id, gpu_class, carried))""",
     """CREATE TABLE IF NOT EXISTS payments (
         firm_id TEXT NOT NULL, reference TEXT NOT NULL, amount TEXT NOT NULL,
         paid_on TEXT NOT NULL, recorded_at TEXT NOT NULL, PRIMARY KEY (firm_id, reference))""",

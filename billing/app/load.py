@@ -117,6 +117,8 @@ def _load_rates(
         raise InputFileError(path, problems)
     state.set_meta(tx, "timezone", rc.timezone)
     state.set_meta(tx, "currency", rc.currency)
+    if rc.usage_horizon_days is not None:
+        state.set_meta(tx, "usage_horizon_days", str(rc.usage_horizon_days))
     for rate in rc.rates:
         old = stored.get((rate.gpu_class, rate.provider, rate.effective_from))
         _upsert(report, "rates", old, rate, partial(state.put_rate, tx, rate, now))

@@ -7,7 +7,8 @@ ClickHouse is ``billing.adapters.clickhouse_usage``, which asks the pipeline's u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Protocol
 
@@ -27,15 +28,57 @@ class SettlementSpan:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckContext:
+    """What the usage checks need from billing (docs/usage-checks.md): the firms it has loaded, its
+    store's identity (whose hold records and decisions apply) and the last settlement's number."""
+
+    firms: tuple[str, ...]
+    store_id: str
+    settled_seq: int
+    horizon_days: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeldTotal:
+    """Held usage of one (reason, firm, day, provider, class): never billed while held."""
+
+    reason: str  # a code of docs/usage-checks.md
+    firm_id: str
+    day: date
+    provider_id: str
+    gpu_class: str
+    allocated_seconds: int
+    records: int
+    carried: bool  # held by an earlier settlement and still held
+
+
+@dataclass(frozen=True, slots=True)
 class SpanUsage:
     """The deduplicated usage of one span: what firms used, and what no firm could be named for."""
 
     aggregates: list[UsageAggregate]  # per (firm, day, provider, class), adjustment_for None, in that order
     unattributed_seconds: int = 0  # recorded and shown, never invoiced (docs/billing-rules.md 5.6)
     unattributed_records: int = 0
+    held: list[HeldTotal] = field(default_factory=list)  # checked reads only
+    released_records: int = 0  # records earlier settlements held that bill now
+    fleet_version: int = 0  # the registry version the checks used (0: none loaded)
 
 
 class UsageReader(Protocol):
+    def checked_usage(self, tz: str, span: SettlementSpan, context: CheckContext) -> SpanUsage:
+        """``usage`` judged by the usage checks, with the records earlier settlements held and that
+        now bill (as the span's own, ``adjustment_for`` None); what is held comes in ``held``. What
+        it decided is kept until ``record_holds`` writes it."""
+        ...
+
+    def record_holds(self, store_id: str, seq: int, month: str) -> None:
+        """Write what the last ``checked_usage`` decided, as settlement ``seq`` of ``month``."""
+        ...
+
+    def discard_holds_after(self, store_id: str, settled_seq: int) -> None:
+        """Forget what settlements after ``settled_seq`` wrote (an attempt that did not commit)."""
+        ...
+
     def usage(self, tz: str, span: SettlementSpan) -> SpanUsage:
         """Deduplicated usage in ``span``: the firms' per (firm, day, provider, class), all with
         ``adjustment_for=None`` (settlement decides which is late), in (day, firm, provider, class)
@@ -48,18 +91,60 @@ class UsageReader(Protocol):
         latest delivery arrived in the span's (previous cutoff, cutoff]."""
         ...
 
-    def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]:
-        """Months before ``first_day`` with usage ingested up to ``cutoff``."""
+    def months_before(
+        self, tz: str, first_day: date, cutoff: datetime, context: CheckContext | None = None
+    ) -> list[str]:
+        """Months before ``first_day`` with usage ingested up to ``cutoff`` (with ``context``: usage
+        that would bill, not held)."""
         ...
 
 
 class UsageTotals(Protocol):
     """The reads of reconciliation and provider statements (besides settlement's)."""
 
-    def seconds_by_month(self, tz: str, cutoff: datetime | None) -> dict[tuple[str, str], tuple[int, int]]:
-        """(month, firm_id) -> (allocated seconds of every record, of those ingested up to ``cutoff``)."""
+    def seconds_by_month(
+        self, tz: str, cutoff: datetime | None, store_id: str = "", settled_seq: int = 0
+    ) -> dict[tuple[str, str], tuple[int, int, int, int]]:
+        """(month, firm_id) -> allocated seconds of (every record, those ingested up to ``cutoff``, of
+        those the ones the store's settlements up to ``settled_seq`` hold, and the ones they excluded)."""
+        ...
+
+    def gpu_states(
+        self, tz: str, month: str, provider_id: str, cutoff: datetime | None, store_id: str, settled_seq: int
+    ) -> list[tuple[str, str, int, int, int, int]]:
+        """(host_id, gpu_uuid, seconds billed, held, excluded, pending) of a provider's usage of ``month``."""
         ...
 
     def hours_by_host(self, tz: str, month: str, provider_id: str) -> list[tuple[str, str, int, int]]:
         """(gpu_class, host_id, allocated_seconds, records) of a provider's usage dated in ``month``."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRecord:
+    """One record a settlement holds (docs/usage-checks.md)."""
+
+    record_id: str
+    state: str
+    reason: str
+    firm_id: str
+    provider_id: str
+    host_id: str
+    gpu_uuid: str
+    gpu_class: str
+    window_start: datetime
+    allocated_seconds: int
+
+
+class UsageHolds(Protocol):
+    """Held records and staff's decisions on them, kept beside the usage."""
+
+    def open_holds(
+        self, store_id: str, settled_seq: int, reasons: Sequence[str] = (), record_ids: Sequence[str] = ()
+    ) -> list[HeldRecord]: ...
+
+    def decisions_after(self, store_id: str, after: datetime | None) -> dict[str, tuple[str, str, datetime, str]]: ...
+
+    def decide(
+        self, store_id: str, record_ids: Sequence[str], decision: str, by: str, why: str, at: datetime
+    ) -> None: ...

@@ -4,6 +4,7 @@ For a settled month M (excluding unattributed usage, which is never invoiced):
 
     usage dated in M and ingested up to the latest settlement's cutoff
       = hours on M's own invoice lines + hours on later adjustment lines for M
+        + hours held (docs/usage-checks.md) + hours excluded by staff
 
 and usage that arrived after that cutoff is shown as pending. Then the money
 invariants over the whole store: credits on an item <= its amount; no voucher
@@ -26,8 +27,8 @@ from billing.core.model import UNATTRIBUTED
 @dataclass(slots=True)
 class Reconciliation:
     month: str
-    rows: list[tuple[str, int, int, int, int, int]] = field(default_factory=list)
-    # (firm_id, usage_s, own_s, adjusted_later_s, pending_s, unbilled_s)
+    rows: list[tuple[str, int, int, int, int, int, int, int]] = field(default_factory=list)
+    # (firm_id, usage_s, own_s, adjusted_later_s, held_s, excluded_s, pending_s, unbilled_s)
     programs: list[tuple[str, int, Decimal, Decimal, Decimal]] = field(default_factory=list)
     # (program_id, year, budget, drawn, left)
     problems: list[str] = field(default_factory=list)
@@ -42,20 +43,24 @@ def reconcile(store: Store, usage: UsageTotals, month: str) -> Reconciliation:
         out.settled = any(s.month == month for s in done)
         latest_cutoff = done[-1].usage_cutoff if done else None
         own, later = state.invoiced_seconds_of_month(tx, month)
+        store_id = state.store_id(tx)
         _check_money(tx, out)
-    seconds = usage.seconds_by_month(tz, latest_cutoff)  # (every record, those before the last cutoff)
+    # (every record, those before the last cutoff, of those held, excluded)
+    seconds = usage.seconds_by_month(tz, latest_cutoff, store_id, done[-1].seq if done else 0)
     firms = sorted({f for (m, f) in seconds if m == month} | set(own) | set(later))
     for firm in firms:
         if firm == UNATTRIBUTED:
             continue
-        total, by_cutoff = seconds.get((month, firm), (0, 0))
-        billable = by_cutoff if out.settled else 0
+        total, by_cutoff, held, excluded = seconds.get((month, firm), (0, 0, 0, 0))
+        arrived = by_cutoff if out.settled else 0
+        billable = arrived - held - excluded
         invoiced = own.get(firm, 0) + later.get(firm, 0)
         unbilled = billable - invoiced
-        out.rows.append((firm, total, own.get(firm, 0), later.get(firm, 0), total - billable, unbilled))
+        out.rows.append((firm, total, own.get(firm, 0), later.get(firm, 0), held, excluded, total - arrived, unbilled))
         if out.settled and unbilled != 0:
             out.problems.append(
-                f"{firm}: {billable} s of {month} usage arrived before the last cutoff but {invoiced} s were invoiced"
+                f"{firm}: {arrived} s of {month} usage arrived before the last cutoff, {held} s are held and "
+                f"{excluded} s excluded, but {invoiced} s were invoiced"
             )
     return out
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from billing.adapters import state
 from billing.adapters.store import Store
-from billing.app.ports import UsageTotals
+from billing.app.ports import UsageHolds, UsageTotals
 from billing.core.invoicing import Invoice, export_document
-from billing.core.model import BillingError
+from billing.core.model import BillingError, month_of
 from billing.core.money import ZERO
 
 
@@ -87,6 +89,8 @@ class ProviderStatement:
     month: str
     delivered: tuple[tuple[str, str, int, int], ...]  # (gpu_class, host_id, allocated_seconds, records)
     billed: tuple[tuple[str, int, Decimal], ...]  # (gpu_class, allocated_seconds, amount), by class
+    # (host_id, gpu_uuid, seconds billed, held, excluded, pending, held seconds by reason)
+    gpus: tuple[tuple[str, str, int, int, int, int, dict[str, int]], ...] = ()
 
     @property
     def billed_seconds(self) -> int:
@@ -97,16 +101,35 @@ class ProviderStatement:
         return sum((amount for _, _, amount in self.billed), ZERO)
 
 
-def provider_statement(store: Store, usage: UsageTotals, provider_id: str, month: str) -> ProviderStatement:
+def provider_statement(
+    store: Store, usage: UsageTotals, holds: UsageHolds, provider_id: str, month: str
+) -> ProviderStatement:
     """What a provider's GPUs delivered in ``month`` (each record once, by class and host) and what
     was billed on that capacity: items dated in the month, late usage on adjustment lines included."""
     with store.transaction() as tx:
         tz = state.get_meta(tx, "timezone", state.DEFAULT_TIMEZONE)
         billed = state.billed_by_class(tx, provider_id, month)
+        done = state.settlements(tx)
+        store_id = state.store_id(tx)
     delivered = usage.hours_by_host(tz, month, provider_id)
+    seq, cutoff = (done[-1].seq, done[-1].usage_cutoff) if done else (0, None)
+    reasons: dict[tuple[str, str], dict[str, int]] = {}
+    for h in holds.open_holds(store_id, seq):
+        if h.provider_id == provider_id and month_of(_local_day(h.window_start, tz)) == month:
+            by_reason = reasons.setdefault((h.host_id, h.gpu_uuid), {})
+            by_reason[h.reason] = by_reason.get(h.reason, 0) + h.allocated_seconds
+    gpus = tuple(
+        (host, gpu, b, held, excl, pend, reasons.get((host, gpu), {}))
+        for host, gpu, b, held, excl, pend in usage.gpu_states(tz, month, provider_id, cutoff, store_id, seq)
+    )
     return ProviderStatement(
         provider_id,
         month,
         tuple(delivered),
         tuple((cls, seconds, amount) for cls, (seconds, amount) in sorted(billed.items())),
+        gpus,
     )
+
+
+def _local_day(t: datetime, tz: str) -> date:
+    return t.astimezone(ZoneInfo(tz)).date()

@@ -21,7 +21,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from billing.adapters import state
 from billing.adapters.store import Store
-from billing.app.ports import SettlementSpan, UsageReader
+from billing.app.ports import CheckContext, HeldTotal, SettlementSpan, UsageReader
 from billing.core.fastpath import paused_cyclic_gc
 from billing.core.invoicing import DEFAULT_CURRENCY, Invoice, build_invoices
 from billing.core.model import (
@@ -34,6 +34,10 @@ from billing.core.model import (
 )
 from billing.core.netting import net_items
 from billing.core.pricing import RateCard, price_items
+
+# usage dated more than this many days before the settled month's first day is held (docs/usage-checks.md
+# 3.2); the rate card's usage_horizon_days sets another
+DEFAULT_HORIZON_DAYS = 92
 
 
 class MonthOrderError(BillingError):
@@ -48,6 +52,9 @@ class SettlementResult:
     settlement: state.SettlementRow | None  # None: a month before the first settlement (closed, empty)
     auto_granted: tuple[str, ...] = ()
     conflicting_examples: tuple[str, ...] = ()
+    held: tuple[HeldTotal, ...] = ()  # what this settlement holds (docs/usage-checks.md)
+    released_records: int = 0  # records earlier settlements held that this one bills
+    fleet_version: int = 0
 
 
 def last_day_of_month(month: str) -> date:
@@ -89,8 +96,16 @@ def settle_month(
         tz = state.get_meta(tx, "timezone", state.DEFAULT_TIMEZONE)
         currency = state.get_meta(tx, "currency", DEFAULT_CURRENCY)
         cutoff = clock()
+        firms = state.firms(tx)
+        context = CheckContext(
+            firms=tuple(sorted(firms)),
+            store_id=state.store_id(tx),
+            settled_seq=last.seq if last else 0,
+            horizon_days=int(state.get_meta(tx, "usage_horizon_days", str(DEFAULT_HORIZON_DAYS))),
+        )
+        usage.discard_holds_after(context.store_id, context.settled_seq)  # a failed attempt's, if any
         if last is None:
-            earlier = usage.months_before(tz, first_day_of_month(month), cutoff)
+            earlier = usage.months_before(tz, first_day_of_month(month), cutoff, context)
             if earlier:
                 raise MonthOrderError(
                     f"cannot settle {month}: earlier month(s) never settled still have unbilled usage: "
@@ -102,9 +117,13 @@ def settle_month(
             prev_last_day=last_day_of_month(last.month) if last else None,
             prev_cutoff=last.usage_cutoff if last else None,
         )
-        step("reading usage from ClickHouse (each record once, first delivery) ...")
-        read = usage.usage(tz, span)
-        step(f"read {len(read.aggregates)} (firm, day, provider, class) groups")
+        step("reading usage from ClickHouse (each record once, first delivery, checked) ...")
+        read = usage.checked_usage(tz, span, context)
+        held_records = sum(h.records for h in read.held)
+        step(
+            f"read {len(read.aggregates)} (firm, day, provider, class) groups; held {held_records} record(s), "
+            f"{read.released_records} held before bill now (fleet registry version {read.fleet_version or 'none'})"
+        )
         aggregates = [  # late usage of a closed month: adjustment lines (docs/billing-rules.md 5.4)
             g if month_of(g.day) == month else dataclasses.replace(g, adjustment_for=month_of(g.day))
             for g in read.aggregates
@@ -116,7 +135,7 @@ def settle_month(
             items, state.programs(tx).values(), state.vouchers(tx).values(), state.drawn_state(tx), explain=False
         )
         step(f"netted vouchers: {len(netting.credits)} credits, {len(netting.auto_granted)} automatic grants")
-        invoices = build_invoices(month, items, netting.credits, state.firms(tx), currency=currency)
+        invoices = build_invoices(month, items, netting.credits, firms, currency=currency)
         step(f"built {len(invoices)} invoices")
         conflicts, examples = usage.conflicting_records(span)
         step(f"checked re-deliveries: {conflicts} with different content")
@@ -134,8 +153,11 @@ def settle_month(
             unattributed_records=read.unattributed_records,
             conflicting_records=conflicts,
         )
+        usage.record_holds(context.store_id, row.seq, month)  # before the commit: a failed one is discarded
         state.write_settlement(tx, row, items, netting.credits, netting.auto_granted, invoices, rate_card)
+        state.write_settlement_holds(tx, month, read.fleet_version, read.held, read.released_records)
         step("written; committing")
         return SettlementResult(
-            month, False, invoices, row, tuple(v.voucher_id for v in netting.auto_granted), tuple(examples)
-        )
+            month, False, invoices, row, tuple(v.voucher_id for v in netting.auto_granted), tuple(examples),
+            tuple(read.held), read.released_records, read.fleet_version,
+        )  # fmt: skip

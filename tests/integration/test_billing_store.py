@@ -27,7 +27,7 @@ from billing.adapters.files import RateCardFile
 from billing.adapters.store import Store
 from billing.app.load import LoadReport
 from billing.app.load import _load_rates as load_rate_card
-from billing.app.ports import SettlementSpan, SpanUsage
+from billing.app.ports import CheckContext, SettlementSpan, SpanUsage
 from billing.app.settle import SettlementResult, settle_month
 from billing.core.model import Rate, UsageAggregate
 from billing.core.pricing import UnpricedUsageError
@@ -108,7 +108,18 @@ class FixedUsage:
             assert self.release.wait(10)
         return SpanUsage([g for g in self._groups if g.day <= span.last_day])
 
-    def months_before(self, tz: str, first_day: date, cutoff: datetime) -> list[str]:
+    def checked_usage(self, tz: str, span: SettlementSpan, context: CheckContext) -> SpanUsage:
+        return self.usage(tz, span)  # a fixed, already checked month: nothing held
+
+    def record_holds(self, store_id: str, seq: int, month: str) -> None:
+        pass
+
+    def discard_holds_after(self, store_id: str, settled_seq: int) -> None:
+        pass
+
+    def months_before(
+        self, tz: str, first_day: date, cutoff: datetime, context: CheckContext | None = None
+    ) -> list[str]:
         return []
 
     def conflicting_records(self, span: SettlementSpan, limit: int = 20) -> tuple[int, list[str]]:

@@ -34,13 +34,15 @@ from billing.app.ports import SpanUsage
 from billing.app.reconcile import reconcile
 from billing.app.settle import settle_month
 from billing.core.model import UsageAggregate
-from pipeline import clickhouse
+from gpumeter.fleet import OPEN_END, FleetDevice
+from pipeline import clickhouse, fleet_store
 from pipeline.usage_store import READ_SETTINGS, UsageStore, first_delivery_sql
 
 pytestmark = pytest.mark.integration
 
 TZ = "Asia/Shanghai"
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
+REGISTERED = ("H100", "A800")  # the class of GPU g<n> is REGISTERED[n % 2]
 INGESTED = [datetime(2026, 4, 1, tzinfo=UTC) + timedelta(days=d) for d in (0, 0, 1, 3, 5, 40)]
 
 
@@ -49,7 +51,9 @@ def _deliveries(seed: int, shared_instants: bool) -> list[tuple[Any, ...]]:
     rows: list[tuple[Any, ...]] = []
     offset = 0
     for n in range(400):
-        start = T0 + timedelta(minutes=rng.randrange(0, 62 * 24 * 60))  # March and April
+        rng.random()
+        # March and April, one minute per record: no GPU's minute is claimed twice (the usage checks hold that)
+        start = T0 + timedelta(minutes=(n * 223 + seed) % (62 * 24 * 60))
         # hex digests like the agent's, plus ids an import may carry (outside the hex ranges)
         rid = hashlib.md5(f"{seed}-{n}".encode()).hexdigest() if n % 10 else f"{'RZr'[n % 3]}-{seed}-{n}"
         seconds = rng.randrange(1, 61)
@@ -57,21 +61,20 @@ def _deliveries(seed: int, shared_instants: bool) -> list[tuple[Any, ...]]:
         energy = None if rng.random() < 0.1 else seconds * 123.4567
         # the record_id fixes host, GPU, firm and window start (checked on the way in): only the rest varies
         firm, begin = f"F{rng.randrange(5)}", start
-        content = [f"P{n % 3}", "H100" if rng.random() < 0.5 else "A800", seconds, busy, energy]
+        content = ["H100" if rng.random() < 0.5 else "A800", seconds, busy, energy]
         for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4))):
             if rng.random() < 0.3:  # a re-delivery with other content: one field, NULL, 0 and -0.0 included
-                field = rng.randrange(5)
+                field = rng.randrange(4)
                 content[field] = (
-                    f"P{rng.randrange(3)}",
                     "L40S",
                     rng.randrange(1, 61),
                     rng.choice((None, 0.0, -0.0, 1.5, 29.25)),
                     rng.choice((None, 0.0, -0.0, 7.5, 9000.125)),
                 )[field]
-            provider, cls, seconds, busy, energy = content
+            cls, seconds, busy, energy = content
             offset += 1
             rows.append((
-                rid, offset, provider, f"h{n % 4}", f"g{n % 8}", cls, firm,
+                rid, offset, f"P{n % 4 % 3}", f"h{n % 4}", f"g{n % 8}", cls, firm,
                 begin.replace(tzinfo=None), (begin + timedelta(seconds=60)).replace(tzinfo=None), seconds,
                 busy, energy, "test", "kafka", rng.randrange(3), offset,
                 (rng.choice(INGESTED) + timedelta(microseconds=0 if shared_instants else offset)).replace(tzinfo=None),
@@ -158,7 +161,7 @@ def test_reads_equal_the_first_delivery_definition(ch: tuple[Any, str], seed: in
             m = by_month[(_day(r).strftime("%Y-%m"), r[6])]
             m[0] += r[9]
             m[1] += r[9] if cutoff and r[16].replace(tzinfo=UTC) <= cutoff else 0
-        assert usage.seconds_by_month(TZ, cutoff) == {k: tuple(v) for k, v in by_month.items()}
+        assert usage.seconds_by_month(TZ, cutoff) == {k: (*v, 0, 0) for k, v in by_month.items()}  # none held
     hosts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for r in first.values():
         if r[2] == "P1" and _day(r).strftime("%Y-%m") == "2026-04":
@@ -247,11 +250,22 @@ def test_every_reader_agrees_with_the_one_definition(
         (*k, *v) for k, v in sorted(by_hour.items())
     ]
 
-    # invoices: settle every month in order, after everything arrived
+    # invoices: settle every month in order, after everything arrived, with the fleet and firms registered
+    # (each GPU in the class the registry says, whatever its records claim)
+    fleet = [FleetDevice(g, f"P{g % 4 % 3}", f"h{g % 4}", f"g{g}", REGISTERED[g % 2], 60, T0 - timedelta(days=60),
+                         OPEN_END, "") for g in range(8)]  # fmt: skip
+    fleet_store.load_fleet(client, db, fleet, "test")
+    billed: dict[tuple[str, date, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for r in first:
+        sums = billed[(r[6], _day(r), r[2], REGISTERED[int(r[4][1:]) % 2])]
+        sums[0] += r[9]
+        sums[1] += 1
     billing = Store(f"sqlite:///{tmp_path / 'billing.sqlite3'}")
     rates = tmp_path / "rates.toml"
     rates.write_text(RATES_TOML)
-    load_files(billing, datetime.now(UTC), ratecard=rates)
+    firms = tmp_path / "firms.csv"
+    firms.write_text("firm_id,name,payment_terms_days\n" + "".join(f"F{n},Firm {n},30\n" for n in range(5)))
+    load_files(billing, datetime.now(UTC), ratecard=rates, firms=firms)
     usage = ClickHouseUsage(client, db)
     months = sorted({m for m, _ in by_month})
     after_all = INGESTED[-1] + timedelta(days=1)
@@ -261,7 +275,7 @@ def test_every_reader_agrees_with_the_one_definition(
         items = tx.query("SELECT firm_id, day, provider_id, gpu_class, allocated_seconds, record_count FROM items")
         invoices = state.invoices(tx)
     assert sorted((f, date.fromisoformat(d), p, c, s, n) for f, d, p, c, s, n in items) == [
-        (*k, *v) for k, v in sorted(by_day.items())
+        (*k, *v) for k, v in sorted(billed.items())
     ]
     invoiced: dict[tuple[str, str], int] = defaultdict(int)
     for inv in invoices:

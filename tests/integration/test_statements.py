@@ -130,8 +130,8 @@ def test_statement_renders_in_headless_chromium(settled: Cli) -> None:
 
 def test_provider_statement_and_month_summary(settled: Cli) -> None:
     p2 = settled.ok("billing", "provider-statement", "--provider", "P2", "--month", "2026-03", "--format", "csv").out
-    delivered, billed = p2.strip().split("\n\n")
-    assert delivered.splitlines() == ["gpu_class,host_id,gpu_hours_delivered,records", "H100,h1,6.000000,2"]
+    delivered, billed, _per_gpu = p2.strip().split("\n\n")
+    assert delivered.splitlines() == ["gpu_class,host_id,gpu_hours_delivered,records", "H100,P2-h1,6.000000,2"]
     assert billed.splitlines() == [
         "gpu_class,gpu_hours_billed,amount_billed",
         "H100,6.000000,60.00",

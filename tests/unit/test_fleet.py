@@ -55,7 +55,7 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
         "P01,P01-H01,GPU-u,H100-80G,60,2026-01-01T00:00:00,,",  # no offset
     ) == [
         "3: GPU GPU-a is also registered for this time on line 2",
-        "4: window_seconds 7 must divide 3600 (e.g. 60, 300, 600, 3600)",
+        "4: window_seconds 7 must divide 3600 (e.g. 60, 300, 3600) or 86400 (e.g. 86400)",
         "5: valid_from '2026-01-01T00:30:00Z' must fall on a whole hour",
         "6: host P01-H01 belongs to P01 on line 2",
         "7: host P01-H01 has window_seconds 60 on line 2",
