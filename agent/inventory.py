@@ -23,7 +23,7 @@ from agent.nvml import NvmlDevice
 from agent.nvml_source import gpu_class_for
 from agent.spool import write_atomic
 from gpumeter.errors import GpumeterError
-from gpumeter.fleet import FLEET_COLUMNS, ID, csv_line
+from gpumeter.fleet import ID, fleet_text
 from gpumeter.inputfiles import RowError, timestamp
 
 HOUR_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -105,7 +105,7 @@ def _hint(name: str) -> str:
 
 def render(rows: list[dict[str, str]]) -> str:
     """The fleet file text: header line, then one line per row."""
-    return "".join(line + "\n" for line in [",".join(FLEET_COLUMNS), *(csv_line(r) for r in rows)])
+    return fleet_text(rows)
 
 
 def read_devices(lib: Any = None) -> list[NvmlDevice]:

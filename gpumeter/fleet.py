@@ -155,3 +155,8 @@ def fleet_digest(devices: list[FleetDevice]) -> str:
 def csv_line(values: dict[str, str]) -> str:
     """One row of a fleet file in FLEET_COLUMNS order (the agent's inventory writes these)."""
     return ",".join(values.get(c, "") for c in FLEET_COLUMNS)
+
+
+def fleet_text(rows: list[dict[str, str]]) -> str:
+    """A fleet file's text: the header line, then one line per row."""
+    return "".join(line + "\n" for line in [",".join(FLEET_COLUMNS), *(csv_line(r) for r in rows)])

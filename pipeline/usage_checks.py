@@ -36,7 +36,7 @@ HOLD_REASONS: dict[str, str] = {
     "unknown_firm": "firm not loaded in billing",
 }
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # what settlements and staff recorded of a record, as bits of ``marks`` (``mark_bits``): its latest hold
 # row says held (0), excluded (1) or billed (2); its latest decision is exclude (3) or release (4)
@@ -154,8 +154,8 @@ class Checks:
             "reg_count": count or [0],
             "reg_no": list(range(1, len(rows) + 1)) or [0],  # lookups by position go through transform:
             # an element of a constant array, read per row, copies the whole array into every block
-            "reg_from": [_ms(d.valid_from) for d in rows] or [0],
-            "reg_to": [_ms(d.valid_to) for d in rows] or [0],
+            "reg_from": [epoch_ms(d.valid_from) for d in rows] or [0],
+            "reg_to": [epoch_ms(d.valid_to) for d in rows] or [0],
             "hosts": hosts or [""],
             "host_nos": list(range(1, len(hosts) + 1)) or [0],
             "providers": providers or [""],
@@ -169,8 +169,8 @@ class Checks:
             **{
                 f"one_{k}": [v[i - 1] for i in first] or [0]
                 for k, v in (
-                    ("from", [_ms(d.valid_from) for d in rows]),
-                    ("to", [_ms(d.valid_to) for d in rows]),
+                    ("from", [epoch_ms(d.valid_from) for d in rows]),
+                    ("to", [epoch_ms(d.valid_to) for d in rows]),
                     ("window", [d.window_seconds for d in rows]),
                     ("host", [hosts.index(d.host_id) + 1 for d in rows]),
                     ("provider", [providers.index(d.provider_id) + 1 for d in rows]),
@@ -185,8 +185,14 @@ class Checks:
         }
 
 
-def _ms(t: datetime) -> int:
-    return (t - _EPOCH) // timedelta(milliseconds=1)
+def epoch_ms(t: datetime) -> int:
+    """Epoch milliseconds of an aware datetime, exactly."""
+    return (t - EPOCH) // timedelta(milliseconds=1)
+
+
+def state_only(cutoff: datetime | None, store_id: str) -> Checks:
+    """Checks for a read that uses only ``hold_state`` (what settlements recorded), no registry."""
+    return Checks((), (), cutoff or datetime.now(UTC), store_id, EPOCH)
 
 
 def reason_text(code: str) -> str:

@@ -18,13 +18,24 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
 from gpumeter.record import UNATTRIBUTED
 from pipeline import clickhouse
 from pipeline.schema import reject_reason_sql
-from pipeline.usage_checks import CLAIM_SQL, HOLD_SQL, JUDGED_COLUMNS, MARK_BITS, OCCUPIED_SQL, REGISTRY_COLUMNS, Checks
+from pipeline.usage_checks import (
+    CLAIM_SQL,
+    EPOCH,
+    HOLD_SQL,
+    JUDGED_COLUMNS,
+    MARK_BITS,
+    OCCUPIED_SQL,
+    REGISTRY_COLUMNS,
+    Checks,
+    epoch_ms,
+    state_only,
+)  # fmt: skip
 
 DELIVERY_COLUMNS = (
     "record_id, provider_id, host_id, gpu_uuid, gpu_class, firm_id, window_start, window_end, "
@@ -245,18 +256,10 @@ def _naive_utc(t: datetime) -> datetime:
     return t if t.tzinfo is None else t.astimezone(UTC).replace(tzinfo=None)
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _ms(t: datetime) -> int:
-    """Epoch milliseconds, exactly (the parser refuses finer timestamps)."""
-    return (t - _EPOCH) // timedelta(milliseconds=1)
-
-
 def _check_row(w: ImportWindow) -> tuple[Any, ...]:
     return (
         w.line, w.record_id, 0, w.provider_id, w.host_id, w.gpu_uuid, w.gpu_class, w.firm_id,
-        _ms(w.window_start), _ms(w.window_end), w.allocated_seconds, w.busy_seconds, w.energy_joules,
+        epoch_ms(w.window_start), epoch_ms(w.window_end), w.allocated_seconds, w.busy_seconds, w.energy_joules,
     )  # fmt: skip
 
 
@@ -412,7 +415,7 @@ class UsageStore:
                 FROM {self.db}.usage_decisions
                 WHERE store_id = {{s:String}} AND decided_at > {{after:DateTime64(6, 'UTC')}}
                 GROUP BY record_id""",
-            parameters={"s": store_id, "after": _naive_utc(after or _EPOCH)},
+            parameters={"s": store_id, "after": _naive_utc(after or EPOCH)},
         ).result_rows
         return {str(r[0]): (str(r[1]), str(r[2]), r[3].replace(tzinfo=UTC), str(r[4])) for r in rows}
 
@@ -466,7 +469,7 @@ class UsageStore:
             ("ingested_at <= {cutoff:DateTime64(6, 'UTC')}" if cutoff else "0", "arrived"),
             ("hold_state", "hold_state"),
         ]
-        checks = Checks((), (), cutoff or datetime.now(UTC), store_id, _EPOCH)  # only hold_state is read
+        checks = state_only(cutoff, store_id)
         out: dict[tuple[str, str], tuple[int, int, int, int]] = {}
         for m, firm, arrived, state, seconds, *_ in self.totals(keys, "1", params, checks=checks)[0]:
             every, by_cutoff, held, excluded = out.get((str(m), str(firm)), (0, 0, 0, 0))
@@ -498,7 +501,7 @@ class UsageStore:
         if cutoff is not None:
             arrived, params["cutoff"] = "ingested_at <= {cutoff:DateTime64(6, 'UTC')}", _naive_utc(cutoff)
         keys = [("host_id", "host_id"), ("gpu_uuid", "gpu_uuid"), (arrived, "arrived"), ("hold_state", "hold_state")]
-        checks = Checks((), (), cutoff or datetime.now(UTC), store_id, _EPOCH)  # only hold_state is read
+        checks = state_only(cutoff, store_id)
         out: dict[tuple[str, str], list[int]] = {}
         for host, gpu, came, state, seconds, *_ in self.totals(keys, where, params, checks=checks)[0]:
             sums = out.setdefault((str(host), str(gpu)), [0, 0, 0, 0])

@@ -22,7 +22,7 @@ from gpumeter.cli import settings_from
 from gpumeter.demo.billing_month import run_billing
 from gpumeter.demo.broker import LocalBroker, create_topic
 from gpumeter.errors import GpumeterError
-from gpumeter.fleet import FLEET_COLUMNS, read_fleet
+from gpumeter.fleet import fleet_text, read_fleet
 from pipeline import clickhouse, fleet_store
 from pipeline.loader import Loader, make_consumer
 from pipeline.report import gpu_hours_table, hours_text
@@ -126,12 +126,11 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
         clickhouse.ensure_schema(client, settings.clickhouse_database)
         registry = work / "fleet.csv"  # what each provider has: the simulated hosts' inventory
         registry.write_text(
-            "\n".join(
-                [",".join(FLEET_COLUMNS)]
-                + [f"{g.provider_id},{g.host_id},{g.gpu_uuid},{g.gpu_class},60,{start:%Y-%m-%dT%H:00:00%z},,"
-                   for g in fleet.gpus]
-            )
-            + "\n"
+            fleet_text([
+                {"provider_id": g.provider_id, "host_id": g.host_id, "gpu_uuid": g.gpu_uuid, "gpu_class": g.gpu_class,
+                 "window_seconds": "60", "valid_from": start.isoformat()}
+                for g in fleet.gpus
+            ])
         )  # fmt: skip
         loaded = fleet_store.load_fleet(client, settings.clickhouse_database, read_fleet(registry), registry.name)
         step(f"fleet registry: {loaded.version.devices} GPUs registered (version {loaded.version.version})")
