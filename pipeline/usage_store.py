@@ -26,14 +26,18 @@ from pipeline import clickhouse
 from pipeline.schema import reject_reason_sql
 from pipeline.usage_checks import (
     CLAIM_SQL,
+    CLAIMED_SQL,
     EPOCH,
+    HELD,
     HOLD_SQL,
+    HOLD_STATES,
     JUDGED_COLUMNS,
     MARK_BITS,
     OCCUPIED_SQL,
-    REGISTRY_COLUMNS,
     Checks,
     epoch_ms,
+    hold_name,
+    registry_columns,
     state_only,
 )  # fmt: skip
 
@@ -55,14 +59,15 @@ RECORD_PEERS = "PARTITION BY gpu_uuid, window_start ORDER BY record_id RANGE BET
 # Without it (chDB 26's default is 0) the window sorts all rows instead of reading them in the table's
 # order: measured at 100M windows, 147 s and 16 GB instead of 29-36 s and 1.4 GB. Changing a setting
 # needs a ClickHouse user with readonly=0 or 2.
-# force_enable: the checks' lookups for the rare GPU with several registry periods run only for its rows
-READ_SETTINGS = {"optimize_read_in_window_order": 1, "short_circuit_function_evaluation": "force_enable"}
+READ_SETTINGS = {"optimize_read_in_window_order": 1}
 
 DAY = "toDate(window_start, {tz:String})"
 MONTH = "formatDateTime(toDate(window_start, {tz:String}), '%Y-%m')"
 HOUR = "toStartOfHour(window_start)"
 
 IMPORT_ROWS_PER_INSERT = 100_000
+# below this many granules (8192 rows each) the pass runs as one branch: splitting costs more than it saves
+SPLIT_MIN_MARKS = 64
 # the scratch table a CSV import is checked in: its line, then a window as the Kafka path sees it
 # (times in epoch ms); the checks read the window columns as the tuple ``w``
 WINDOW_CHECK_COLUMNS = (
@@ -83,6 +88,8 @@ def first_delivery_sql(
     checked: bool = False,
     collect: str = "0",
     marked: bool = False,
+    splits: int = 0,
+    periods: int = 1,
 ) -> str:
     """One pass over the raw rows: per ``keys`` (expression, alias over DELIVERY_COLUMNS), the
     allocated seconds, records, busy seconds and energy (both in integer thousandths) of each
@@ -91,11 +98,14 @@ def first_delivery_sql(
     (a condition on ``latest``); and ``collected``, (record_id, host_id, gpu_uuid, window_start,
     allocated_seconds) of the first deliveries matching ``collect``.
 
+    ``splits``: the pass runs as splits + 1 branches over ranges of gpu_uuid bounded by the
+    parameters ``split_1`` < ... < ``split_<splits>`` (``UsageStore.split_points``).
+
     ``checked``: the usage checks (``usage_checks``) run in the same pass. Each delivery gets its
     registry columns, ``gpu_class`` becomes the registered class, and keys and conditions may use
-    ``hold`` (the hold code, '' for a record that bills) and ``hold_state`` (what settlements
-    have recorded of the record: 'held', 'billed', 'excluded' or ''); parameters from
-    ``Checks.params`` and ``settled_seq``.
+    ``hold`` (the hold as a number, ``usage_checks.hold_name``; 0 for a record that bills) and
+    ``hold_state`` (what settlements have recorded of the record, ``usage_checks.HOLD_STATES``);
+    parameters from ``Checks.params`` and ``settled_seq``.
 
     The table is sorted by (gpu_uuid, window_start, record_id, ingested_at, kafka_partition,
     kafka_offset). Every delivery of a record has the record's GPU and window start (the record_id
@@ -108,14 +118,32 @@ def first_delivery_sql(
     select = ", ".join(f"{expr} AS {alias}" for expr, alias in keys)
     names = ", ".join(alias for _, alias in keys)
     registry = (
-        f",{REGISTRY_COLUMNS.replace('{db}', db)},\n    {CLAIM_SQL} AS claim, cityHash64(record_id) AS rid_hash"
-        if checked
-        else ""
+        f",{registry_columns(periods)},\n    {CLAIM_SQL} AS claim, cityHash64(record_id) AS rid_hash" if checked else ""
     )
     marks = f",\n    {_marks_sql(marked)}" if checked else ""
-    hold = f", {JUDGED_COLUMNS}, {OCCUPIED_SQL} AS occupied, {HOLD_SQL} AS hold" if checked else ", '' AS hold"
-    claims = ",\n                       groupArray((rid_hash, claim)) OVER p AS claims" if checked else ""
+    hold = f", {JUDGED_COLUMNS}, {OCCUPIED_SQL} AS occupied, {HOLD_SQL} AS hold" if checked else ", 0 AS hold"
+    claimed = f", {CLAIMED_SQL} OVER p AS claimed" if checked else ""
     as_registered = " REPLACE (registered_class AS gpu_class)" if checked else ""
+    # one branch per range of gpu_uuid, each read in order with its own window: every GPU window
+    # lies in one range, so the branches run side by side (a window over one stream uses one core)
+    bounds = [f"{{split_{i}:String}}" for i in range(1, splits + 1)]
+    ranges = [
+        " AND ".join(c for c in (f"gpu_uuid >= {lo}" if lo else "", f"gpu_uuid < {hi}" if hi else "") if c) or "1"
+        for lo, hi in zip(["", *bounds], [*bounds, ""], strict=True)
+    ]
+    branches = "\n            UNION ALL\n".join(
+        f"""            SELECT *{hold}
+            FROM (
+                SELECT *, record_id != lagInFrame(record_id, 1, '') OVER p AS first,
+                       min(content) OVER r != max(content) OVER r AS differs, max(ingested_at) OVER r AS latest{claimed}
+                FROM (SELECT {DELIVERY_COLUMNS}, {CONTENT} AS content{marks}{registry} FROM {db}.usage_raw
+                      WHERE {rng})
+                WINDOW p AS ({WINDOW_ORDER} ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING),
+                       r AS ({RECORD_PEERS})
+            )
+            WHERE first"""
+        for rng in ranges
+    )
     return f"""
     SELECT {select},
            toInt64(sumIf(allocated_seconds, bill)) AS seconds, toInt64(countIf(bill)) AS records,
@@ -127,15 +155,7 @@ def first_delivery_sql(
     FROM (
         SELECT *{as_registered}, ({where}) AS bill, differs AND ({conflicts_in}) AS conflict
         FROM (
-            SELECT *{hold}
-            FROM (
-                SELECT *, record_id != lagInFrame(record_id, 1, '') OVER p AS first,
-                       min(content) OVER r != max(content) OVER r AS differs, max(ingested_at) OVER r AS latest{claims}
-                FROM (SELECT {DELIVERY_COLUMNS}, {CONTENT} AS content{marks}{registry} FROM {db}.usage_raw)
-                WINDOW p AS ({WINDOW_ORDER} ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING),
-                       r AS ({RECORD_PEERS})
-            )
-            WHERE first
+{branches}
         )
     )
     WHERE bill OR conflict
@@ -150,7 +170,7 @@ def _marks_sql(marked: bool) -> str:
         if marked
         else "toUInt8(0)"
     )
-    return f"{marks} AS marks"
+    return f"{marks} AS marks, bitAnd(marks, 7) AS hold_state"
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +317,13 @@ class UsageStore:
             marks = self.marks(checks.store_id, int(params["settled_seq"]), checks.cutoff)
             marked = bool(marks)
             params.update(mark_ids=list(marks), mark_bits=list(marks.values()))
-        sql = first_delivery_sql(self.db, keys, where, conflicts_in, checks is not None, collect, marked) + by
+        points = self.split_points()
+        params.update({f"split_{i}": v for i, v in enumerate(points, start=1)})
+        periods = checks.periods if checks is not None else 1
+        sql = first_delivery_sql(
+            self.db, keys, where, conflicts_in, checks is not None, collect, marked, len(points), periods
+        )
+        sql += by
         rows = self.client.query(sql, parameters=params, settings=READ_SETTINGS).result_rows
         checked = ", usage checks" if checks is not None else ""
         self._timed(f"first deliveries of every record_id{checked}, {len(rows):,} groups", started)
@@ -305,6 +331,25 @@ class UsageStore:
         keep = width + 4 if checks is None else width + 4 + 1
         out = [(*r[: width + 4], r[width + 5]) if checks is not None else tuple(r[:keep]) for r in rows]
         return [r for r in out if r[width + 1] > 0], conflicts
+
+    def split_points(self) -> list[str]:
+        """gpu_uuid values that cut the table into about ``max_threads`` ranges of equal rows, from
+        the primary index's marks (one per granule, a few milliseconds to read): none when there is
+        one thread, the index cannot be read (a server without ``mergeTreeIndex``) or the table is
+        small. Read for every pass: any cut is correct, a fresh one keeps the branches even."""
+        try:
+            threads = int(self.client.query("SELECT getSetting('max_threads')").result_rows[0][0])
+            marks = sorted(
+                str(r[0])
+                for r in self.client.query(
+                    "SELECT gpu_uuid FROM mergeTreeIndex({db:String}, 'usage_raw')", parameters={"db": self.db}
+                ).result_rows
+            )
+        except Exception:  # an older server, or a table the function cannot read: one branch
+            return []
+        if threads < 2 or len(marks) < SPLIT_MIN_MARKS:
+            return []
+        return sorted({marks[len(marks) * i // threads] for i in range(1, threads)} - {marks[0]})
 
     def _timed(self, text: str, started: float) -> None:
         self.progress(f"  {text}: {time.perf_counter() - started:.1f} s")
@@ -331,16 +376,16 @@ class UsageStore:
         keys = (*DAY_KEYS, ("hold", "hold"), ("hold_state", "hold_state"))
         rows, self._conflicts[span] = self.totals(
             keys,
-            f"({where}) OR hold_state = 'held'",
+            f"({where}) OR hold_state = {HELD}",
             {"tz": tz, **params, **conflict_params, "settled_seq": settled_seq},
             (1, 0, 2, 3, 4, 5),
             conflicts_in,
             checks=checks,
-            collect="hold != '' OR hold_state = 'held'",
+            collect=f"hold != 0 OR hold_state = {HELD}",
         )
         return [
-            CheckedDay(str(r[0]), r[1], str(r[2]), str(r[3]), str(r[4]), str(r[5]), r[6], r[7], r[8], r[9],
-                       [(str(c[0]), str(c[1]), str(c[2]), c[3], int(c[4])) for c in r[10]])
+            CheckedDay(str(r[0]), r[1], str(r[2]), str(r[3]), hold_name(r[4]), HOLD_STATES[r[5]], r[6], r[7], r[8],
+                       r[9], [(str(c[0]), str(c[1]), str(c[2]), c[3], int(c[4])) for c in r[10]])
             for r in rows
         ]  # fmt: skip
 
@@ -450,7 +495,7 @@ class UsageStore:
             return []
         if checks is None:
             return [str(r[0]) for r in self.totals([(MONTH, "m")], where, params, (0,))[0]]
-        keys = [(MONTH, "m"), (f"hold = '' AND firm_id != '{UNATTRIBUTED}'", "bills")]
+        keys = [(MONTH, "m"), (f"hold = 0 AND firm_id != '{UNATTRIBUTED}'", "bills")]
         rows = self.totals(keys, where, {**params, "settled_seq": settled_seq}, (0,), checks=checks)[0]
         return sorted({str(r[0]) for r in rows if r[1]})
 
@@ -471,8 +516,9 @@ class UsageStore:
         ]
         checks = state_only(cutoff, store_id)
         out: dict[tuple[str, str], tuple[int, int, int, int]] = {}
-        for m, firm, arrived, state, seconds, *_ in self.totals(keys, "1", params, checks=checks)[0]:
+        for m, firm, arrived, code, seconds, *_ in self.totals(keys, "1", params, checks=checks)[0]:
             every, by_cutoff, held, excluded = out.get((str(m), str(firm)), (0, 0, 0, 0))
+            state = HOLD_STATES[code]
             late = int(seconds) if arrived else 0
             out[(str(m), str(firm))] = (
                 every + int(seconds),
@@ -503,9 +549,9 @@ class UsageStore:
         keys = [("host_id", "host_id"), ("gpu_uuid", "gpu_uuid"), (arrived, "arrived"), ("hold_state", "hold_state")]
         checks = state_only(cutoff, store_id)
         out: dict[tuple[str, str], list[int]] = {}
-        for host, gpu, came, state, seconds, *_ in self.totals(keys, where, params, checks=checks)[0]:
+        for host, gpu, came, code, seconds, *_ in self.totals(keys, where, params, checks=checks)[0]:
             sums = out.setdefault((str(host), str(gpu)), [0, 0, 0, 0])
-            column = 3 if not came else {"held": 1, "excluded": 2}.get(str(state), 0)
+            column = 3 if not came else {"held": 1, "excluded": 2}.get(HOLD_STATES[code], 0)
             sums[column] += int(seconds)
         return [(host, gpu, *sums) for (host, gpu), sums in sorted(out.items())]  # type: ignore[misc]
 

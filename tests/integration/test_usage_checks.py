@@ -181,6 +181,21 @@ def test_a_lie_beside_an_honest_hour_is_held_and_the_hour_bills_exactly(
     assert "reconciled 2026-03: OK" in world.reconciled()
 
 
+def test_a_record_sent_again_with_other_seconds_claims_each_version(world: World) -> None:
+    """A re-delivery with the same allocated seconds claims its GPU's window once, whatever else changed;
+    one with other seconds claims both versions: 30 s then 40 s of one minute is 70 s in 60 s, held."""
+    world.send([*HONEST, *(window("P01-H02", "GPU-B", "F0002", T0 + i * MIN, seconds=30) for i in range(2))])
+    world.send([
+        window("P01-H02", "GPU-B", "F0002", T0, seconds=40),
+        window("P01-H02", "GPU-B", "F0002", T0 + MIN, seconds=30, busy_seconds=12.5),
+    ])  # fmt: skip
+    out = world.settle()
+    assert "different content (first delivery billed, later ones not): 2:" in out
+    assert world.held() == {"oversubscribed": 1}
+    assert world.billed()["F0002"] == ("0.08", "0.04", "0.04")  # 30 s of the second minute at 10.00 an hour
+    assert "reconciled 2026-03: OK" in world.reconciled()
+
+
 def test_the_price_class_is_the_registrys_not_the_records(world: World) -> None:
     world.send([*HONEST, *(window("P01-H02", "GPU-B", "F0002", T0 + i * MIN, cls="Ascend-910B") for i in range(60))])
     world.settle()
