@@ -428,10 +428,15 @@ class UsageStore:
             self.client.insert(f"{self.db}.usage_holds", chunk, column_names=HOLD_COLUMNS)
 
     def open_holds(
-        self, store_id: str, settled_seq: int, reasons: Sequence[str] = (), record_ids: Sequence[str] = ()
+        self,
+        store_id: str,
+        settled_seq: int,
+        reasons: Sequence[str] = (),
+        record_ids: Sequence[str] = (),
+        provider_id: str = "",
     ) -> list[HoldRow]:
         """Records the store's settlements up to ``settled_seq`` hold now (latest state 'held'),
-        optionally only these reasons or ids, by (reason, gpu_uuid, window_start, record_id)."""
+        optionally only these reasons, ids or provider, by (reason, gpu_uuid, window_start, record_id)."""
         where = ["store_id = {s:String}", "settlement_seq <= {q:UInt32}"]
         params: dict[str, Any] = {"s": store_id, "q": settled_seq}
         if record_ids:
@@ -443,8 +448,9 @@ class UsageStore:
                     SELECT record_id, {latest} FROM {self.db}.usage_holds WHERE {" AND ".join(where)}
                     GROUP BY record_id)
                 WHERE state = 'held'{" AND reason IN {reasons:Array(String)}" if reasons else ""}
+                      {"AND provider_id = {provider:String}" if provider_id else ""}
                 ORDER BY reason, gpu_uuid, window_start, record_id""",
-            parameters={**params, "reasons": list(reasons)},
+            parameters={**params, "reasons": list(reasons), "provider": provider_id},
         ).result_rows
         return [
             HoldRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6]), str(r[7]),

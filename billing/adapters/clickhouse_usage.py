@@ -15,6 +15,7 @@ from typing import Any
 from billing.app.ports import CheckContext, HeldRecord, HeldTotal, SettlementSpan, SpanUsage
 from billing.core.model import UNATTRIBUTED, UsageAggregate
 from billing.core.money import half_up
+from gpumeter.fleet import FleetDevice
 from pipeline import fleet_store
 from pipeline.usage_checks import Checks
 from pipeline.usage_store import CheckedDay, HoldRow, Span, UsageStore
@@ -37,13 +38,17 @@ class ClickHouseUsage:
     def __init__(self, client: Any, database: str, progress: Callable[[str], None] = lambda _: None) -> None:
         self.store = UsageStore(client, database, progress)
         self._pending: list[HoldRow] = []  # what the last checked read decided, until record_holds
+        self._fleet: tuple[int, tuple[FleetDevice, ...]] = (0, ())  # (version, devices) last read: one read per version
 
     def _checks(self, context: CheckContext, cutoff: datetime, month_start: date) -> tuple[Checks, int]:
         version = fleet_store.current_version(self.store.client, self.store.db)
-        devices = fleet_store.devices(self.store.client, self.store.db, version.version) if version else []
+        number = version.version if version else 0
+        if number != self._fleet[0]:
+            self._fleet = (number, tuple(fleet_store.devices(self.store.client, self.store.db, number)))
+        devices = self._fleet[1]
         oldest = datetime.combine(month_start - timedelta(days=context.horizon_days), time(), UTC)
-        checks = Checks(tuple(devices), context.firms, cutoff, context.store_id, oldest)
-        return checks, version.version if version else 0
+        checks = Checks(devices, context.firms, cutoff, context.store_id, oldest)
+        return checks, number
 
     def checked_usage(self, tz: str, span: SettlementSpan, context: CheckContext) -> SpanUsage:
         checks, fleet_version = self._checks(context, span.cutoff, span.last_day.replace(day=1))
@@ -86,10 +91,15 @@ class ClickHouseUsage:
         self.store.discard_holds_after(store_id, settled_seq)
 
     def open_holds(
-        self, store_id: str, settled_seq: int, reasons: Sequence[str] = (), record_ids: Sequence[str] = ()
+        self,
+        store_id: str,
+        settled_seq: int,
+        reasons: Sequence[str] = (),
+        record_ids: Sequence[str] = (),
+        provider_id: str = "",
     ) -> list[HeldRecord]:
-        return [HeldRecord(*dataclasses.astuple(h)) for h in self.store.open_holds(store_id, settled_seq, reasons,
-                                                                                    record_ids)]  # fmt: skip
+        found = self.store.open_holds(store_id, settled_seq, reasons, record_ids, provider_id)
+        return [HeldRecord(*dataclasses.astuple(h)) for h in found]
 
     def decisions_after(self, store_id: str, after: datetime | None) -> dict[str, tuple[str, str, datetime, str]]:
         return self.store.decisions_after(store_id, after)

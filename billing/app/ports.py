@@ -140,7 +140,12 @@ class UsageHolds(Protocol):
     """Held records and staff's decisions on them, kept beside the usage."""
 
     def open_holds(
-        self, store_id: str, settled_seq: int, reasons: Sequence[str] = (), record_ids: Sequence[str] = ()
+        self,
+        store_id: str,
+        settled_seq: int,
+        reasons: Sequence[str] = (),
+        record_ids: Sequence[str] = (),
+        provider_id: str = "",
     ) -> list[HeldRecord]: ...
 
     def decisions_after(self, store_id: str, after: datetime | None) -> dict[str, tuple[str, str, datetime, str]]: ...

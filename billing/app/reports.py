@@ -114,8 +114,8 @@ def provider_statement(
     delivered = usage.hours_by_host(tz, month, provider_id)
     seq, cutoff = (done[-1].seq, done[-1].usage_cutoff) if done else (0, None)
     reasons: dict[tuple[str, str], dict[str, int]] = {}
-    for h in holds.open_holds(store_id, seq):
-        if h.provider_id == provider_id and month_of(_local_day(h.window_start, tz)) == month:
+    for h in holds.open_holds(store_id, seq, provider_id=provider_id):
+        if month_of(_local_day(h.window_start, tz)) == month:
             by_reason = reasons.setdefault((h.host_id, h.gpu_uuid), {})
             by_reason[h.reason] = by_reason.get(h.reason, 0) + h.allocated_seconds
     gpus = tuple(

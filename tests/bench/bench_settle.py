@@ -13,6 +13,9 @@ settlement and take its cores.
 Baseline, in the same script on the same data: one plain GROUP BY over every raw
 row with no deduplication and no billing - the floor any settlement must pay
 to read the month. ``BENCH_SETTLE_WINDOWS`` overrides the size for a quick run.
+
+Then the settlement's read on its own: with the usage checks (registry, conservation per GPU
+window, firms, horizon; ``settle_checked_pass_s``) against the same read without them.
 """
 
 from __future__ import annotations
@@ -178,6 +181,32 @@ def _floor(home: Path) -> float:
     return time.perf_counter() - t
 
 
+def _passes(home: Path, fleet_csv: Path) -> None:
+    """Print the seconds of the settlement's read with the usage checks (registry, conservation per GPU
+    window, firms, horizon) and of the same read without them, on the month's data."""
+    from datetime import UTC, date, datetime
+
+    from gpumeter.fleet import read_fleet
+    from pipeline import clickhouse
+    from pipeline.usage_checks import Checks
+    from pipeline.usage_store import Span, UsageStore
+
+    store = UsageStore(clickhouse.connect(f"chdb://{home / 'clickhouse'}", "gpumeter"), "gpumeter")
+    cutoff = datetime(2026, 4, 2, tzinfo=UTC)
+    span = Span(date(2026, 3, 31), cutoff)
+    checks = Checks(tuple(read_fleet(fleet_csv)), tuple(f"F{f:05d}" for f in range(FIRMS)), cutoff, "bench",
+                    datetime(2025, 12, 1, tzinfo=UTC))  # fmt: skip
+    t = time.perf_counter()
+    plain = sum(r.allocated_seconds for r in store.by_day("UTC", span))
+    unchecked = time.perf_counter() - t
+    t = time.perf_counter()
+    judged = store.checked_by_day("UTC", span, checks, 0)
+    checked = time.perf_counter() - t
+    if sum(r.allocated_seconds for r in judged if r.hold == "") != plain:  # the bench's fleet is honest
+        raise RuntimeError("the checked read billed other seconds than the plain read")
+    print(f"{checked:.3f} {unchecked:.3f}")
+
+
 def _child(env: dict[str, str], call: str) -> str:
     """Run ``bench_settle.<call>`` in a child (this process never holds the chDB path); its stdout."""
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_settle as b, pathlib; {call}"
@@ -207,9 +236,13 @@ def run() -> Iterator[str]:
         _run(env, "fleet", "load", str(work / "fleet.csv"))
         seconds, rss_mb, out = _run(env, "billing", "settle", "--month", "2026-03")
         print(out, file=sys.stderr)
+        call = f"b._passes(pathlib.Path({str(home)!r}), pathlib.Path({str(work / 'fleet.csv')!r}))"
+        checked_s, unchecked_s = map(float, _child(env, call).split()[-2:])
     name = f"settle_{FIRMS // 1000}k_firms_{WINDOWS / 1_000_000:g}m_windows_s"
     yield f"BENCH {name} {seconds:.1f} s vs raw_sum_floor {seconds / floor_s:.2f}x"
     yield f"BENCH settle_peak_rss_mb {rss_mb:.0f} MB"
+    # the settlement's one read with the usage checks (conservation per GPU window among them) alone
+    yield f"BENCH settle_checked_pass_s {checked_s:.1f} s vs unchecked_pass {checked_s / unchecked_s:.2f}x"
 
 
 if __name__ == "__main__":

@@ -196,6 +196,17 @@ def test_a_record_sent_again_with_other_seconds_claims_each_version(world: World
     assert "reconciled 2026-03: OK" in world.reconciled()
 
 
+def test_a_host_the_registry_gives_another_provider_is_held(world: World) -> None:
+    """The keys file binds P01-H02 to P01 (so its signed records say P01); the registry says its GPU's
+    host belongs to P02. Which is true is for staff to find out: the record is held, not billed."""
+    world.setup(fleet=[FLEET[0], "P02,P01-H02,GPU-B,H100-80G,60,2000-01-01T00:00:00Z,,"])
+    world.send([*HONEST, window("P01-H02", "GPU-B", "F0002", T0)])
+    world.settle()
+    assert world.billed() == {"F0001": ("10.00", "5.00", "5.00")}
+    assert world.held() == {"other_provider": 1}
+    assert "reconciled 2026-03: OK" in world.reconciled()
+
+
 def test_the_price_class_is_the_registrys_not_the_records(world: World) -> None:
     world.send([*HONEST, *(window("P01-H02", "GPU-B", "F0002", T0 + i * MIN, cls="Ascend-910B") for i in range(60))])
     world.settle()
