@@ -104,10 +104,11 @@ def registry_columns(periods: int) -> str:
 JUDGED_COLUMNS = """
     if(class_no = 0, toString(gpu_class),
        transform(class_no, {class_nos:Array(UInt32)}, {classes:Array(String)}, '')) AS registered_class"""
-# what a delivery claims of its GPU's window: its seconds, if it passes the registry (or was released),
+# what a delivery claims of its GPU's window: its seconds, if it passes the registry (or was released,
+# and its GPU is registered at the window's time: a release never stands in for the registry's class),
 # was not excluded and arrived by the cutoff
-CLAIM_SQL = """if((registry_code = 0 OR released) AND NOT excluded
-       AND ingested_at <= {checks_cutoff:DateTime64(6, 'UTC')}, toInt64(allocated_seconds), toInt64(0))"""
+CLAIM_SQL = f"""if((registry_code = 0 OR released AND registry_code != {_code("unregistered")}) AND NOT excluded
+       AND ingested_at <= {{checks_cutoff:DateTime64(6, 'UTC')}}, toInt64(allocated_seconds), toInt64(0))"""
 
 # what the deliveries of one GPU's window claim, over the window of the pass (every delivery of the
 # GPU's window, each record's together): the sum of the distinct (record, claim) pairs, as the low
@@ -121,7 +122,7 @@ OCCUPIED_SQL = "toInt64(bitAnd(claimed, toUInt128(18446744073709551615)))"
 HOLD_SQL = f"""toUInt8(multiIf(
         excluded, {_code("excluded")},
         firm_id = '{UNATTRIBUTED}', 0,
-        registry_code != 0 AND NOT released, registry_code,
+        registry_code != 0 AND (NOT released OR registry_code = {_code("unregistered")}), registry_code,
         occupied * 1000 > window_ms, {_code("oversubscribed")},
         window_start < {{oldest:DateTime64(3, 'UTC')}} AND NOT released, {_code("too_old")},
         NOT firm_known, {_code("unknown_firm")},

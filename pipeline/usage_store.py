@@ -349,7 +349,13 @@ class UsageStore:
             return []
         if threads < 2 or len(marks) < SPLIT_MIN_MARKS:
             return []
-        return sorted({marks[len(marks) * i // threads] for i in range(1, threads)} - {marks[0]})
+        points = sorted({marks[len(marks) * i // threads] for i in range(1, threads)} - {marks[0]})
+        # the ranges must not overlap in ClickHouse's order (bytes), whatever Python's order of the ids
+        cmp = self.client.query(
+            "SELECT arrayAll((a, b) -> a < b, arrayPopBack(p), arrayPopFront(p)) FROM (SELECT {p:Array(String)} AS p)",
+            parameters={"p": points},
+        )
+        return points if points and cmp.result_rows[0][0] else []
 
     def _timed(self, text: str, started: float) -> None:
         self.progress(f"  {text}: {time.perf_counter() - started:.1f} s")

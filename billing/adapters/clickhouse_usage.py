@@ -38,14 +38,15 @@ class ClickHouseUsage:
     def __init__(self, client: Any, database: str, progress: Callable[[str], None] = lambda _: None) -> None:
         self.store = UsageStore(client, database, progress)
         self._pending: list[HoldRow] = []  # what the last checked read decided, until record_holds
-        self._fleet: tuple[int, tuple[FleetDevice, ...]] = (0, ())  # (version, devices) last read: one read per version
+        # (version, digest, devices) last read: the registry is read once per loaded version
+        self._fleet: tuple[int, str, tuple[FleetDevice, ...]] = (0, "", ())
 
     def _checks(self, context: CheckContext, cutoff: datetime, month_start: date) -> tuple[Checks, int]:
         version = fleet_store.current_version(self.store.client, self.store.db)
-        number = version.version if version else 0
-        if number != self._fleet[0]:
-            self._fleet = (number, tuple(fleet_store.devices(self.store.client, self.store.db, number)))
-        devices = self._fleet[1]
+        number, digest = (version.version, version.digest) if version else (0, "")
+        if (number, digest) != self._fleet[:2]:  # the digest too: a store made again reuses version numbers
+            self._fleet = (number, digest, tuple(fleet_store.devices(self.store.client, self.store.db, number)))
+        devices = self._fleet[2]
         oldest = datetime.combine(month_start - timedelta(days=context.horizon_days), time(), UTC)
         checks = Checks(devices, context.firms, cutoff, context.store_id, oldest)
         return checks, number
@@ -57,6 +58,7 @@ class ClickHouseUsage:
         pending: list[HoldRow] = []
         unattributed = [0, 0]
         released = 0
+        reasons: dict[str, str] | None = None  # record_id -> reason of the open holds, read when needed
         for t in self.store.checked_by_day(tz, _span(span), checks, context.settled_seq):
             if t.hold == "":
                 if t.firm_id == UNATTRIBUTED:
@@ -76,6 +78,11 @@ class ClickHouseUsage:
                                   t.records, t.hold_state == "held"))  # fmt: skip
             if t.hold == "excluded" or t.hold_state == "":
                 pending += _hold_rows(t, "excluded" if t.hold == "excluded" else "held")
+            else:  # held before and still held: a new row only where the reason changed
+                if reasons is None:
+                    open_now = self.store.open_holds(context.store_id, context.settled_seq)
+                    reasons = {h.record_id: h.reason for h in open_now}
+                pending += [h for h in _hold_rows(t, "held") if reasons.get(h.record_id) != t.hold]
         aggregates = [
             UsageAggregate(firm, day, provider, cls, s[0], s[1], half_up(s[2], 1000), half_up(s[3], 1000))
             for (firm, day, provider, cls), s in sorted(sums.items(), key=lambda kv: (kv[0][1], kv[0][0], *kv[0][2:]))

@@ -207,6 +207,20 @@ def test_a_host_the_registry_gives_another_provider_is_held(world: World) -> Non
     assert "reconciled 2026-03: OK" in world.reconciled()
 
 
+def test_a_released_record_whose_gpu_leaves_the_registry_is_held_again(world: World) -> None:
+    """A release answers the hold it was given for; it never stands in for a registration. Released
+    from `other_host`, then its GPU leaves the registry: held `unregistered` (the hold's reason is
+    the latest judgment's), not billed in the class the record states."""
+    world.send([*HONEST, window("P02-H01", "GPU-A", "F0002", T0 + 100 * MIN, cls="Ascend-910B")])
+    world.settle("2026-03")
+    assert world.held() == {"other_host": 1}
+    world.cli.ok("billing", "release", "--reason", "other_host", "--why", "the GPU moved that day")
+    world.setup(fleet=FLEET[1:])  # GPU-A is no longer registered
+    world.settle("2026-04")
+    assert world.held() == {"unregistered": 1}
+    assert world.billed("2026-04") == {}
+
+
 def test_the_price_class_is_the_registrys_not_the_records(world: World) -> None:
     world.send([*HONEST, *(window("P01-H02", "GPU-B", "F0002", T0 + i * MIN, cls="Ascend-910B") for i in range(60))])
     world.settle()
