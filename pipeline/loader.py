@@ -11,8 +11,10 @@ Durability order, per block (never reorder these steps):
    with the raw bytes, the reason and the offset;
 2. insert the quarantine rows, then the verified bodies as one Avro container
    into ``usage_ingest_v<N>``, each with ``insert_deduplication_token =
-   topic:partition:first-last[...]``; ClickHouse checks every window and routes
-   it to ``usage_raw`` or ``usage_quarantine``; a replayed block is dropped;
+   topic:partition:first-last:digest[...]``, the digest of the block's messages
+   (``block_digest``: a topic made again from offset 0 is new data, not a replay);
+   ClickHouse checks every window and routes it to ``usage_raw`` or
+   ``usage_quarantine``; a replayed block is dropped;
 3. send this block's quarantined items to the dead-letter topic and wait for
    the broker's acknowledgement;
 4. only then commit the offset after the block.
@@ -27,6 +29,7 @@ never committed by this member; the new owner replays them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -82,22 +85,39 @@ class DeadLetter:
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
 
     def send_and_wait(self, source_topic: str, partition: int, items: list[tuple[bytes, str, int, str]]) -> None:
-        futures = [
-            self._producer.send(
-                self.topic,
-                value=raw,
-                headers=[
-                    ("gm-reason", reason.encode()),
-                    ("gm-source", f"{source_topic}:{partition}:{offset}".encode()),
-                    ("gm-record-id", record_id.encode()),
-                ],
-            )
-            for raw, reason, offset, record_id in items
-        ]
+        """Send each rejected item with its reason and source; one too large for the producer or the
+        topic goes as its SHA-256, size and reason, with an empty value (the full bytes stay in
+        ``usage_quarantine``). Other failures are transient: nothing is committed, the block retries."""
+        from kafka.errors import MessageSizeTooLargeError
+
+        futures = []
+        for raw, reason, offset, record_id in items:
+            headers = [
+                ("gm-reason", reason.encode()),
+                ("gm-source", f"{source_topic}:{partition}:{offset}".encode()),
+                ("gm-record-id", record_id.encode()),
+            ]
+            try:
+                futures.append((raw, headers, self._producer.send(self.topic, value=raw, headers=headers)))
+            except MessageSizeTooLargeError:  # larger than max_request_size: refused before sending
+                futures.append((raw, headers, self._send_digest(raw, headers)))
         self._producer.flush(timeout=30)
-        for fut in futures:
+        retried = []
+        for raw, headers, fut in futures:
+            if fut.is_done and isinstance(fut.exception, MessageSizeTooLargeError):  # the broker's limit
+                retried.append(self._send_digest(raw, headers))
+            elif not fut.is_done or fut.exception is not None:
+                raise TransientError(f"dead-letter topic {self.topic}: {fut.exception or 'not acknowledged'}")
+        if retried:
+            self._producer.flush(timeout=30)
+        for fut in retried:
             if not fut.is_done or fut.exception is not None:
                 raise TransientError(f"dead-letter topic {self.topic}: {fut.exception or 'not acknowledged'}")
+
+    def _send_digest(self, raw: bytes, headers: list[tuple[str, bytes]]) -> Any:
+        digest = [("gm-sha256", hashlib.sha256(raw).hexdigest().encode()), ("gm-oversize", str(len(raw)).encode())]
+        log.warning("dead-letter value of %d bytes is too large to send: sent its digest", len(raw))
+        return self._producer.send(self.topic, value=b"", headers=headers + digest)
 
     def close(self) -> None:
         self._producer.close(timeout=10)
@@ -305,7 +325,7 @@ class Loader:
             log.warning("offset commit failed (%s); the next owner replays, nothing is lost", exc)
 
     def _load_block(self, partition: int, block: list[Any]) -> None:
-        token = f"{self.topic}:{partition}:{block[0].offset}-{block[-1].offset}"
+        token = f"{self.topic}:{partition}:{block[0].offset}-{block[-1].offset}:{block_digest(block)}"
         now = self.clock()
         by_version: dict[int, tuple[WriterVersion, list[Framed]]] = {}
         bad: list[tuple[bytes, str, str, int, int, datetime]] = []
@@ -383,6 +403,20 @@ class Loader:
             clickhouse.insert_ingest(self.client, self.database, writer, data, token + ":checked")
             self.stats.inserts += 1
         return lost_windows
+
+
+def block_digest(block: list[Any]) -> str:
+    """A digest of a block's messages (offset, value and headers): a replay of the block has the same
+    one, a block of a topic made again (a new cluster, offsets from 0 again) another."""
+    h = hashlib.blake2b(digest_size=16)
+    for msg in block:
+        value = msg.value or b""
+        h.update(f"{msg.offset}:{len(value)}:".encode())
+        h.update(value)
+        for key, v in msg.headers or []:
+            h.update(f"{len(key)}:{key}:{len(v or b'')}:".encode())
+            h.update(v or b"")
+    return h.hexdigest()
 
 
 def make_consumer(bootstrap: str, topic: str, group_id: str, fast_rebalance: bool = False) -> Any:
