@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any
 
 from kafka import ConsumerRebalanceListener
 
-from gpumeter.errors import RecordError
+from gpumeter.errors import GpumeterError, RecordError
 from pipeline import clickhouse
 from pipeline.framing import (
     Framed,
@@ -73,6 +74,55 @@ class LoaderStats:
 
 class TransientError(Exception):
     """ClickHouse or Kafka could not take the block now; retry it later, commit nothing."""
+
+
+class LoaderStopped(GpumeterError):
+    """ClickHouse refused an insert for a reason no retry and no message can change (a missing table
+    or privilege, a schema that does not match): the loader stops, nothing of the block committed."""
+
+    code = "loader_stopped"
+
+
+# How a refused insert is handled, by ClickHouse error code (src/Common/ErrorCodes.cpp). The model is
+# Vector's ClickHouse sink (src/sinks/clickhouse/service.rs): retry what may pass later, never what
+# cannot. "data": this block's content is refused (split it to find the messages, quarantine them);
+# "stop": the store or the account is wrong; anything else, a network error included, is transient.
+DATA_CODES = {
+    6: "CANNOT_PARSE_TEXT", 27: "CANNOT_PARSE_INPUT_ASSERTION_FAILED", 33: "CANNOT_READ_ALL_DATA",
+    38: "CANNOT_PARSE_DATE", 41: "CANNOT_PARSE_DATETIME", 53: "TYPE_MISMATCH", 69: "ARGUMENT_OUT_OF_BOUND",
+    70: "CANNOT_CONVERT_TYPE", 72: "CANNOT_PARSE_NUMBER", 117: "INCORRECT_DATA", 131: "TOO_LARGE_STRING_SIZE",
+    190: "SIZES_OF_ARRAYS_DONT_MATCH", 321: "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE",
+}  # fmt: skip
+STOP_CODES = {
+    10: "NOT_FOUND_COLUMN_IN_BLOCK", 16: "NO_SUCH_COLUMN_IN_TABLE", 47: "UNKNOWN_IDENTIFIER", 60: "UNKNOWN_TABLE",
+    62: "SYNTAX_ERROR", 81: "UNKNOWN_DATABASE", 164: "READONLY", 192: "UNKNOWN_USER", 194: "REQUIRED_PASSWORD",
+    497: "ACCESS_DENIED", 516: "AUTHENTICATION_FAILED",
+}  # fmt: skip
+# TOO_MANY_PARTS (252) is both "merges are slower than inserts" (back-pressure: transient) and this:
+TOO_MANY_PARTITIONS = "Too many partitions for single INSERT block"
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """('data' | 'stop' | 'transient', a one-line reason) of a failed insert."""
+    text = str(exc)
+    found = re.search(r"Code: (\d+)", text)
+    code = int(found.group(1)) if found else None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)[:300]
+    if TOO_MANY_PARTITIONS in text:
+        return "data", "ClickHouse refused the insert: its windows fall in too many months for one block"
+    if code in DATA_CODES:
+        return "data", f"ClickHouse refused the insert ({DATA_CODES[code]}): {first}"
+    if code in STOP_CODES:
+        return "stop", f"ClickHouse refused the insert ({STOP_CODES[code]}): {first}"
+    return "transient", f"ClickHouse: {first}"
+
+
+def refusal(exc: BaseException) -> tuple[str, str]:
+    """``classify`` of a failed insert; a 'stop' raises ``LoaderStopped``."""
+    kind, reason = classify(exc)
+    if kind == "stop":
+        raise LoaderStopped(f"{reason}; nothing of this block was committed: fix it, then start again") from exc
+    return kind, reason
 
 
 class DeadLetter:
@@ -356,7 +406,7 @@ class Loader:
             rejected = clickhouse.quarantined_in_range(
                 self.client, self.database, partition, block[0].offset, block[-1].offset
             )
-        except TransientError:
+        except (TransientError, LoaderStopped):
             raise
         except Exception as exc:
             raise TransientError(f"ClickHouse: {exc}") from exc
@@ -375,8 +425,9 @@ class Loader:
         bad: list[tuple[bytes, str, str, int, int, datetime]],
         now: datetime,
     ) -> int:
-        """Insert; if ClickHouse refuses, find the bodies Python cannot decode, quarantine them and
-        insert the rest. Returns windows of messages moved to ``bad``."""
+        """Insert; if ClickHouse refuses the data, quarantine the bodies Python cannot decode, then
+        split what is left until the refused messages are alone, quarantine those and insert the
+        rest. Returns windows of messages moved to ``bad``. See ``classify``."""
         ingested_us = int(now.timestamp() * 1_000_000)
         try:
             clickhouse.insert_ingest(
@@ -385,7 +436,8 @@ class Loader:
             self.stats.inserts += 1
             return 0
         except Exception as exc:
-            first_error = exc
+            kind, reason = refusal(exc)
+            refused = exc
         good: list[Framed] = []
         lost_windows = 0
         for f in framed:
@@ -396,13 +448,43 @@ class Loader:
             except RecordError as exc:
                 bad.append((value, str(exc), "kafka", partition, f.offset, now))
                 lost_windows += window_count(f.body)  # read once already: cannot fail
-        if len(good) == len(framed):  # every body decodes: ClickHouse itself is the problem
-            raise TransientError(f"ClickHouse: {first_error}") from first_error
-        if good:
-            data = container(writer, partition, ingested_us, good)
-            clickhouse.insert_ingest(self.client, self.database, writer, data, token + ":checked")
+        if len(good) == len(framed) and kind == "transient":  # every body decodes: ClickHouse is the problem
+            raise TransientError(reason) from refused
+        return lost_windows + self._insert_split(partition, writer, good, token + ":checked", bad, now)
+
+    def _insert_split(
+        self,
+        partition: int,
+        writer: WriterVersion,
+        framed: list[Framed],
+        token: str,
+        bad: list[tuple[bytes, str, str, int, int, datetime]],
+        now: datetime,
+    ) -> int:
+        """Insert ``framed``; on a refusal of the data, each half on its own (tokens ``token:a``,
+        ``token:b``: a replay splits the same way), down to single messages, which are quarantined
+        with the reason. Returns windows of messages moved to ``bad``."""
+        if not framed:
+            return 0
+        ingested_us = int(now.timestamp() * 1_000_000)
+        try:
+            data = container(writer, partition, ingested_us, framed)
+            clickhouse.insert_ingest(self.client, self.database, writer, data, token)
             self.stats.inserts += 1
-        return lost_windows
+            return 0
+        except Exception as exc:
+            kind, reason = refusal(exc)
+            if kind == "transient":
+                raise TransientError(reason) from exc
+        if len(framed) == 1:
+            f = framed[0]
+            log.warning("quarantined message at %s:%d:%d: %s", self.topic, partition, f.offset, reason)
+            bad.append((b"\xc3\x01" + writer.fingerprint + f.body, reason, "kafka", partition, f.offset, now))
+            return window_count(f.body)
+        half = len(framed) // 2
+        return self._insert_split(partition, writer, framed[:half], token + ":a", bad, now) + self._insert_split(
+            partition, writer, framed[half:], token + ":b", bad, now
+        )
 
 
 def block_digest(block: list[Any]) -> str:

@@ -3,6 +3,7 @@ window is in ClickHouse exactly once and the loader is still running."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,6 +103,46 @@ def test_an_oversize_rejected_message_is_dead_lettered_by_digest(
     headers, value = got[0]
     assert headers["gm-reason"] == b"unsigned batch"
     assert headers["gm-oversize"] == str(len(big)).encode() and value == b""
-    import hashlib
-
     assert headers["gm-sha256"] == hashlib.sha256(big).hexdigest().encode()
+
+
+def test_a_batch_over_too_many_months_is_quarantined_alone_and_the_rest_loads(
+    kafka_bootstrap: str, topic: str, ch: tuple[Any, str]
+) -> None:
+    """One signed batch whose 150 windows fall in 150 months: ClickHouse refuses any insert holding
+    it (too many partitions for one block), for good. The block is split until that message is alone;
+    it is quarantined with the reason, and the honest batches on either side load."""
+    months = []
+    for n in range(150):
+        start = int(datetime(2014 + n // 12, n % 12 + 1, 3, tzinfo=UTC).timestamp() * 1000)
+        months.append({**window("GPU-history", 0), "record_id": record_id(HOST, "GPU-history", "F0001", start),
+                       "window_start": start, "window_end": start + 60_000})  # fmt: skip
+    produce(kafka_bootstrap, topic, [[window("GPU-before", m) for m in range(5)], months,
+                                     [window("GPU-after", m) for m in range(5)]])  # fmt: skip
+    loader = load(kafka_bootstrap, topic, ch, expect=3)
+    assert loader.stats.windows == 10 and loader.stats.quarantined == 1
+    assert stored(ch) == ["GPU-after", "GPU-before"]
+    client, db = ch
+    reasons = [str(r[0]) for r in client.query(f"SELECT reason FROM {db}.usage_quarantine").result_rows]
+    assert reasons == ["ClickHouse refused the insert: its windows fall in too many months for one block"]
+
+
+def test_a_store_that_cannot_take_inserts_stops_the_loader_with_nothing_committed(
+    kafka_bootstrap: str, topic: str, ch: tuple[Any, str]
+) -> None:
+    """A missing table will not come back by retrying: the loader stops with one clear message and
+    commits nothing, so a loader started after the fix loads every window."""
+    from pipeline import clickhouse
+    from pipeline.framing import shipped_versions
+    from pipeline.loader import LoaderStopped
+
+    client, db = ch
+    tables = sorted({w.ingest_table for w in shipped_versions().values()})
+    produce(kafka_bootstrap, topic, [[window("GPU-a", m) for m in range(5)]])
+    for table in tables:
+        client.command(f"DROP TABLE {db}.{table}")
+    with pytest.raises(LoaderStopped, match=r"UNKNOWN_TABLE.*nothing of this block was committed"):
+        load(kafka_bootstrap, topic, ch, expect=1)
+    clickhouse.ensure_schema(client, db)
+    assert load(kafka_bootstrap, topic, ch, expect=1).stats.windows == 5
+    assert stored(ch) == ["GPU-a"]

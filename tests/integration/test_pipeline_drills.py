@@ -125,7 +125,11 @@ def test_clickhouse_outage_stops_commits_then_catches_up(kafka_bootstrap: str, t
     fl = fleet(seed=8)
     sink = meter_fleet(kafka_bootstrap, topic, fl)
     client, db = ch
-    client.command(f"DETACH TABLE {db}.usage_raw")  # ClickHouse refuses every insert of windows
+    # ClickHouse refuses every insert of windows for a while, as a server under back-pressure does
+    # ("too many parts", transient): one part, and a limit of one. A missing table would stop the loader.
+    client.command(f"INSERT INTO {db}.usage_raw (record_id, gpu_uuid, window_start, window_end, ingested_at) "
+                   "VALUES ('seed', 'seed', '2001-01-01 00:00:00', '2001-01-01 00:01:00', now64(6))")  # fmt: skip
+    client.command(f"ALTER TABLE {db}.usage_raw MODIFY SETTING parts_to_throw_insert = 1")
     consumer = make_consumer(kafka_bootstrap, topic, "g-outage", fast_rebalance=True)
     ld = Loader(consumer, client, db, topic)
     try:
@@ -133,7 +137,8 @@ def test_clickhouse_outage_stops_commits_then_catches_up(kafka_bootstrap: str, t
         while time.monotonic() - t0 < 30 and ld.stats.flush_failures < 3:
             ld.poll_once()
         assert ld.stats.flush_failures >= 2 and ld.stats.commits == 0 and ld.stats.messages == 0
-        client.command(f"ATTACH TABLE {db}.usage_raw")
+        client.command(f"ALTER TABLE {db}.usage_raw RESET SETTING parts_to_throw_insert")
+        client.command(f"DELETE FROM {db}.usage_raw WHERE record_id = 'seed'")
         ld.run(until=lambda s: s.messages >= sink.messages_sent, idle_timeout_s=20)
     finally:
         consumer.close(autocommit=False)
