@@ -416,6 +416,18 @@ class Loader:
         self.stats.windows += windows - window_rejects
         self.stats.quarantined += len(rejected)
 
+    def _try_insert(self, partition: int, writer: WriterVersion, framed: list[Framed], token: str,
+                    now: datetime) -> tuple[str, str, Exception] | None:  # fmt: skip
+        """Insert ``framed`` as one container: None when it went in, else the refusal's (kind,
+        reason, error) from ``refusal`` (which raises for a 'stop')."""
+        try:
+            data = container(writer, partition, int(now.timestamp() * 1_000_000), framed)
+            clickhouse.insert_ingest(self.client, self.database, writer, data, token)
+        except Exception as exc:
+            return (*refusal(exc), exc)
+        self.stats.inserts += 1
+        return None
+
     def _insert_container(
         self,
         partition: int,
@@ -428,16 +440,9 @@ class Loader:
         """Insert; if ClickHouse refuses the data, quarantine the bodies Python cannot decode, then
         split what is left until the refused messages are alone, quarantine those and insert the
         rest. Returns windows of messages moved to ``bad``. See ``classify``."""
-        ingested_us = int(now.timestamp() * 1_000_000)
-        try:
-            clickhouse.insert_ingest(
-                self.client, self.database, writer, container(writer, partition, ingested_us, framed), token
-            )
-            self.stats.inserts += 1
+        refused = self._try_insert(partition, writer, framed, token, now)
+        if refused is None:
             return 0
-        except Exception as exc:
-            kind, reason = refusal(exc)
-            refused = exc
         good: list[Framed] = []
         lost_windows = 0
         for f in framed:
@@ -448,8 +453,9 @@ class Loader:
             except RecordError as exc:
                 bad.append((value, str(exc), "kafka", partition, f.offset, now))
                 lost_windows += window_count(f.body)  # read once already: cannot fail
+        kind, reason, error = refused
         if len(good) == len(framed) and kind == "transient":  # every body decodes: ClickHouse is the problem
-            raise TransientError(reason) from refused
+            raise TransientError(reason) from error
         return lost_windows + self._insert_split(partition, writer, good, token + ":checked", bad, now)
 
     def _insert_split(
@@ -464,18 +470,12 @@ class Loader:
         """Insert ``framed``; on a refusal of the data, each half on its own (tokens ``token:a``,
         ``token:b``: a replay splits the same way), down to single messages, which are quarantined
         with the reason. Returns windows of messages moved to ``bad``."""
-        if not framed:
+        refused = self._try_insert(partition, writer, framed, token, now) if framed else None
+        if refused is None:
             return 0
-        ingested_us = int(now.timestamp() * 1_000_000)
-        try:
-            data = container(writer, partition, ingested_us, framed)
-            clickhouse.insert_ingest(self.client, self.database, writer, data, token)
-            self.stats.inserts += 1
-            return 0
-        except Exception as exc:
-            kind, reason = refusal(exc)
-            if kind == "transient":
-                raise TransientError(reason) from exc
+        kind, reason, error = refused
+        if kind == "transient":
+            raise TransientError(reason) from error
         if len(framed) == 1:
             f = framed[0]
             log.warning("quarantined message at %s:%d:%d: %s", self.topic, partition, f.offset, reason)
