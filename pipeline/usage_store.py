@@ -318,7 +318,7 @@ class UsageStore:
             marked = bool(marks)
             params.update(mark_ids=list(marks), mark_bits=list(marks.values()))
         points = self.split_points()
-        params.update({f"split_{i}": v for i, v in enumerate(points, start=1)})
+        params = {**params, **{f"split_{i}": v for i, v in enumerate(points, start=1)}}  # the caller's is untouched
         periods = checks.periods if checks is not None else 1
         sql = first_delivery_sql(
             self.db, keys, where, conflicts_in, checks is not None, collect, marked, len(points), periods
