@@ -41,6 +41,7 @@ from typing import Any
 from kafka import ConsumerRebalanceListener
 
 from gpumeter.errors import GpumeterError, RecordError
+from gpumeter.record import SOE_MAGIC
 from pipeline import clickhouse
 from pipeline.framing import (
     Framed,
@@ -152,15 +153,19 @@ class DeadLetter:
             except MessageSizeTooLargeError:  # larger than max_request_size: refused before sending
                 futures.append((raw, headers, self._send_digest(raw, headers)))
         self._producer.flush(timeout=30)
-        retried = []
-        for raw, headers, fut in futures:
-            if fut.is_done and isinstance(fut.exception, MessageSizeTooLargeError):  # the broker's limit
-                retried.append(self._send_digest(raw, headers))
-            elif not fut.is_done or fut.exception is not None:
-                raise TransientError(f"dead-letter topic {self.topic}: {fut.exception or 'not acknowledged'}")
+        refused = [
+            (raw, headers)
+            for raw, headers, fut in futures
+            if fut.is_done and isinstance(fut.exception, MessageSizeTooLargeError)
+        ]  # the broker's limit
+        self._acknowledged([fut for _, _, fut in futures if not isinstance(fut.exception, MessageSizeTooLargeError)])
+        retried = [self._send_digest(raw, headers) for raw, headers in refused]
         if retried:
             self._producer.flush(timeout=30)
-        for fut in retried:
+        self._acknowledged(retried)
+
+    def _acknowledged(self, futures: list[Any]) -> None:
+        for fut in futures:
             if not fut.is_done or fut.exception is not None:
                 raise TransientError(f"dead-letter topic {self.topic}: {fut.exception or 'not acknowledged'}")
 
@@ -446,12 +451,11 @@ class Loader:
         good: list[Framed] = []
         lost_windows = 0
         for f in framed:
-            value = b"\xc3\x01" + writer.fingerprint + f.body
             try:
                 decode_body(writer, f.body)
                 good.append(f)
             except RecordError as exc:
-                bad.append((value, str(exc), "kafka", partition, f.offset, now))
+                bad.append((framed_value(writer, f), str(exc), "kafka", partition, f.offset, now))
                 lost_windows += window_count(f.body)  # read once already: cannot fail
         kind, reason, error = refused
         if len(good) == len(framed) and kind == "transient":  # every body decodes: ClickHouse is the problem
@@ -479,12 +483,17 @@ class Loader:
         if len(framed) == 1:
             f = framed[0]
             log.warning("quarantined message at %s:%d:%d: %s", self.topic, partition, f.offset, reason)
-            bad.append((b"\xc3\x01" + writer.fingerprint + f.body, reason, "kafka", partition, f.offset, now))
+            bad.append((framed_value(writer, f), reason, "kafka", partition, f.offset, now))
             return window_count(f.body)
         half = len(framed) // 2
         return self._insert_split(partition, writer, framed[:half], token + ":a", bad, now) + self._insert_split(
             partition, writer, framed[half:], token + ":b", bad, now
         )
+
+
+def framed_value(writer: WriterVersion, f: Framed) -> bytes:
+    """The message value ``f`` was cut from (single-object encoding: magic, fingerprint, body)."""
+    return SOE_MAGIC + writer.fingerprint + f.body
 
 
 def block_digest(block: list[Any]) -> str:

@@ -158,9 +158,8 @@ class Checks:
         provider_no = {p: i for i, p in enumerate(providers, start=1)}
         class_no = {c: i for i, c in enumerate(classes, start=1)}
         out: dict[str, Any] = {"reg_gpus": list(by_gpu) or [""]}  # a GPU id is never empty: '' matches nothing
-        for k in range(
-            self.periods
-        ):  # the k-th period of each GPU, packed: (host << 32 | provider), (class << 32 | window)
+        # the k-th period of each GPU: its hours, and packed (host << 32 | provider), (class << 32 | window)
+        for k in range(self.periods):
             nth = [rows[k] if k < len(rows) else None for rows in by_gpu.values()]
             out[f"p{k}_from"] = [epoch_ms(d.valid_from) if d else INT64_MAX for d in nth] or [INT64_MAX]
             out[f"p{k}_to"] = [epoch_ms(d.valid_to) if d else 0 for d in nth] or [0]

@@ -338,24 +338,18 @@ class UsageStore:
         one thread, the index cannot be read (a server without ``mergeTreeIndex``) or the table is
         small. Read for every pass: any cut is correct, a fresh one keeps the branches even."""
         try:
-            threads = int(self.client.query("SELECT getSetting('max_threads')").result_rows[0][0])
-            marks = sorted(
-                str(r[0])
-                for r in self.client.query(
-                    "SELECT gpu_uuid FROM mergeTreeIndex({db:String}, 'usage_raw')", parameters={"db": self.db}
-                ).result_rows
-            )
+            threads, marks = self.client.query(
+                "SELECT getSetting('max_threads'), arraySort(groupArray(gpu_uuid)) "
+                "FROM mergeTreeIndex({db:String}, 'usage_raw')",
+                parameters={"db": self.db},
+            ).result_rows[0]
         except Exception:  # an older server, or a table the function cannot read: one branch
             return []
-        if threads < 2 or len(marks) < SPLIT_MIN_MARKS:
+        if int(threads) < 2 or len(marks) < SPLIT_MIN_MARKS:
             return []
-        points = sorted({marks[len(marks) * i // threads] for i in range(1, threads)} - {marks[0]})
-        # the ranges must not overlap in ClickHouse's order (bytes), whatever Python's order of the ids
-        cmp = self.client.query(
-            "SELECT arrayAll((a, b) -> a < b, arrayPopBack(p), arrayPopFront(p)) FROM (SELECT {p:Array(String)} AS p)",
-            parameters={"p": points},
-        )
-        return points if points and cmp.result_rows[0][0] else []
+        # sorted by ClickHouse (bytes), so the cuts increase in the order the ranges are read in
+        cuts = dict.fromkeys(str(marks[len(marks) * i // int(threads)]) for i in range(1, int(threads)))
+        return [c for c in cuts if c != str(marks[0])]
 
     def _timed(self, text: str, started: float) -> None:
         self.progress(f"  {text}: {time.perf_counter() - started:.1f} s")
