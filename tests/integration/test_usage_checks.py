@@ -192,7 +192,10 @@ def test_a_record_sent_again_with_other_seconds_claims_each_version(world: World
     out = world.settle()
     assert "different content (first delivery billed, later ones not): 2:" in out
     assert world.held() == {"oversubscribed": 1}
-    assert world.billed()["F0002"] == ("0.08", "0.04", "0.04")  # 30 s of the second minute at 10.00 an hour
+    assert world.billed() == {
+        "F0001": ("10.00", "5.00", "5.00"),  # the honest hour
+        "F0002": ("0.08", "0.04", "0.04"),  # 30 s of the second minute at 10.00 an hour
+    }
     assert "reconciled 2026-03: OK" in world.reconciled()
 
 
@@ -213,6 +216,7 @@ def test_a_released_record_whose_gpu_leaves_the_registry_is_held_again(world: Wo
     the latest judgment's), not billed in the class the record states."""
     world.send([*HONEST, window("P02-H01", "GPU-A", "F0002", T0 + 100 * MIN, cls="Ascend-910B")])
     world.settle("2026-03")
+    assert world.billed("2026-03") == {"F0001": ("10.00", "5.00", "5.00")}
     assert world.held() == {"other_host": 1}
     world.cli.ok("billing", "release", "--reason", "other_host", "--why", "the GPU moved that day")
     world.setup(fleet=FLEET[1:])  # GPU-A is no longer registered
