@@ -9,9 +9,9 @@ from typing import Any
 from kafka import KafkaProducer
 
 from gpumeter.errors import GpumeterError
-from gpumeter.record import UsageWindow, encode_batch, signature_headers
+from gpumeter.record import MAX_WINDOWS_PER_BATCH, UsageWindow, encode_batch, signature_headers
 
-MAX_WINDOWS_PER_MESSAGE = 500
+MAX_WINDOWS_PER_MESSAGE = MAX_WINDOWS_PER_BATCH
 
 
 class SendError(GpumeterError):

@@ -20,6 +20,7 @@ from typing import Protocol
 from agent.spool import Spool, SpoolError
 
 log = logging.getLogger("gpumeter.agent.sender")
+HEARTBEAT_S = 60.0  # with nothing else to send, a heartbeat at least this often (pipeline gaps: "silent since")
 
 
 class FramedSink(Protocol):
@@ -39,8 +40,16 @@ class SpoolSender:
         flush_timeout_s: float = 15.0,
         backoff_min_s: float = 0.5,
         backoff_max_s: float = 10.0,
+        heartbeat: Callable[[], tuple[str, bytes, list[tuple[str, bytes]]]] | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spool = spool
+        self.heartbeat = heartbeat  # () -> (host_id, value, headers) of a heartbeat message
+        self.heartbeat_s = heartbeat_s
+        self.clock = clock
+        self.heartbeats_sent = 0
+        self._last_sent = clock()
         self.connect = connect
         self.batch_files = batch_files
         self.flush_timeout_s = flush_timeout_s
@@ -76,6 +85,8 @@ class SpoolSender:
             self._failed(exc)
             return "failed"
         acked = [e for e, err in zip(sent, results, strict=True) if err is None]
+        if acked:
+            self._last_sent = self.clock()
         self.spool.ack(acked)
         self.messages_sent += len(acked)
         self.windows_sent += sum(e.windows for e in acked)
@@ -86,6 +97,26 @@ class SpoolSender:
         if self.last_error is not None:
             log.info("Kafka reachable again; spool draining (%d batch(es) left)", self.spool.depth_batches)
             self.last_error = None
+        return "sent"
+
+    def beat_once(self) -> str:
+        """With the spool empty, a heartbeat if nothing went out for ``heartbeat_s``: 'idle' (none
+        due), 'sent' or 'failed'."""
+        if self.heartbeat is None or self.clock() - self._last_sent < self.heartbeat_s:
+            return "idle"
+        try:
+            if self._sink is None:
+                self._sink = self.connect()
+            host_id, value, headers = self.heartbeat()
+            self._sink.send_framed(host_id, value, headers, 0)
+            errors = [err for err in self._sink.flush_each(self.flush_timeout_s) if err is not None]
+            if errors:
+                raise errors[0]
+        except Exception as exc:  # as for a batch: transient, tried again at the next idle pass
+            self._failed(exc)
+            return "failed"
+        self.heartbeats_sent += 1
+        self._last_sent = self.clock()
         return "sent"
 
     def _failed(self, exc: BaseException, count: int = 1) -> None:
@@ -104,6 +135,8 @@ class SpoolSender:
         while not self.stop_event.is_set():
             self.spool.wakeup.clear()
             outcome = self.drain_once()
+            if outcome == "idle" and self.beat_once() == "failed":
+                outcome = "failed"
             if outcome == "sent":
                 delay = 0.0
             elif outcome == "idle":

@@ -114,6 +114,8 @@ def collect(agent: Agent, spool: Spool, sender: SpoolSender, nvml: Any) -> list[
         one(p + "send_errors_total", "counter", "Kafka sends not acknowledged.", sender.send_errors),
         one(p + "messages_sent_total", "counter", "Kafka messages acknowledged.", sender.messages_sent),
         one(p + "windows_sent_total", "counter", "Windows acknowledged by Kafka.", sender.windows_sent),
+        one(p + "heartbeats_sent_total", "counter", "Heartbeats acknowledged by Kafka (nothing else to send).",
+            sender.heartbeats_sent),
     ]  # fmt: skip
     if nvml is not None:
         kinds = ("not_supported", "function_not_found", "gpu_lost", "reinit", "down", "other")
@@ -139,7 +141,10 @@ def run_agent(
     spool = Spool(Path(cfg.spool_dir) if cfg.spool_dir else home / "spool", cfg.spool_max_bytes, key)
     meter = Agent(source, identity, spool, cfg.window_s, cfg.interval_s, checkpoint=spool)
     sender = SpoolSender(
-        spool, lambda: KafkaSink(bootstrap, topic, **OUTAGE_TOLERANT), backoff_max_s=cfg.send_retry_max_s
+        spool,
+        lambda: KafkaSink(bootstrap, topic, **OUTAGE_TOLERANT),
+        backoff_max_s=cfg.send_retry_max_s,
+        heartbeat=lambda: (identity.host_id, *spool.heartbeat(identity.host_id, AGENT_VERSION)),
     )
 
     def body() -> str:

@@ -42,7 +42,7 @@ from typing import Any
 
 from agent.windows import HostIdentity, WindowAccumulator
 from gpumeter.errors import GpumeterError
-from gpumeter.record import UsageWindow, encode_batch, signature_headers
+from gpumeter.record import MAX_WINDOWS_PER_BATCH, UsageWindow, encode_batch, signature_headers
 
 log = logging.getLogger("gpumeter.agent.spool")
 
@@ -190,10 +190,16 @@ class Spool:
     def send(self, host_id: str, agent_version: str, windows: Sequence[UsageWindow]) -> None:
         if not windows:
             return
+        if len(windows) > MAX_WINDOWS_PER_BATCH:  # the contract's limit per message
+            for i in range(0, len(windows), MAX_WINDOWS_PER_BATCH):
+                self.send(host_id, agent_version, windows[i : i + MAX_WINDOWS_PER_BATCH])
+            return
         seqs = [int(w["seq"]) for w in windows]
         first, last = min(seqs), max(seqs)
         end_ms = max(int(w["window_end"]) for w in windows)
-        value = encode_batch(host_id, agent_version, windows)
+        high_water = max(self.next_seq - 1, last)  # the highest seq numbered so far, refused ones too
+        value = encode_batch(host_id, agent_version, windows, high_water_seq=high_water,
+                             made_at_ms=int(self.clock() * 1000))  # fmt: skip
         headers = signature_headers(value, *self.signing_key) if self.signing_key else []
         header = {
             "first_seq": first,
@@ -227,6 +233,14 @@ class Spool:
             state = {"next_seq": self.next_seq, "closed_through_ms": self.closed_through_ms}
             write_atomic(self.root / "state.json", json.dumps(state).encode(), sync=True)  # step 3
         self.wakeup.set()
+
+    def heartbeat(self, host_id: str, agent_version: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+        """A message of no windows, signed like a batch, carrying the highest seq numbered so far:
+        sent when the spool is empty, it says that every window up to it was sent (or refused,
+        and then logged), so the pipeline sees a lost tail and a live but idle agent."""
+        value = encode_batch(host_id, agent_version, [], high_water_seq=self.next_seq - 1,
+                             made_at_ms=int(self.clock() * 1000))  # fmt: skip
+        return value, signature_headers(value, *self.signing_key) if self.signing_key else []
 
     # --- Checkpoint: open windows across restarts ------------------------------------
     def load(self) -> dict[str, Any] | None:

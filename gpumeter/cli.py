@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(rc)
     except GpumeterError as exc:
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(1)

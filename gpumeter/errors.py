@@ -4,9 +4,11 @@ from __future__ import annotations
 
 
 class GpumeterError(Exception):
-    """Base class: ``code`` is stable and machine-readable, the message is for people."""
+    """Base class: ``code`` is stable and machine-readable, the message is for people; ``exit_code``
+    is the process's exit status when the CLI reports it."""
 
     code = "error"
+    exit_code = 1
 
 
 class ConfigError(GpumeterError):

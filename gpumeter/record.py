@@ -39,7 +39,10 @@ HEADER_SIG = "gm-sig"
 UNATTRIBUTED = "unattributed"
 # a firm id as agents name it (and the pipeline enforces): letters and digits, then also . _ -, at most 64
 FIRM_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-CURRENT_VERSION = 2
+CURRENT_VERSION = 3
+# Limits of one message (CONTRACT.md): agents never send more; the pipeline quarantines a message over them.
+MAX_WINDOWS_PER_BATCH = 500
+MAX_VALUE_BYTES = 1_048_576  # Kafka's default max.message.bytes is this plus 12 bytes of overhead
 
 
 class UsageWindow(TypedDict):
@@ -68,11 +71,14 @@ class UsageWindow(TypedDict):
 
 
 class UsageBatch(TypedDict):
-    """One Kafka message: the windows one host sends together."""
+    """One Kafka message: the windows one host sends together, or none (a heartbeat). From writers
+    before v3, ``high_water_seq`` reads as -1 and ``made_at`` as 0."""
 
     host_id: str
     agent_version: str
     windows: list[UsageWindow]
+    high_water_seq: int
+    made_at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,14 +148,24 @@ def record_id(host_id: str, gpu_uuid: str, firm_id: str, window_start_ms: int) -
 
 
 def encode_batch(
-    host_id: str, agent_version: str, windows: Sequence[UsageWindow], version: int = CURRENT_VERSION
+    host_id: str,
+    agent_version: str,
+    windows: Sequence[UsageWindow],
+    version: int = CURRENT_VERSION,
+    high_water_seq: int | None = None,
+    made_at_ms: int = 0,
 ) -> bytes:
-    """Frame windows as one Kafka message value (single-object encoding)."""
+    """Frame windows as one Kafka message value (single-object encoding). ``high_water_seq``: the
+    highest seq the agent has numbered (default: the highest in ``windows``, -1 if none); it and
+    ``made_at_ms`` are written from v3 on."""
     sv = _writer_for(version)
     buf = io.BytesIO()
     buf.write(SOE_MAGIC)
     buf.write(sv.fingerprint)
-    batch = {"host_id": host_id, "agent_version": agent_version, "windows": list(windows)}
+    batch: dict[str, Any] = {"host_id": host_id, "agent_version": agent_version, "windows": list(windows)}
+    if version >= 3:
+        high = max((int(w["seq"]) for w in windows), default=-1) if high_water_seq is None else high_water_seq
+        batch.update(high_water_seq=high, made_at=made_at_ms)
     fastavro.schemaless_writer(buf, plain_writer(sv.fingerprint), batch)
     return buf.getvalue()
 

@@ -10,7 +10,7 @@ import click
 from gpumeter.cli import settings_from
 from gpumeter.signals import stop_requested
 from pipeline import clickhouse
-from pipeline.gaps import gaps_table
+from pipeline.gaps import SILENT_AFTER_S, gaps_table
 from pipeline.keys import load_registry
 from pipeline.loader import DeadLetter, Loader, make_consumer
 from pipeline.usage_store import UsageStore
@@ -113,22 +113,48 @@ def run(
 
 
 @pipeline.command("gaps")
+@click.option(
+    "--silent-after",
+    type=click.FloatRange(min=1),
+    default=SILENT_AFTER_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="Report an agent not heard from for this long as silent (agents send at least once a minute).",
+)
+@click.option(
+    "--keys",
+    "keys_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keys registry: its hosts that never sent anything are listed too.",
+)
 @click.pass_context
-def gaps(ctx: click.Context) -> None:
-    """List, per agent (host_id), the sequence numbers missing from usage_raw.
+def gaps(ctx: click.Context, silent_after: float, keys_file: Path | None) -> None:
+    """List, per agent (host_id), the sequence numbers missing from usage_raw, and silent agents.
 
-    No gap means every window each agent numbered between its lowest and highest
-    seq reached ClickHouse; a gap shows exactly which ones did not.
+    A gap between seqs seen shows exactly which windows did not arrive. A
+    missing tail - windows after the last one that arrived - shows from the
+    agent's high-water mark, which every message (and a heartbeat at least once
+    a minute) carries from schema v3 on. An agent not heard from for
+    --silent-after seconds is "silent since" its last message.
 
     \b
     Example:
       gpumeter pipeline gaps
+      gpumeter pipeline gaps --silent-after 900 --keys /etc/gpumeter/keys.toml
     """
     s = settings_from(ctx)
+    registered = sorted(load_registry(keys_file).hosts) if keys_file is not None else []
     client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
     clickhouse.ensure_schema(client, s.clickhouse_database)
     db = s.clickhouse_database
-    click.echo(gaps_table(clickhouse.seq_extents(client, db), clickhouse.seq_gaps(client, db)))
+    table = gaps_table(
+        clickhouse.seq_extents(client, db),
+        clickhouse.seq_gaps(client, db),
+        clickhouse.agent_contact(client, db),
+        silent_after_s=silent_after,
+        registered=registered,
+    )
+    click.echo(table)
 
 
 @pipeline.command("rollup")

@@ -15,6 +15,10 @@ Tables (database from settings, default ``gpumeter``):
 - ``usage_ingest_v<N>`` (Null engine, one per writer schema version): the loader
   inserts Avro containers here; two materialized views check each window and
   route it to ``usage_raw`` or ``usage_quarantine`` (``schema.py``).
+- ``usage_blocks``: the loader's ledger, a row per block loaded (topic, partition,
+  offsets, digest, counts): a replay of a block in it is not inserted again.
+- ``agent_messages``: one row per v3 message, a batch or a heartbeat: the agent's
+  high-water seq when it made it and when it arrived (``pipeline gaps``).
 - ``usage_hourly``: dashboard rollup recomputed from first deliveries
   (``usage_store.UsageStore.refresh_rollups``), so replays cannot inflate it.
 
@@ -39,7 +43,7 @@ RAW_COLUMNS = (
 )  # fmt: skip
 
 HOURLY_COLUMNS = ("hour", "provider_id", "gpu_class", "firm_id", "allocated_seconds", "records", "refreshed_at")
-QUARANTINE_COLUMNS = ("raw", "reason", "source", "kafka_partition", "kafka_offset", "quarantined_at")
+QUARANTINE_COLUMNS = ("raw", "reason", "source", "kafka_partition", "kafka_offset", "quarantined_at", "block_id")
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -142,20 +146,50 @@ def insert_ingest(client: Any, database: str, writer: WriterVersion, container: 
 
 
 def quarantined_in_range(
-    client: Any, database: str, partition: int, first_offset: int, last_offset: int
+    client: Any, database: str, partition: int, first_offset: int, last_offset: int, block: str
 ) -> list[tuple[bytes, str, int, str]]:
-    """(raw, reason, offset, record_id) quarantined from one partition's offset range."""
+    """(raw, reason, offset, record_id) quarantined from one block: the loader's ``block`` id (a topic
+    made again has other blocks at the same offsets), one partition's offset range. Each rejection
+    once: an insert refused after its views wrote some rejections, then split, writes them again."""
     result = client.query(
         f"""
-        SELECT raw, reason, kafka_offset, record_id FROM {database}.usage_quarantine
-        WHERE source = 'kafka' AND kafka_partition = {{p:Int32}}
+        SELECT any(raw) AS value, reason, kafka_offset, record_id FROM {database}.usage_quarantine
+        WHERE source = 'kafka' AND kafka_partition = {{p:Int32}} AND block_id = {{blk:String}}
           AND kafka_offset BETWEEN {{a:Int64}} AND {{b:Int64}}
+        GROUP BY kafka_offset, record_id, reason
         ORDER BY kafka_offset, record_id, reason
         """,
-        parameters={"p": partition, "a": first_offset, "b": last_offset},
-        column_formats={"raw": "bytes"},
+        parameters={"p": partition, "a": first_offset, "b": last_offset, "blk": block},
+        column_formats={"value": "bytes"},
     )
     return [(bytes(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in result.result_rows]
+
+
+BLOCK_COLUMNS = (
+    "topic", "kafka_partition", "first_offset", "last_offset", "digest", "messages", "windows", "quarantined",
+    "loaded_at",
+)  # fmt: skip
+
+
+def block_loaded(client: Any, database: str, topic: str, partition: int, first_offset: int, digest: str) -> bool:
+    """Whether the loader's ledger (``usage_blocks``) has this block: every insert of it went in."""
+    result = client.query(
+        f"""
+        SELECT count() FROM {database}.usage_blocks
+        WHERE topic = {{t:String}} AND kafka_partition = {{p:Int32}} AND first_offset = {{a:Int64}}
+          AND digest = {{d:String}}
+        """,
+        parameters={"t": topic, "p": partition, "a": first_offset, "d": digest},
+    )
+    return bool(result.result_rows[0][0])
+
+
+def record_block(client: Any, database: str, row: Sequence[Any], dedup_token: str) -> None:
+    """One ``usage_blocks`` row (``BLOCK_COLUMNS``), after every insert of the block went in."""
+    client.insert(
+        f"{database}.usage_blocks", [row], column_names=BLOCK_COLUMNS,
+        settings={"insert_deduplication_token": dedup_token},
+    )  # fmt: skip
 
 
 def seq_gaps(client: Any, database: str) -> list[tuple[str, int, int, int]]:
@@ -186,6 +220,23 @@ def seq_extents(client: Any, database: str) -> list[tuple[str, int, int, int]]:
         """
     )
     return [(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in result.result_rows]
+
+
+def agent_contact(client: Any, database: str) -> list[tuple[str, int, Any]]:
+    """(host_id, high-water seq, last heard) per agent: the highest seq it said it had numbered (v3
+    messages; -1 from older agents) or sent, and when its last message or window arrived (UTC)."""
+    result = client.query(
+        f"""
+        SELECT host_id, max(hw), max(t) FROM (
+            SELECT host_id, high_water_seq AS hw, ingested_at AS t FROM {database}.agent_messages
+            UNION ALL
+            SELECT host_id, toInt64(max(seq)) AS hw, max(ingested_at) AS t FROM {database}.usage_raw
+            WHERE source = 'kafka' GROUP BY host_id
+        )
+        GROUP BY host_id ORDER BY host_id
+        """
+    )
+    return [(str(r[0]), int(r[1]), r[2]) for r in result.result_rows]
 
 
 def insert_hourly(client: Any, database: str, rows: Sequence[Sequence[Any]]) -> None:

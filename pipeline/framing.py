@@ -40,6 +40,7 @@ PREFIX_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("gm_ingested_at_us", "long", "Int64"),  # the loader's clock
     ("gm_signer_host", "string", "String"),  # host bound to the verified key; '' when unchecked
     ("gm_signer_provider", "string", "String"),  # that host's provider; '' when unchecked
+    ("gm_block", "string", "String"),  # the loader's block (``loader.block_digest``): ties rejections to it
 )
 
 
@@ -119,11 +120,14 @@ class Framed:
     signer_provider: str = ""
 
 
-def container(writer: WriterVersion, partition: int, ingested_at_us: int, messages: Iterable[Framed]) -> bytes:
-    """An Avro object container with one block per message."""
+def container(
+    writer: WriterVersion, partition: int, ingested_at_us: int, messages: Iterable[Framed], block: str = ""
+) -> bytes:
+    """An Avro object container with one Avro block per message; ``block`` names the loader's block."""
     parts = [container_header(writer)]
     head = zigzag(partition)
     now = zigzag(ingested_at_us)
+    tail = _avro_string(block)
     one = zigzag(1)
     for m in messages:
         prefix = (
@@ -133,6 +137,7 @@ def container(writer: WriterVersion, partition: int, ingested_at_us: int, messag
             + now
             + _avro_string(m.signer_host)
             + _avro_string(m.signer_provider)
+            + tail
         )
         parts += (one, zigzag(len(prefix) + len(m.body)), prefix, m.body, SYNC)
     return b"".join(parts)
@@ -165,8 +170,10 @@ def _read_long(buf: bytes, pos: int) -> tuple[int, int]:
 def window_count(body: bytes) -> int:
     """Windows in a UsageBatch body (host_id, agent_version, then the array), without decoding them.
 
-    fastavro and the agent write an array as one block; a multi-block array is
-    counted by its first block only, which only affects the loader's statistics.
+    The agent and fastavro write the array as one block of items. A writer may also write blocks
+    with a negative count, each followed by its size in bytes: those are skipped and counted. The
+    items of a positive block cannot be skipped without decoding them, so counting stops there; the
+    ingest views check the whole array's length again (``schema.WINDOW_CHECKS``).
     """
     pos = 0
     for _ in range(2):  # host_id, agent_version
@@ -174,8 +181,15 @@ def window_count(body: bytes) -> int:
         if length < 0 or pos + length > len(body):
             raise RecordError("corrupt Avro body: bad string length")
         pos += length
-    count, pos = _read_long(body, pos)
-    return abs(count)
+    total = 0
+    while True:
+        count, pos = _read_long(body, pos)
+        if count >= 0:
+            return total + count
+        size, pos = _read_long(body, pos)
+        if size < 0 or pos + size > len(body):
+            raise RecordError("corrupt Avro body: bad array block size")
+        total, pos = total - count, pos + size
 
 
 @cache

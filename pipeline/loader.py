@@ -34,14 +34,14 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from kafka import ConsumerRebalanceListener
 
 from gpumeter.errors import GpumeterError, RecordError
-from gpumeter.record import SOE_MAGIC
+from gpumeter.record import MAX_VALUE_BYTES, MAX_WINDOWS_PER_BATCH, SOE_MAGIC
 from pipeline import clickhouse
 from pipeline.framing import (
     Framed,
@@ -57,6 +57,7 @@ from pipeline.keys import KeyRegistry
 log = logging.getLogger(__name__)
 
 BLOCK_OFFSETS = 1000  # block boundaries: multiples of this offset
+BLOCK_BYTES = 16 * 2**20  # ... or before the message that takes a block's values over this (memory per block)
 LINGER_S = 0.5  # a partial block at the tail waits at most this long for more messages
 BACKOFF_S = (0.2, 30.0)  # first and longest wait after a failed flush
 
@@ -71,6 +72,7 @@ class LoaderStats:
     flush_failures: int = 0  # ClickHouse / dead-letter failures that were retried
     commit_failures: int = 0
     dropped_on_revoke: int = 0  # buffered messages of partitions taken away in a rebalance
+    deduplicated_blocks: int = 0  # blocks replayed after they had loaded (the ledger had them): not inserted
 
 
 class TransientError(Exception):
@@ -79,9 +81,11 @@ class TransientError(Exception):
 
 class LoaderStopped(GpumeterError):
     """ClickHouse refused an insert for a reason no retry and no message can change (a missing table
-    or privilege, a schema that does not match): the loader stops, nothing of the block committed."""
+    or privilege, a schema that does not match): the loader stops, nothing of the block committed.
+    Its own exit status (3), so a service manager can tell it from a failure worth restarting."""
 
     code = "loader_stopped"
+    exit_code = 3
 
 
 # How a refused insert is handled, by ClickHouse error code (src/Common/ErrorCodes.cpp). The model is
@@ -126,14 +130,52 @@ def refusal(exc: BaseException) -> tuple[str, str]:
     return kind, reason
 
 
-class DeadLetter:
-    """Rejected items to a Kafka topic, with the reason and source offset in headers."""
+KAFKA_MESSAGE_BYTES = 1_048_588  # Kafka's default max.message.bytes of a topic
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+
+def message_limit(described: dict[str, Any], topic: str) -> int | None:
+    """``max.message.bytes`` of ``topic`` from kafka-python's ``describe_configs`` result."""
+    entry = described.get("topic", {}).get(topic, {}).get("max.message.bytes")
+    value = entry.get("value") if isinstance(entry, dict) else entry
+    return int(value) if value not in (None, "") else None
+
+
+def topic_message_limit(bootstrap: str, topic: str) -> int:
+    """The topic's ``max.message.bytes`` as the broker says; Kafka's default if it will not say."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)  # a broker that drops the request makes kafka-python log errors
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        try:
+            resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs=["max.message.bytes"])
+            limit = message_limit(admin.describe_configs([resource], config_filter="all"), topic)
+        finally:
+            admin.close()
+    except Exception as exc:  # a broker without DescribeConfigs (the local test broker), or no right to it
+        log.info("dead-letter topic %s: its max.message.bytes is unknown (%s); assuming Kafka's default", topic, exc)
+        limit = None
+    finally:
+        kafka_log.setLevel(level)
+    return limit or KAFKA_MESSAGE_BYTES
+
+
+class DeadLetter:
+    """Rejected items to a Kafka topic, with the reason and source offset in headers. The producer's
+    largest request is the topic's ``max.message.bytes``, so what the topic cannot take is known
+    before it is sent (and sent as a digest)."""
+
+    def __init__(self, bootstrap: str, topic: str, max_bytes: int | None = None) -> None:
         from kafka import KafkaProducer
 
         self.topic = topic
-        self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        self.max_bytes = max_bytes or topic_message_limit(bootstrap, topic)
+        self._producer = KafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=self.max_bytes
+        )
 
     def send_and_wait(self, source_topic: str, partition: int, items: list[tuple[bytes, str, int, str]]) -> None:
         """Send each rejected item with its reason and source; one too large for the producer or the
@@ -224,6 +266,7 @@ class Loader:
         dead_letter: DeadLetter | None = None,
         writers: dict[bytes, WriterVersion] | None = None,
         block_offsets: int = BLOCK_OFFSETS,
+        block_bytes: int = BLOCK_BYTES,
         linger_s: float = LINGER_S,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -236,6 +279,7 @@ class Loader:
         self.dead_letter = dead_letter
         self.writers = shipped_versions() if writers is None else writers
         self.block_offsets = block_offsets
+        self.block_bytes = block_bytes
         self.linger_s = linger_s
         self.sleep = sleep
         self.stats = LoaderStats()
@@ -307,18 +351,24 @@ class Loader:
         self.listener.revoked.clear()
 
     def _ready_blocks(self, now: float, arrived: set[int], drain: bool) -> dict[int, list[list[Any]]]:
-        """Per partition, the blocks to flush now: every complete aligned block, and the tail when due."""
+        """Per partition, the blocks to flush now: every complete block, and the tail when due. A block
+        ends at a multiple of ``block_offsets`` or before the message that would take its values over
+        ``block_bytes`` (a replay from a block's end cuts the same blocks); such a block is complete."""
         out: dict[int, list[list[Any]]] = {}
         size = self.block_offsets
         for partition, buf in self._buffers.items():
             blocks: list[list[Any]] = []
-            start = 0
-            for i in range(1, len(buf) + 1):
-                if i == len(buf) or buf[i].offset // size != buf[start].offset // size:
+            start = held = 0
+            for i, msg in enumerate(buf):
+                n = len(msg.value or b"")
+                if i > start and (msg.offset // size != buf[start].offset // size or held + n > self.block_bytes):
                     blocks.append(buf[start:i])
-                    start = i
+                    start, held = i, 0
+                held += n
+            if buf:
+                blocks.append(buf[start:])
             last = blocks[-1] if blocks else []
-            tail_complete = bool(last) and last[-1].offset % size == size - 1
+            tail_complete = bool(last) and (last[-1].offset % size == size - 1 or held >= self.block_bytes)
             tail_due = drain or partition not in arrived or now - self._since.get(partition, now) >= self.linger_s
             if blocks and not tail_complete and not tail_due:
                 blocks.pop()
@@ -380,19 +430,37 @@ class Loader:
             log.warning("offset commit failed (%s); the next owner replays, nothing is lost", exc)
 
     def _load_block(self, partition: int, block: list[Any]) -> None:
-        token = f"{self.topic}:{partition}:{block[0].offset}-{block[-1].offset}:{block_digest(block)}"
-        now = self.clock()
+        digest = block_digest(block)
+        token = f"{self.topic}:{partition}:{block[0].offset}-{block[-1].offset}:{digest}"
+        at = _Attempt(partition, digest, self.clock())
+        first, last = block[0].offset, block[-1].offset
+        try:
+            replay = clickhouse.block_loaded(self.client, self.database, self.topic, partition, first, digest)
+            if replay:
+                rejected = clickhouse.quarantined_in_range(self.client, self.database, partition, first, last, digest)
+        except Exception as exc:
+            raise TransientError(f"ClickHouse: {exc}") from exc
+        if replay:  # loaded before (a crash or a rebalance after the insert): dead-letter again, commit
+            self.stats.deduplicated_blocks += 1
+            log.info("block %s:%d:%d-%d was loaded before (a replay): not inserted again", self.topic, partition,
+                     first, last)  # fmt: skip
+            if self.dead_letter is not None and rejected:
+                self.dead_letter.send_and_wait(self.topic, partition, rejected)
+            return
         by_version: dict[int, tuple[WriterVersion, list[Framed]]] = {}
-        bad: list[tuple[bytes, str, str, int, int, datetime]] = []
         windows = 0
         for msg in block:  # step 1: verify
             value = msg.value if msg.value is not None else b""
             try:
+                if len(value) > MAX_VALUE_BYTES:
+                    raise RecordError(f"message of {len(value)} bytes, over the limit of {MAX_VALUE_BYTES}")
                 signer = self.keys.verify(value, msg.headers or []) if self.keys is not None else None
                 writer, body = split_value(value, self.writers)
                 count = window_count(body)
+                if count > MAX_WINDOWS_PER_BATCH:
+                    raise RecordError(f"message of {count} windows, over the limit of {MAX_WINDOWS_PER_BATCH}")
             except RecordError as exc:
-                bad.append((value, str(exc), "kafka", partition, msg.offset, now))
+                at.reject(value, str(exc), msg.offset)
                 continue
             framed = Framed(
                 msg.offset,
@@ -405,47 +473,39 @@ class Loader:
             windows += count
         try:  # step 2: insert
             for version, (writer, framed_list) in sorted(by_version.items()):
-                windows -= self._insert_container(partition, writer, framed_list, f"{token}:v{version}", bad, now)
-            if bad:
-                clickhouse.insert_quarantine(self.client, self.database, bad, f"{token}:q")
-            rejected = clickhouse.quarantined_in_range(
-                self.client, self.database, partition, block[0].offset, block[-1].offset
-            )
+                windows -= self._insert_container(at, writer, framed_list, f"{token}:v{version}")
+            if at.bad:
+                clickhouse.insert_quarantine(self.client, self.database, at.bad, f"{token}:q")
+            rejected = clickhouse.quarantined_in_range(self.client, self.database, partition, first, last, digest)
+            loaded = windows - sum(1 for r in rejected if r[3])
+            ledger = (self.topic, partition, first, last, digest, len(block), loaded, len(rejected), at.now)
+            clickhouse.record_block(self.client, self.database, ledger, f"{token}:ledger")
         except (TransientError, LoaderStopped):
             raise
         except Exception as exc:
             raise TransientError(f"ClickHouse: {exc}") from exc
         if self.dead_letter is not None and rejected:  # step 3
             self.dead_letter.send_and_wait(self.topic, partition, rejected)
-        window_rejects = sum(1 for r in rejected if r[3])
-        self.stats.windows += windows - window_rejects
+        self.stats.windows += loaded
         self.stats.quarantined += len(rejected)
 
-    def _try_insert(self, partition: int, writer: WriterVersion, framed: list[Framed], token: str,
-                    now: datetime) -> tuple[str, str, Exception] | None:  # fmt: skip
+    def _try_insert(self, at: _Attempt, writer: WriterVersion, framed: list[Framed], token: str
+                    ) -> tuple[str, str, Exception] | None:  # fmt: skip
         """Insert ``framed`` as one container: None when it went in, else the refusal's (kind,
         reason, error) from ``refusal`` (which raises for a 'stop')."""
         try:
-            data = container(writer, partition, int(now.timestamp() * 1_000_000), framed)
+            data = container(writer, at.partition, int(at.now.timestamp() * 1_000_000), framed, at.digest)
             clickhouse.insert_ingest(self.client, self.database, writer, data, token)
         except Exception as exc:
             return (*refusal(exc), exc)
         self.stats.inserts += 1
         return None
 
-    def _insert_container(
-        self,
-        partition: int,
-        writer: WriterVersion,
-        framed: list[Framed],
-        token: str,
-        bad: list[tuple[bytes, str, str, int, int, datetime]],
-        now: datetime,
-    ) -> int:
+    def _insert_container(self, at: _Attempt, writer: WriterVersion, framed: list[Framed], token: str) -> int:
         """Insert; if ClickHouse refuses the data, quarantine the bodies Python cannot decode, then
         split what is left until the refused messages are alone, quarantine those and insert the
-        rest. Returns windows of messages moved to ``bad``. See ``classify``."""
-        refused = self._try_insert(partition, writer, framed, token, now)
+        rest. Returns windows of messages rejected. See ``classify``."""
+        refused = self._try_insert(at, writer, framed, token)
         if refused is None:
             return 0
         good: list[Framed] = []
@@ -455,26 +515,18 @@ class Loader:
                 decode_body(writer, f.body)
                 good.append(f)
             except RecordError as exc:
-                bad.append((framed_value(writer, f), str(exc), "kafka", partition, f.offset, now))
+                at.reject(framed_value(writer, f), str(exc), f.offset)
                 lost_windows += window_count(f.body)  # read once already: cannot fail
         kind, reason, error = refused
         if len(good) == len(framed) and kind == "transient":  # every body decodes: ClickHouse is the problem
             raise TransientError(reason) from error
-        return lost_windows + self._insert_split(partition, writer, good, token + ":checked", bad, now)
+        return lost_windows + self._insert_split(at, writer, good, token + ":checked")
 
-    def _insert_split(
-        self,
-        partition: int,
-        writer: WriterVersion,
-        framed: list[Framed],
-        token: str,
-        bad: list[tuple[bytes, str, str, int, int, datetime]],
-        now: datetime,
-    ) -> int:
+    def _insert_split(self, at: _Attempt, writer: WriterVersion, framed: list[Framed], token: str) -> int:
         """Insert ``framed``; on a refusal of the data, each half on its own (tokens ``token:a``,
-        ``token:b``: a replay splits the same way), down to single messages, which are quarantined
-        with the reason. Returns windows of messages moved to ``bad``."""
-        refused = self._try_insert(partition, writer, framed, token, now) if framed else None
+        ``token:b``: a replay splits the same way), down to single messages, which are rejected with
+        the reason. Returns windows of messages rejected."""
+        refused = self._try_insert(at, writer, framed, token) if framed else None
         if refused is None:
             return 0
         kind, reason, error = refused
@@ -482,13 +534,27 @@ class Loader:
             raise TransientError(reason) from error
         if len(framed) == 1:
             f = framed[0]
-            log.warning("quarantined message at %s:%d:%d: %s", self.topic, partition, f.offset, reason)
-            bad.append((framed_value(writer, f), reason, "kafka", partition, f.offset, now))
+            log.warning("quarantined message at %s:%d:%d: %s", self.topic, at.partition, f.offset, reason)
+            at.reject(framed_value(writer, f), reason, f.offset)
             return window_count(f.body)
         half = len(framed) // 2
-        return self._insert_split(partition, writer, framed[:half], token + ":a", bad, now) + self._insert_split(
-            partition, writer, framed[half:], token + ":b", bad, now
+        return self._insert_split(at, writer, framed[:half], token + ":a") + self._insert_split(
+            at, writer, framed[half:], token + ":b"
         )
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One attempt at loading a block: its partition, digest (``block_digest``), clock reading, and the
+    messages rejected so far as quarantine rows (``clickhouse.QUARANTINE_COLUMNS``)."""
+
+    partition: int
+    digest: str
+    now: datetime
+    bad: list[tuple[bytes, str, str, int, int, datetime, str]] = field(default_factory=list)
+
+    def reject(self, value: bytes, reason: str, offset: int) -> None:
+        self.bad.append((value, reason, "kafka", self.partition, offset, self.now, self.digest))
 
 
 def framed_value(writer: WriterVersion, f: Framed) -> bytes:

@@ -15,9 +15,12 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any
 
-from gpumeter.record import FIRM_ID_PATTERN, UNATTRIBUTED
+from gpumeter.record import FIRM_ID_PATTERN, MAX_WINDOWS_PER_BATCH, UNATTRIBUTED
 from pipeline.framing import PREFIX_FIELDS, WriterVersion
 
+# Changes with the views' text other than the checks (the checks are in the view names already):
+# a database made with older views gets these beside them, then the old ones are dropped.
+VIEWS_REVISION = 2  # 2: rejections carry the loader's block (block_id)
 DEDUP_WINDOW = 10_000  # insert blocks remembered per table for insert_deduplication_token
 FUTURE_TOLERANCE_S = 300  # a window may end at most this long after the loader's clock (never the producer's)
 EARLIEST_WINDOW_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
@@ -44,6 +47,12 @@ MAX_WATTS_BY_CLASS: dict[str, int] = {
 DEFAULT_MAX_WATTS = 1_500  # an unknown class: more than any single accelerator sold today
 
 # (reason, SQL condition over the ARRAY JOINed window `w` and the batch columns); first match wins.
+# Checks of a whole Kafka batch, before its windows' (not for imported rows, which have no batch). The
+# loader counts a message's windows before it inserts (loader.py); this sees every Avro array block.
+BATCH_CHECKS: tuple[tuple[str, str], ...] = (
+    (f"batch of more than {MAX_WINDOWS_PER_BATCH} windows", f"length(b.windows) > {MAX_WINDOWS_PER_BATCH}"),
+)
+
 WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
     (
         "record_id does not match (host_id, gpu_uuid, firm_id, window_start)",
@@ -138,14 +147,15 @@ OPTIONAL_WINDOW_FIELDS = {
 }
 
 
-def reject_reason_sql(window_fields: Iterable[str] | None = None) -> str:
+def reject_reason_sql(window_fields: Iterable[str] | None = None, batch: bool = False) -> str:
     """multiIf over WINDOW_CHECKS: '' for a window that passes, else the first failed rule's reason.
 
     ``window_fields``: the writer version's window fields; an optional one it lacks reads as NULL.
+    ``batch``: a Kafka batch's windows, so BATCH_CHECKS come first.
     """
     present = set(OPTIONAL_WINDOW_FIELDS if window_fields is None else window_fields)
     parts = []
-    for reason, condition in WINDOW_CHECKS:
+    for reason, condition in (*BATCH_CHECKS, *WINDOW_CHECKS) if batch else WINDOW_CHECKS:
         for name, null_type in OPTIONAL_WINDOW_FIELDS.items():
             if name not in present:
                 condition = condition.replace(f"w.{name}", f"CAST(NULL, '{null_type}')")
@@ -207,10 +217,29 @@ SETTINGS {self.dedup_setting()}"""
     kafka_partition Int32,
     kafka_offset Int64,
     quarantined_at DateTime64(6, 'UTC'),
-    record_id String DEFAULT ''
+    record_id String DEFAULT '',
+    block_id String DEFAULT ''
 )
 ENGINE = {self.engine("usage_quarantine")}
 ORDER BY (source, kafka_partition, kafka_offset)
+SETTINGS {self.dedup_setting()}"""
+
+    def blocks_table(self) -> str:
+        """The loader's ledger: one row per block whose every insert went in, written after them. A
+        replay of a block found here is not inserted again (however long ago it loaded)."""
+        return f"""CREATE TABLE IF NOT EXISTS {self.db}.usage_blocks{self.on} (
+    topic LowCardinality(String),
+    kafka_partition Int32,
+    first_offset Int64,
+    last_offset Int64,
+    digest String,
+    messages UInt32,
+    windows UInt64,
+    quarantined UInt32,
+    loaded_at DateTime64(6, 'UTC')
+)
+ENGINE = {self.engine("usage_blocks")}
+ORDER BY (topic, kafka_partition, first_offset, digest)
 SETTINGS {self.dedup_setting()}"""
 
     def raw_samples_columns(self) -> list[str]:
@@ -220,9 +249,13 @@ SETTINGS {self.dedup_setting()}"""
             for name in ("samples_taken", "samples_missed")
         ]
 
-    def quarantine_record_id_column(self) -> str:
-        """For databases created before quarantine rows named their window."""
-        return f"ALTER TABLE {self.db}.usage_quarantine{self.on} ADD COLUMN IF NOT EXISTS record_id String DEFAULT ''"
+    def quarantine_columns(self) -> list[str]:
+        """For databases created before quarantine rows named their window (record_id) and the loader's
+        block they came in (block_id: a topic made again reuses partitions and offsets)."""
+        return [
+            f"ALTER TABLE {self.db}.usage_quarantine{self.on} ADD COLUMN IF NOT EXISTS {name} String DEFAULT ''"
+            for name in ("record_id", "block_id")
+        ]
 
     def ingest_table(self, writer: WriterVersion) -> str:
         cols = [f"    {name} {ch}" for name, _, ch in PREFIX_FIELDS]
@@ -230,11 +263,16 @@ SETTINGS {self.dedup_setting()}"""
         body = ",\n".join(cols)
         return f"CREATE TABLE IF NOT EXISTS {self.db}.{writer.ingest_table}{self.on} (\n{body}\n)\nENGINE = Null"
 
+    def ingest_block_column(self, writer: WriterVersion) -> str:
+        """For ingest tables created before the loader named its block in each message's prefix."""
+        return f"ALTER TABLE {self.db}.{writer.ingest_table}{self.on} ADD COLUMN IF NOT EXISTS gm_block String"
+
     def view_names(self, writer: WriterVersion) -> tuple[str, str]:
         """(to_raw, to_quarantine) view names of a writer version under today's checks: the names
         carry a digest of the checks, so a database made under other checks gets new views beside
         its old ones, and ``clickhouse.ensure_schema`` then drops the old (``stale_views``)."""
-        digest = hashlib.sha256(reject_reason_sql(_window_fields(writer)).encode()).hexdigest()[:10]
+        text = f"{VIEWS_REVISION}:{reject_reason_sql(_window_fields(writer), batch=True)}"
+        digest = hashlib.sha256(text.encode()).hexdigest()[:10]
         return f"{writer.ingest_table}_to_raw_{digest}", f"{writer.ingest_table}_to_quarantine_{digest}"
 
     def ingest_views(self, writer: WriterVersion) -> list[str]:
@@ -261,24 +299,67 @@ SELECT
     {opt("samples_missed", "Nullable(UInt32)")} AS samples_missed
 FROM {src} AS b
 ARRAY JOIN windows AS w
-WHERE {reject_reason_sql(window_fields)} = ''"""
+WHERE {reject_reason_sql(window_fields, batch=True)} = ''"""
         quarantine = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{to_quarantine}{self.on}
 TO {self.db}.usage_quarantine AS
 SELECT
-    toJSONString(w) AS raw, {reject_reason_sql(window_fields)} AS reason, 'kafka' AS source,
+    toJSONString(w) AS raw, {reject_reason_sql(window_fields, batch=True)} AS reason, 'kafka' AS source,
     b.gm_partition AS kafka_partition, b.gm_offset AS kafka_offset,
-    fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS quarantined_at, w.record_id AS record_id
+    fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS quarantined_at, w.record_id AS record_id,
+    b.gm_block AS block_id
 FROM {src} AS b
 ARRAY JOIN windows AS w
 WHERE reason != ''"""
         return [raw, quarantine]
+
+    def messages_table(self) -> str:
+        """One row per v3+ message (a batch or a heartbeat): what the agent had numbered when it made
+        it, and when it arrived. ``pipeline gaps`` reads missing tails and silent hosts from it."""
+        return f"""CREATE TABLE IF NOT EXISTS {self.db}.agent_messages{self.on} (
+    host_id LowCardinality(String),
+    high_water_seq Int64,
+    made_at DateTime64(3, 'UTC'),
+    windows UInt32,
+    kafka_partition Int32,
+    kafka_offset Int64,
+    ingested_at DateTime64(6, 'UTC')
+)
+ENGINE = {self.engine("agent_messages")}
+ORDER BY (host_id, ingested_at)
+SETTINGS {self.dedup_setting()}"""
+
+    def messages_view_name(self, writer: WriterVersion) -> str | None:
+        """The view from a writer version's ingest table to ``agent_messages``; None before v3."""
+        if "high_water_seq" not in {f["name"] for f in writer.schema["fields"]}:
+            return None
+        return f"{writer.ingest_table}_to_messages_{VIEWS_REVISION}"
+
+    def messages_view(self, writer: WriterVersion) -> list[str]:
+        """A message counts for its host only if the signing key is that host's (or nothing is
+        checked); ``made_at`` is clamped into 1970-2100, so no agent clock can make the insert fail."""
+        name = self.messages_view_name(writer)
+        if name is None:
+            return []
+        return [
+            f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{name}{self.on}
+TO {self.db}.agent_messages AS
+SELECT
+    b.host_id AS host_id, b.high_water_seq AS high_water_seq,
+    fromUnixTimestamp64Milli(least(greatest(b.made_at, 0), 4102444800000), 'UTC') AS made_at,
+    toUInt32(length(b.windows)) AS windows, b.gm_partition AS kafka_partition, b.gm_offset AS kafka_offset,
+    fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS ingested_at
+FROM {self.db}.{writer.ingest_table} AS b
+WHERE b.gm_signer_host = '' OR b.host_id = b.gm_signer_host"""
+        ]
 
     def stale_views(self, writers: Iterable[WriterVersion], existing: Iterable[str]) -> list[str]:
         """DROP statements for the views among ``existing`` (table names in the database) that feed
         from an ingest table but are not today's (``view_names``). Run after the new views exist, so
         no block goes through neither; a block that goes through both is delivered twice, with the
         same content, and counts once."""
+        writers = list(writers)
         current = {name for w in writers for name in self.view_names(w)}
+        current |= {name for w in writers if (name := self.messages_view_name(w))}
         prefixes = tuple(f"{w.ingest_table}_to_" for w in writers)
         return [
             f"DROP VIEW IF EXISTS {self.db}.{name}{self.on}"
@@ -372,11 +453,13 @@ ORDER BY (store_id, record_id, decided_at)"""
             self.raw_table(),
             *self.raw_samples_columns(),
             self.quarantine_table(),
-            self.quarantine_record_id_column(),
+            *self.quarantine_columns(),
+            self.blocks_table(),
+            self.messages_table(),
         ]
         for writer in sorted(writers, key=lambda w: w.version):
-            out.append(self.ingest_table(writer))
-            out += self.ingest_views(writer)
+            out += [self.ingest_table(writer), self.ingest_block_column(writer)]
+            out += self.ingest_views(writer) + self.messages_view(writer)
         out += [self.drop_windows_view(), self.hourly_table(), *self.fleet_tables(), *self.hold_tables()]
         return out
 

@@ -78,8 +78,10 @@ def test_a_topic_made_again_from_offset_zero_loses_nothing(ch: tuple[Any, str], 
 def test_an_oversize_rejected_message_is_dead_lettered_by_digest(
     kafka_bootstrap: str, topic: str, ch: tuple[Any, str]
 ) -> None:
-    """An unsigned 1 MiB value is quarantined; the dead-letter producer cannot send it whole, so it
-    sends its digest, size and reason instead, and the loader goes on to the honest batch."""
+    """A value over 1 MiB is quarantined; the dead-letter producer (its limit the topic's) cannot send
+    it whole, so it sends its digest, size and reason instead, and the loader goes on."""
+    from gpumeter.record import MAX_VALUE_BYTES
+
     big = b"\x00" * (1024 * 1024 + 100)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", max_request_size=4 * 1024 * 1024)
     producer.send(topic, value=big, partition=0)
@@ -101,7 +103,7 @@ def test_an_oversize_rejected_message_is_dead_lettered_by_digest(
     consumer.close()
     assert len(got) == 1
     headers, value = got[0]
-    assert headers["gm-reason"] == b"unsigned batch"
+    assert headers["gm-reason"] == f"message of {len(big)} bytes, over the limit of {MAX_VALUE_BYTES}".encode()
     assert headers["gm-oversize"] == str(len(big)).encode() and value == b""
     assert headers["gm-sha256"] == hashlib.sha256(big).hexdigest().encode()
 
@@ -146,3 +148,184 @@ def test_a_store_that_cannot_take_inserts_stops_the_loader_with_nothing_committe
     clickhouse.ensure_schema(client, db)
     assert load(kafka_bootstrap, topic, ch, expect=1).stats.windows == 5
     assert stored(ch) == ["GPU-a"]
+
+
+def dead_lettered(bootstrap: str, dlq: str) -> list[tuple[dict[str, bytes], bytes]]:
+    consumer = KafkaConsumer(dlq, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    got = [(dict(m.headers), m.value) for m in consumer]
+    consumer.close()
+    return got
+
+
+def test_a_topic_made_again_dead_letters_only_its_own_rejections(ch: tuple[Any, str], tmp_path: Path) -> None:
+    """Both incarnations of a topic reject a window at the same partition and offset. The second
+    loader dead-letters and counts its own rejection only, not the first topic's row stored there."""
+    topic = "usage-made-again-rejects"
+    for n, gpu in enumerate(("GPU-old-cluster", "GPU-new-cluster")):
+        with LocalBroker(log_path=tmp_path / f"broker{n}.log") as broker:
+            create_topic(broker.bootstrap, topic, partitions=1)
+            create_topic(broker.bootstrap, topic + ".dead-letter", partitions=1)
+            produce(broker.bootstrap, topic, [[window(gpu, 0), {**window(gpu, 1), "allocated_seconds": 999}]])
+            dead = DeadLetter(broker.bootstrap, topic + ".dead-letter")
+            try:
+                loader = load(broker.bootstrap, topic, ch, expect=1, dead_letter=dead)
+            finally:
+                dead.close()
+            assert loader.stats.windows == 1 and loader.stats.quarantined == 1
+            got = dead_lettered(broker.bootstrap, topic + ".dead-letter")
+            assert [h["gm-record-id"] for h, _ in got] == [record_id(HOST, gpu, "F0001", T0 + 60_000).encode()]
+    assert stored(ch) == ["GPU-new-cluster", "GPU-old-cluster"]
+
+
+def test_a_split_block_dead_letters_each_rejection_once(kafka_bootstrap: str, topic: str, ch: tuple[Any, str]) -> None:
+    """A block whose insert is refused (a batch over 150 months) and that also holds a rejected window,
+    which the halves' inserts reject again: it is counted and dead-lettered once."""
+    months = []
+    for n in range(150):
+        start = int(datetime(2014 + n // 12, n % 12 + 1, 3, tzinfo=UTC).timestamp() * 1000)
+        months.append({**window("GPU-history", 0), "record_id": record_id(HOST, "GPU-history", "F0001", start),
+                       "window_start": start, "window_end": start + 60_000})  # fmt: skip
+    rejected = {**window("GPU-before", 5), "allocated_seconds": 999}
+    produce(kafka_bootstrap, topic, [[window("GPU-before", m) for m in range(5)] + [rejected], months])
+    dlq = topic + ".dead-letter"
+    create_topic(kafka_bootstrap, dlq, partitions=1)
+    dead = DeadLetter(kafka_bootstrap, dlq)
+    try:
+        loader = load(kafka_bootstrap, topic, ch, expect=2, dead_letter=dead)
+    finally:
+        dead.close()
+    assert loader.stats.windows == 5 and loader.stats.quarantined == 2
+    reasons = sorted(h["gm-reason"].decode() for h, _ in dead_lettered(kafka_bootstrap, dlq))
+    assert reasons == [
+        "ClickHouse refused the insert: its windows fall in too many months for one block",
+        "allocated_seconds > window length",
+    ]
+
+
+def test_the_rejections_of_a_block_are_read_once_each_and_only_its_own(ch: tuple[Any, str]) -> None:
+    """What the loader dead-letters for a block: rows of that block only (another block at the same
+    partition and offsets, from a topic made again, is not it), each rejection once, even where an
+    insert that ClickHouse refused after its views wrote rejections, then split, wrote them twice."""
+    from pipeline import clickhouse
+
+    client, db = ch
+    at = datetime(2026, 3, 2, tzinfo=UTC)
+    rows = [
+        (b"w1", "allocated_seconds > window length", "kafka", 0, 7, at, "this-block"),
+        (b"w1", "allocated_seconds > window length", "kafka", 0, 7, at, "this-block"),
+        (b"old", "unsigned batch", "kafka", 0, 7, at, "old-topic-block"),
+        (b"x", "unsigned batch", "kafka", 0, 9, at, "this-block"),
+    ]
+    clickhouse.insert_quarantine(client, db, rows, None)
+    got = clickhouse.quarantined_in_range(client, db, 0, 0, 999, "this-block")
+    assert got == [(b"w1", "allocated_seconds > window length", 7, ""), (b"x", "unsigned batch", 9, "")]
+
+
+def test_a_block_replayed_after_it_loaded_is_logged_counted_and_not_inserted_again(
+    kafka_bootstrap: str, topic: str, ch: tuple[Any, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loader dies after its inserts, before its commit: the next loader replays the block. It is
+    found in the ledger, logged and counted as deduplicated, and its windows are stored once."""
+    from kafka.errors import CommitFailedError
+
+    produce(kafka_bootstrap, topic, [[window("GPU-replayed", m) for m in range(i * 5, i * 5 + 5)] for i in range(2)])
+    client, db = ch
+    consumer = make_consumer(kafka_bootstrap, topic, "g-replay", fast_rebalance=True)
+
+    def lost(*_: Any, **__: Any) -> None:
+        raise CommitFailedError("the loader died before its commit")
+
+    consumer.commit = lost
+    first = Loader(consumer, client, db, topic, keys=KEYS)
+    try:
+        first.run(until=lambda s: s.messages >= 2, idle_timeout_s=30)
+    finally:
+        consumer.close(autocommit=False)
+    assert first.stats.windows == 10 and first.stats.commit_failures >= 1
+    with caplog.at_level("INFO", logger="pipeline.loader"):
+        consumer = make_consumer(kafka_bootstrap, topic, "g-replay", fast_rebalance=True)
+        again = Loader(consumer, client, db, topic, keys=KEYS)
+        try:
+            again.run(until=lambda s: s.messages >= 2, idle_timeout_s=30)
+        finally:
+            consumer.close(autocommit=False)
+    assert again.stats.deduplicated_blocks >= 1 and again.stats.windows == 0
+    assert "was loaded before (a replay): not inserted again" in caplog.text
+    assert client.query(f"SELECT count() FROM {db}.usage_raw").result_rows[0][0] == 10
+
+
+def test_a_batch_over_the_window_limit_in_several_array_blocks_is_quarantined_by_the_views(
+    kafka_bootstrap: str, topic: str, ch: tuple[Any, str]
+) -> None:
+    """A signed batch of 600 windows written as two Avro array blocks of 300: the loader's count reads
+    the first block only (300, under the limit of 500), so ClickHouse's own check of the array's
+    length quarantines every window; the honest batch beside it loads."""
+    from gpumeter.record import MAX_WINDOWS_PER_BATCH, SOE_MAGIC
+    from pipeline.framing import shipped_versions, split_value, zigzag
+
+    versions = shipped_versions()
+    ws = [window("GPU-many", m) for m in range(600)]
+    writer, empty = split_value(encode_batch(HOST, "test", [], high_water_seq=599), versions)
+    strings = zigzag(len(HOST)) + HOST.encode() + zigzag(4) + b"test"  # host_id, agent_version
+    trailer = empty[len(strings) + 1 :]  # the batch fields after the array
+    one = [split_value(encode_batch(HOST, "test", [w], high_water_seq=599), versions)[1] for w in ws]
+    items = [b[len(strings) + 1 : -1 - len(trailer)] for b in one]
+    body = strings + zigzag(300) + b"".join(items[:300]) + zigzag(300) + b"".join(items[300:]) + b"\x00" + trailer
+    value = SOE_MAGIC + writer.fingerprint + body
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    producer.send(topic, value=value, headers=signature_headers(value, "k1", SECRET), partition=0)
+    producer.flush()
+    producer.close()
+    produce(kafka_bootstrap, topic, [[window("GPU-honest", m) for m in range(5)]])
+    load(kafka_bootstrap, topic, ch, expect=2)
+    assert stored(ch) == ["GPU-honest"]
+    client, db = ch
+    rows = client.query(f"SELECT reason, count() FROM {db}.usage_quarantine GROUP BY reason").result_rows
+    assert rows == [(f"batch of more than {MAX_WINDOWS_PER_BATCH} windows", 600)]
+
+
+def test_gaps_see_a_lost_tail_and_a_silent_agent(kafka_bootstrap: str, topic: str, ch: tuple[Any, str]) -> None:
+    """Windows 0..9 arrive, 10..14 are lost at the agent, and its heartbeat says it had numbered up to
+    14: the tail is reported missing. Another agent whose last message came an hour ago is silent.
+    A heartbeat signed with another host's key does not speak for the host it names."""
+    from datetime import timedelta
+
+    from pipeline import clickhouse
+    from pipeline.gaps import gaps_table
+
+    client, db = ch
+    now = datetime.now(UTC)
+    quiet = "P01-H02"
+    keys = parse_registry({"hosts": {
+        HOST: {"provider_id": PROVIDER, "keys": {"k1": SECRET.hex()}},
+        quiet: {"provider_id": PROVIDER, "keys": {"k2": SECRET[::-1].hex()}},
+    }})  # fmt: skip
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+
+    def send(value: bytes, key_id: str, secret: bytes) -> None:
+        producer.send(topic, value=value, headers=signature_headers(value, key_id, secret), partition=0)
+        producer.flush()
+
+    def run(at: datetime, expect: int) -> None:
+        consumer = make_consumer(kafka_bootstrap, topic, "g-gaps", fast_rebalance=True)
+        try:
+            Loader(consumer, client, db, topic, keys=keys, clock=lambda: at).run(
+                until=lambda s: s.messages >= expect, idle_timeout_s=30
+            )
+        finally:
+            consumer.close(autocommit=False)
+
+    quiet_window = {**window("GPU-q", 0), "host_id": quiet, "record_id": record_id(quiet, "GPU-q", "F0001", T0)}
+    send(encode_batch(quiet, "test", [quiet_window]), "k2", SECRET[::-1])
+    run(now - timedelta(hours=1), expect=1)
+    send(encode_batch(HOST, "test", [window("GPU-a", m) for m in range(10)]), "k1", SECRET)
+    send(encode_batch(HOST, "test", [], high_water_seq=14), "k1", SECRET)  # the heartbeat
+    send(encode_batch(quiet, "test", [], high_water_seq=99), "k1", SECRET)  # HOST's key, the quiet host's name
+    run(now, expect=3)
+    table = gaps_table(clickhouse.seq_extents(client, db), clickhouse.seq_gaps(client, db),
+                       clickhouse.agent_contact(client, db), now=now + timedelta(seconds=5))  # fmt: skip
+    hour_ago = (now - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
+    assert table == (
+        f"{HOST}: seq 0..9, 10 seen, 5 missing\n  missing tail 10..14 (the agent had numbered up to 14)\n"
+        f"{quiet}: seq 0..0, 1 seen, complete\n  silent since {hour_ago} UTC"
+    )

@@ -47,7 +47,7 @@ def load(
     writer, body = split_value(encode_batch(batch_host, "test", windows), shipped_versions())
     data = container(writer, 0, loader_ms * 1000, [Framed(5, sent_ms, body, *signer)])
     clickhouse.insert_ingest(client, db, writer, data, f"t:{db}")
-    return [r[1] for r in clickhouse.quarantined_in_range(client, db, 0, 5, 5)]
+    return [r[1] for r in clickhouse.quarantined_in_range(client, db, 0, 5, 5, "")]
 
 
 CASES = [

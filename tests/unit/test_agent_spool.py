@@ -208,3 +208,33 @@ def test_graceful_stop_saves_open_windows_instead_of_closing_them_early(tmp_path
     assert sum(w["allocated_seconds"] for w in windows) == sum(
         truth(f, list(range(f.start_s, f.start_s + 10))).values()
     )
+
+
+def test_an_idle_sender_heartbeats_the_high_water_mark_a_busy_one_does_not(tmp_path: Path) -> None:
+    """Every batch says the highest seq numbered so far; with the spool empty and nothing sent for a
+    minute, a signed heartbeat of no windows says it again, so the pipeline sees a lost tail and an
+    idle agent apart from a dead one."""
+    f = fleet()
+    meter, spool = spooled_agent(tmp_path, f)
+    for t in range(f.start_s, f.start_s + 21):
+        meter.sample(t)
+    now = [0.0]
+    kafka = FakeKafka([])
+    made: list[tuple[str, bytes, list[tuple[str, bytes]]]] = []
+
+    def heartbeat() -> tuple[str, bytes, list[tuple[str, bytes]]]:
+        made.append(("h", *spool.heartbeat("h", "t")))
+        return made[-1]
+
+    sender = SpoolSender(spool, lambda: kafka, heartbeat=heartbeat, heartbeat_s=60, clock=lambda: now[0])
+    assert sender.drain_once() == "sent"
+    batches = [decode_batch(v) for v in kafka.delivered]
+    assert [b["high_water_seq"] for b in batches] == [max(w["seq"] for w in b["windows"]) for b in batches]
+    now[0] = 59.0
+    assert sender.beat_once() == "idle" and len(kafka.delivered) == len(batches)  # sent something 59 s ago
+    now[0] = 61.0
+    assert sender.beat_once() == "sent" and sender.heartbeats_sent == 1
+    beat = decode_batch(kafka.delivered[-1])
+    assert beat["windows"] == [] and beat["high_water_seq"] == meter.windows_closed - 1 == spool.next_seq - 1
+    assert made[-1][1] == kafka.delivered[-1] and verify(made[-1][1], made[-1][2], {KEY[0]: KEY[1]}) == KEY[0]
+    assert sender.beat_once() == "idle"  # the next one is due a minute later

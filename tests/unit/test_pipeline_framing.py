@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gpumeter.errors import RecordError
-from gpumeter.record import encode_batch, record_id
+from gpumeter.record import CURRENT_VERSION, encode_batch, record_id
 from pipeline.framing import Framed, container, decode_body, shipped_versions, split_value, window_count, zigzag
 
 
@@ -81,3 +81,33 @@ def test_window_count_rejects_a_truncated_header() -> None:
     with pytest.raises(RecordError) as err:
         window_count(b"\x80")
     assert str(err.value) == "corrupt Avro body: truncated varint"
+
+
+def blocked_body(n: int, sizes: list[int], negative: bool) -> bytes:
+    """The body of a batch of ``windows(n)`` with its array written as blocks of ``sizes`` items;
+    ``negative``: each block's count negated and followed by its size in bytes (Avro allows both)."""
+    versions = shipped_versions()
+
+    def body(ws: list[dict[str, object]]) -> bytes:
+        return split_value(encode_batch("h", "t", ws, high_water_seq=-1), versions)[1]  # type: ignore[arg-type]
+
+    strings = zigzag(1) + b"h" + zigzag(1) + b"t"  # host_id, agent_version; the array follows
+    trailer = body([])[len(strings) + 1 :]  # the batch fields after the array
+    items = [body([w])[len(strings) + 1 : -1 - len(trailer)] for w in windows(n)]
+    out, done = bytearray(strings), 0
+    for size in sizes:
+        chunk = b"".join(items[done : done + size])
+        out += zigzag(-size) + zigzag(len(chunk)) if negative else zigzag(size)
+        out += chunk
+        done += size
+    return bytes(out + b"\x00" + trailer)
+
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_window_count_counts_every_block_it_can_skip(negative: bool) -> None:
+    body = blocked_body(7, [3, 4], negative)
+    writer = next(w for w in shipped_versions().values() if w.version == CURRENT_VERSION)
+    assert len(decode_body(writer, body)["windows"]) == 7
+    # negative blocks carry their size, so each is skipped and counted; a positive block's items cannot
+    # be skipped without decoding them, so the count stops after the first (the views see the rest)
+    assert window_count(body) == (7 if negative else 3)

@@ -28,3 +28,22 @@ def test_run_with_missing_keys_file_fails_before_connecting(tmp_path: Path, caps
         main(["pipeline", "run", "--kafka", "127.0.0.1:1", "--keys", str(missing)])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == f"Error: {missing}: keys file not found\n"
+
+
+def test_gaps_table_reports_a_missing_tail_and_silent_and_unheard_agents() -> None:
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+    extents = [("h1", 0, 9, 10), ("h2", 0, 4, 5)]
+    contact = [
+        ("h1", 14, datetime(2026, 3, 2, 11, 59)),  # said it had numbered 14: 10..14 never came
+        ("h2", 4, datetime(2026, 3, 2, 11, 0)),  # all in, but nothing for an hour
+        ("h3", 2, datetime(2026, 3, 2, 11, 58)),  # heartbeats only: 0..2 never came
+    ]
+    table = gaps_table(extents, [], contact, now=now, silent_after_s=300, registered=["h1", "h4"])
+    assert table == (
+        "h1: seq 0..9, 10 seen, 5 missing\n  missing tail 10..14 (the agent had numbered up to 14)\n"
+        "h2: seq 0..4, 5 seen, complete\n  silent since 2026-03-02 11:00:00 UTC\n"
+        "h3: no windows yet, 3 missing\n  missing tail 0..2 (the agent had numbered up to 2)\n"
+        "h4: never heard from (registered in the keys file)"
+    )

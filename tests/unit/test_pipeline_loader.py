@@ -88,6 +88,7 @@ def _offsets(token: str) -> str:
 class FakeClient:
     def __init__(self) -> None:
         self.tokens: list[str] = []
+        self.ledger: list[tuple[Any, ...]] = []  # usage_blocks rows
         self.fail: Callable[[], bool] = lambda: False
 
     def raw_insert(self, table: str, cols: Any, data: bytes, settings: dict[str, Any], fmt: str) -> Summary:
@@ -97,11 +98,17 @@ class FakeClient:
         return Summary(0)
 
     def insert(self, table: str, rows: Any, column_names: Any, settings: dict[str, Any]) -> None:
-        self.tokens.append(_offsets(settings["insert_deduplication_token"]))
+        if table.endswith(".usage_blocks"):
+            self.ledger += [tuple(r) for r in rows]
+        else:
+            self.tokens.append(_offsets(settings["insert_deduplication_token"]))
 
     def query(self, sql: str, parameters: Any = None, column_formats: Any = None) -> Result:
         if self.fail():
             raise ConnectionError("ClickHouse is down")
+        if "usage_blocks" in sql:  # block_loaded
+            known = any(r[1:3] == (parameters["p"], parameters["a"]) and r[4] == parameters["d"] for r in self.ledger)
+            return Result([(int(known),)])
         return Result([])
 
 
@@ -119,7 +126,7 @@ def test_blocks_are_cut_at_fixed_offset_boundaries() -> None:
     ld = loader(consumer, client)
     assert ld.poll_once() == 5 + 10  # 5..9 and 10..19 are complete; 20..23 waits (more arrived)
     assert ld.poll_once() == 10  # 20..29 complete
-    assert client.tokens == ["usage:0:5-9:v2", "usage:0:10-19:v2", "usage:0:20-29:v2"]
+    assert client.tokens == ["usage:0:5-9:v3", "usage:0:10-19:v3", "usage:0:20-29:v3"]
     assert consumer.commits == [{0: 20}, {0: 30}]
     assert ld.stats.windows == 2 * 25
 
@@ -140,7 +147,7 @@ def test_revoked_partition_is_dropped_and_never_committed() -> None:
     ld.poll_once()
     ld.poll_once()
     assert consumer.commits == [{0: 4}]
-    assert client.tokens == ["usage:0:0-3:v2"]
+    assert client.tokens == ["usage:0:0-3:v3"]
     assert ld.stats.dropped_on_revoke == 4
 
 
@@ -159,7 +166,7 @@ def test_clickhouse_down_commits_nothing_backs_off_and_catches_up() -> None:
     assert ld.poll_once() == 10
     assert consumer.commits == [{0: 10}] and consumer.paused == set()
     assert ld.stats.flush_failures == 2
-    assert client.tokens == ["usage:0:0-9:v2"]
+    assert client.tokens == ["usage:0:0-9:v3"]
 
 
 def test_commit_failure_loses_nothing_and_keeps_running() -> None:
@@ -178,7 +185,7 @@ def test_garbage_is_quarantined_without_touching_the_container() -> None:
     client = FakeClient()
     ld = loader(consumer, client)
     assert ld.poll_once() == 10
-    assert client.tokens == ["usage:0:0-9:v2", "usage:0:0-9:q"]
+    assert client.tokens == ["usage:0:0-9:v3", "usage:0:0-9:q"]
 
 
 def test_the_block_digest_tells_a_replay_from_new_data_at_the_same_offsets() -> None:
@@ -196,3 +203,60 @@ def test_the_block_digest_tells_a_replay_from_new_data_at_the_same_offsets() -> 
     assert block_digest(first) != block_digest(block([b"a", b"bd"]))
     assert block_digest(first) != block_digest(block([b"ab", b"c"]))  # same bytes, other messages
     assert block_digest(first) != block_digest(block([b"a", b"bc"], [("gm-sig", b"x")]))
+
+
+def test_a_block_replayed_after_it_loaded_is_not_inserted_again_and_is_counted() -> None:
+    """A crash after the inserts and before the commit: the next owner replays the same block. The
+    ledger has it, so nothing is inserted again; the block is committed and counted as deduplicated."""
+    client = FakeClient()
+    first = loader(FakeConsumer([{0: msgs(0, 9)}]), client)
+    assert first.poll_once() == 10
+    assert client.tokens == ["usage:0:0-9:v3"] and len(client.ledger) == 1
+    consumer = FakeConsumer([{0: msgs(0, 9)}])
+    again = loader(consumer, client)
+    assert again.poll_once() == 10
+    assert client.tokens == ["usage:0:0-9:v3"] and consumer.commits == [{0: 10}]
+    assert again.stats.deduplicated_blocks == 1 and again.stats.windows == 0
+    other = loader(FakeConsumer([{0: [Msg(0, value(3)), *msgs(1, 9)]}]), client)  # other data, same offsets
+    assert other.poll_once() == 10 and other.stats.deduplicated_blocks == 0
+    assert client.tokens == ["usage:0:0-9:v3", "usage:0:0-9:v3"]
+
+
+def test_a_message_over_the_contract_limits_is_quarantined_before_it_is_read() -> None:
+    from gpumeter.record import MAX_VALUE_BYTES, MAX_WINDOWS_PER_BATCH
+
+    consumer = FakeConsumer([{0: [Msg(0, b"\x00" * (MAX_VALUE_BYTES + 1)), Msg(1, value(MAX_WINDOWS_PER_BATCH + 1)),
+                                  Msg(2, value(MAX_WINDOWS_PER_BATCH))]}])  # fmt: skip
+    client = FakeClient()
+    rows: list[Any] = []
+    client.insert = lambda table, r, column_names, settings: rows.extend(r)  # type: ignore[method-assign]
+    ld = loader(consumer, client)
+    assert ld.poll_once(drain=True) == 3
+    assert [(r[3], r[4], r[1]) for r in rows if len(r) == 7] == [
+        (0, 0, f"message of {MAX_VALUE_BYTES + 1} bytes, over the limit of {MAX_VALUE_BYTES}"),
+        (0, 1, f"message of {MAX_WINDOWS_PER_BATCH + 1} windows, over the limit of {MAX_WINDOWS_PER_BATCH}"),
+    ]
+    assert ld.stats.windows == MAX_WINDOWS_PER_BATCH
+
+
+def test_blocks_end_where_their_bytes_would_pass_the_budget() -> None:
+    """Memory per block is bounded: a block also ends before the message that would take its values
+    over ``block_bytes``; that block is complete at once, and a replay cuts it the same way."""
+    size = len(value())
+    consumer = FakeConsumer([{0: msgs(0, 6)}, {0: msgs(0, 6)}])
+    client = FakeClient()
+    ld = loader(consumer, client, block_bytes=3 * size)
+    assert ld.poll_once() == 6  # 0-2 and 3-5 are full; 6 is the tail and waits (more may come)
+    assert client.tokens == ["usage:0:0-2:v3", "usage:0:3-5:v3"]
+    replay = loader(FakeConsumer([{0: msgs(0, 6)}]), FakeClient(), block_bytes=3 * size)
+    replay.poll_once()
+    assert replay.client.tokens == client.tokens
+
+
+def test_the_dead_letter_limit_is_read_from_the_topic_config() -> None:
+    from pipeline.loader import message_limit
+
+    described = {"topic": {"dlq": {"max.message.bytes": {"name": "max.message.bytes", "value": "2097152"}}}}
+    assert message_limit(described, "dlq") == 2_097_152
+    assert message_limit(described, "other") is None
+    assert message_limit({"topic": {"dlq": {}}}, "dlq") is None

@@ -11,7 +11,9 @@ from pipeline.schema import WINDOW_CHECKS, Ddl, ch_type, reject_reason_sql
 def test_single_server_ddl_uses_plain_engines_and_a_dedup_window() -> None:
     text = "\n".join(Ddl("gm").statements(shipped_versions().values()))
     assert "ON CLUSTER" not in text and "Replicated" not in text
-    assert text.count("non_replicated_deduplication_window = 10000") == 2  # usage_raw, usage_quarantine
+    assert (
+        text.count("non_replicated_deduplication_window = 10000") == 4
+    )  # usage_raw, usage_quarantine, usage_blocks, agent_messages
     assert "CREATE TABLE IF NOT EXISTS gm.usage_ingest_v1 (" in text
     assert "ENGINE = Null" in text
 
@@ -28,7 +30,7 @@ def test_cluster_ddl_is_on_cluster_and_replicated() -> None:
         "refreshed_at)" in text
     )
     assert "non_replicated_deduplication_window" not in text
-    assert text.count("replicated_deduplication_window = 10000") == 2
+    assert text.count("replicated_deduplication_window = 10000") == 4
     assert not re.search(r"ENGINE = MergeTree\b", text)
 
 
@@ -40,6 +42,9 @@ def test_one_ingest_table_and_two_views_per_writer_version() -> None:
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v1_to_quarantine_<checks>",
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v2_to_raw_<checks>",
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v2_to_quarantine_<checks>",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v3_to_raw_<checks>",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v3_to_quarantine_<checks>",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v3_to_messages_2",  # v3 batches carry a high water
     ]
 
 

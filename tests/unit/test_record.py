@@ -45,7 +45,12 @@ def window(**over: object) -> dict[str, object]:
 def test_roundtrip_keeps_every_field() -> None:
     windows = [window(), window(seq=8, firm_id="F2", busy_seconds=None, energy_joules=1234.5)]
     batch = decode_batch(encode_batch("h1", "0.1.0", windows))
-    assert batch == {"host_id": "h1", "agent_version": "0.1.0", "windows": windows}
+    assert batch == {"host_id": "h1", "agent_version": "0.1.0", "windows": windows, "high_water_seq": 8, "made_at": 0}
+    heartbeat = decode_batch(encode_batch("h1", "0.1.0", [], high_water_seq=41, made_at_ms=1_772_409_600_000))
+    assert heartbeat == {"host_id": "h1", "agent_version": "0.1.0", "windows": [], "high_water_seq": 41,
+                         "made_at": 1_772_409_600_000}  # fmt: skip
+    old = decode_batch(encode_batch("h1", "0.1.0", windows, version=2))  # a v2 writer: the defaults
+    assert (old["high_water_seq"], old["made_at"]) == (-1, 0)
 
 
 def test_value_starts_with_single_object_header_of_a_known_schema() -> None:
