@@ -17,12 +17,12 @@ from agent import AGENT_VERSION, attribution
 from agent.config import AgentConfig, signing_key
 from agent.devices import DeviceSource
 from agent.kafka_sink import KafkaSink
-from agent.metrics import Metric, one, render, serve, write_textfile
 from agent.runner import Agent, run_realtime
 from agent.sender import SpoolSender
 from agent.spool import Spool
 from agent.windows import HostIdentity
 from gpumeter.errors import ConfigError
+from gpumeter.metrics import Metric, one, render, serve, write_textfile
 
 log = logging.getLogger("gpumeter.agent")
 

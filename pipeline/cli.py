@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
 
 from gpumeter.cli import settings_from
+from gpumeter.metrics import render, serve, write_textfile
 from gpumeter.signals import stop_requested
 from pipeline import clickhouse
 from pipeline.gaps import SILENT_AFTER_S, gaps_table
 from pipeline.keys import load_registry
-from pipeline.loader import DeadLetter, Loader, make_consumer
+from pipeline.loader import DeadLetter, Loader, LoaderStats, LoaderStopped, make_consumer
+from pipeline.loader_metrics import collect
 from pipeline.usage_store import UsageStore
 
 CLUSTER_OPTION = click.option(
@@ -21,6 +24,7 @@ CLUSTER_OPTION = click.option(
     default=None,
     help="Create the DDL ON CLUSTER with Replicated engines (env GPUMETER_CLICKHOUSE_CLUSTER).",
 )
+METRICS_EVERY_S = 15.0
 UNCHECKED = (
     "WARNING: no --keys file: batch signatures and host/provider registrations are NOT checked; "
     "only plausibility checks run. Pass --keys FILE in production."
@@ -70,6 +74,30 @@ def init(ctx: click.Context, cluster: str | None) -> None:
     default=None,
     help="Topic for rejected messages and windows (default: <topic>.dead-letter; '-' for none).",
 )
+@click.option(
+    "--rebalance-timeout",
+    type=click.FloatRange(min=1, max=3600),
+    default=None,
+    metavar="SECONDS",
+    help="Longest pause between polls before the group reassigns this loader's partitions; also how "
+    "long a join waits for the group (default 300).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    help="Serve Prometheus self-metrics at /metrics on this port.",
+)
+@click.option(
+    "--metrics-addr",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics endpoint listens on (0.0.0.0 in a pod network).",
+)
+@click.option(
+    "--metrics-textfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the metrics to this file (node_exporter textfile collector) every 15 s and at exit.",
+)
 @CLUSTER_OPTION
 @click.pass_context
 def run(
@@ -80,17 +108,26 @@ def run(
     idle_exit: float | None,
     keys_file: Path | None,
     dead_letter_topic: str | None,
+    rebalance_timeout: float | None,
+    metrics_port: int | None,
+    metrics_addr: str,
+    metrics_textfile: Path | None,
     cluster: str | None,
 ) -> None:
     """Consume usage batches and insert them into ClickHouse; offsets are committed only after the insert.
 
     Verifies each batch's signature against --keys, checks every window, and
     quarantines what fails (table usage_quarantine and the dead-letter topic).
-    Run several with the same --group to share partitions.
+    Run several with the same --group to share partitions (against a ClickHouse
+    server: the embedded store is one process per path). Exit 3: a permanent
+    failure (a missing table or privilege) stopped it, nothing committed; fix
+    it and start again. Self-metrics: lag per partition, windows loaded,
+    rejections by reason, blocks deduplicated, last commit time.
 
     \b
     Example:
       gpumeter pipeline run --keys /etc/gpumeter/keys.toml --group loaders
+      gpumeter pipeline run --keys keys.toml --metrics-port 9465
     """
     s = settings_from(ctx, kafka_bootstrap=kafka_bootstrap, topic=topic)
     keys = load_registry(keys_file) if keys_file is not None else None
@@ -98,17 +135,37 @@ def run(
         click.echo(UNCHECKED, err=True)
     client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
     clickhouse.ensure_schema(client, s.clickhouse_database, cluster=cluster)
-    consumer = make_consumer(s.kafka_bootstrap, s.topic, group_id)
+    consumer = make_consumer(s.kafka_bootstrap, s.topic, group_id, rebalance_timeout_s=rebalance_timeout)
     dlq_topic = dead_letter_topic or f"{s.topic}.dead-letter"
     dead_letter = DeadLetter(s.kafka_bootstrap, dlq_topic) if dlq_topic != "-" else None
     should_stop = stop_requested()
     loader = Loader(consumer, client, s.clickhouse_database, s.topic, keys=keys, dead_letter=dead_letter)
+
+    def body() -> str:
+        return render(collect(loader))
+
+    server = serve(metrics_addr, metrics_port, body) if metrics_port else None
+    written = [0.0]
+
+    def until(_: LoaderStats) -> bool:
+        if metrics_textfile is not None and time.monotonic() - written[0] >= METRICS_EVERY_S:
+            write_textfile(metrics_textfile, body())
+            written[0] = time.monotonic()
+        return should_stop()
+
     try:
-        stats = loader.run(until=lambda _: should_stop(), idle_timeout_s=idle_exit)
+        stats = loader.run(until=until, idle_timeout_s=idle_exit)
+    except LoaderStopped:
+        loader.stats.stopped = 1
+        raise
     finally:
         consumer.close(autocommit=False)
         if dead_letter is not None:
             dead_letter.close()
+        if metrics_textfile is not None:
+            write_textfile(metrics_textfile, body())
+        if server is not None:
+            server.shutdown()
     click.echo(f"messages={stats.messages} windows={stats.windows} quarantined={stats.quarantined}", err=True)
 
 

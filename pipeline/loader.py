@@ -33,6 +33,7 @@ import hashlib
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +54,7 @@ from pipeline.framing import (
     window_count,
 )
 from pipeline.keys import KeyRegistry
+from pipeline.schema import BATCH_CHECKS, WINDOW_CHECKS
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ class LoaderStats:
     commit_failures: int = 0
     dropped_on_revoke: int = 0  # buffered messages of partitions taken away in a rebalance
     deduplicated_blocks: int = 0  # blocks replayed after they had loaded (the ledger had them): not inserted
+    quarantined_by_reason: Counter[str] = field(default_factory=Counter)  # by ``reason_label``
+    last_commit_unix: float = 0.0  # wall-clock time of the last offset commit
+    stopped: int = 0  # 1 once a permanent failure stopped the loader (LoaderStopped)
 
 
 class TransientError(Exception):
@@ -236,8 +241,11 @@ class RevocationListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.on_partitions_revoked(lost)
 
 
-def consumer_config(group_id: str, fast_rebalance: bool = False) -> dict[str, Any]:
-    """kafka-python consumer settings; ``fast_rebalance`` for tests/demo on a local broker."""
+def consumer_config(group_id: str, fast_rebalance: bool = False, rebalance_timeout_s: float | None = None
+                    ) -> dict[str, Any]:  # fmt: skip
+    """kafka-python consumer settings; ``fast_rebalance`` for tests/demo on a local broker;
+    ``rebalance_timeout_s``: the longest a member may go between polls, which is also how long a
+    join waits for the group's members (kafka-python's ``max_poll_interval_ms``; default 300 s)."""
     config: dict[str, Any] = {
         "group_id": group_id,
         "enable_auto_commit": False,
@@ -251,6 +259,11 @@ def consumer_config(group_id: str, fast_rebalance: bool = False) -> dict[str, An
     if fast_rebalance:
         # A JOIN waits for the rebalance timeout (= max_poll_interval_ms in kafka-python).
         config.update(max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=1_000)
+    if rebalance_timeout_s is not None:
+        timeout_ms = int(rebalance_timeout_s * 1000)
+        session_ms = min(timeout_ms, 10_000)
+        config.update(max_poll_interval_ms=timeout_ms, session_timeout_ms=session_ms,
+                      heartbeat_interval_ms=max(session_ms // 3, 100))  # fmt: skip
     return config
 
 
@@ -289,6 +302,9 @@ class Loader:
         else:
             self.listener = RevocationListener()
             consumer.subscribe([topic], listener=self.listener)
+        self.lag: dict[int, int] = {}  # partition -> messages at the broker not yet committed by this member
+        self.assigned = 0  # partitions assigned to this member at the last poll
+        self._committed: dict[int, int] = {}  # partition -> offset this member committed last
         self._buffers: dict[int, list[Any]] = {}
         self._since: dict[int, float] = {}  # partition -> monotonic time its oldest buffered message came
         self._backoff = 0.0
@@ -299,6 +315,7 @@ class Loader:
         """Poll, buffer, flush whatever blocks are ready. Returns messages made durable and committed."""
         fetched = self.consumer.poll(timeout_ms=0 if self._backoff else timeout_ms)
         self._drop_revoked()
+        self._measure_lag()
         now = time.monotonic()
         arrived: set[int] = set()
         for tp, messages in fetched.items():
@@ -339,6 +356,22 @@ class Loader:
             self.poll_once(timeout_ms=0, drain=True)
 
     # --- blocks ----------------------------------------------------------
+    def _measure_lag(self) -> None:
+        """Per assigned partition, the broker's high water (from the last fetch, no request) less the
+        offset this member committed (or, before its first commit, its fetch position)."""
+        lag = {}
+        assigned = self.consumer.assignment()
+        self.assigned = len(assigned)
+        for tp in assigned:
+            high = self.consumer.highwater(tp)
+            done = self._committed.get(tp.partition)
+            if done is None:
+                buffered = self._buffers.get(tp.partition)
+                done = buffered[0].offset if buffered else None
+            if high is not None and done is not None:
+                lag[tp.partition] = max(high - done, 0)
+        self.lag = lag
+
     def _drop_revoked(self) -> None:
         if not self.listener.revoked:
             return
@@ -423,6 +456,8 @@ class Loader:
         try:
             self.consumer.commit(offsets=offsets)
             self.stats.commits += 1
+            self.stats.last_commit_unix = time.time()
+            self._committed.update({tp.partition: meta.offset for tp, meta in offsets.items()})
         except (CommitFailedError, KafkaError) as exc:
             # The rows are durable; the next owner of these partitions replays them and
             # the tokens and the first-delivery read absorb the replay. Nothing is lost.
@@ -488,6 +523,7 @@ class Loader:
             self.dead_letter.send_and_wait(self.topic, partition, rejected)
         self.stats.windows += loaded
         self.stats.quarantined += len(rejected)
+        self.stats.quarantined_by_reason.update(reason_label(r[1]) for r in rejected)
 
     def _try_insert(self, at: _Attempt, writer: WriterVersion, framed: list[Framed], token: str
                     ) -> tuple[str, str, Exception] | None:  # fmt: skip
@@ -557,6 +593,27 @@ class _Attempt:
         self.bad.append((value, reason, "kafka", self.partition, offset, self.now, self.digest))
 
 
+# Labels of a rejection for metrics: the checks' own reasons (a fixed set), message-level reasons by
+# their start (they carry key ids and sizes, which must not become label values).
+MESSAGE_REASONS = (
+    ("unsigned batch", "unsigned"), ("unknown signing key id", "unknown_key"), ("bad signature", "bad_signature"),
+    ("not an Avro single-object message", "bad_magic"), ("unknown writer schema", "unknown_writer"),
+    ("corrupt Avro body", "corrupt"), ("trailing bytes", "corrupt"), ("Avro body is not", "corrupt"),
+    ("ClickHouse refused the insert", "refused_by_clickhouse"),
+)  # fmt: skip
+
+
+def reason_label(reason: str) -> str:
+    """A bounded label value for a quarantine reason."""
+    if reason in {r for r, _ in (*BATCH_CHECKS, *WINDOW_CHECKS)}:
+        return reason
+    if reason.startswith("message of ") and reason.endswith(f"limit of {MAX_VALUE_BYTES}"):
+        return "too_large"
+    if reason.startswith("message of ") and reason.endswith(f"limit of {MAX_WINDOWS_PER_BATCH}"):
+        return "too_many_windows"
+    return next((label for start, label in MESSAGE_REASONS if reason.startswith(start)), "other")
+
+
 def framed_value(writer: WriterVersion, f: Framed) -> bytes:
     """The message value ``f`` was cut from (single-object encoding: magic, fingerprint, body)."""
     return SOE_MAGIC + writer.fingerprint + f.body
@@ -576,10 +633,12 @@ def block_digest(block: list[Any]) -> str:
     return h.hexdigest()
 
 
-def make_consumer(bootstrap: str, topic: str, group_id: str, fast_rebalance: bool = False) -> Any:
+def make_consumer(bootstrap: str, topic: str, group_id: str, fast_rebalance: bool = False,
+                  rebalance_timeout_s: float | None = None) -> Any:  # fmt: skip
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, **consumer_config(group_id, fast_rebalance))
+    config = consumer_config(group_id, fast_rebalance, rebalance_timeout_s)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, **config)
     listener = RevocationListener()
     consumer.subscribe([topic], listener=listener)
     consumer.gpumeter_revocations = listener  # the Loader drops revoked partitions' buffers through it

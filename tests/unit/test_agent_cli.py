@@ -8,9 +8,9 @@ import pytest
 
 from agent import checks
 from agent.config import AgentConfig, load_agent_config
-from agent.metrics import Metric, render
 from gpumeter.cli import main
 from gpumeter.errors import ConfigError
+from gpumeter.metrics import Metric, render
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -47,3 +47,19 @@ def test_gaps_table_reports_a_missing_tail_and_silent_and_unheard_agents() -> No
         "h3: no windows yet, 3 missing\n  missing tail 0..2 (the agent had numbered up to 2)\n"
         "h4: never heard from (registered in the keys file)"
     )
+
+
+def test_a_permanent_stop_exits_3_with_its_message(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """A service manager tells a permanent stop (3: do not restart) from other errors (1)."""
+    import gpumeter.cli
+    from pipeline.loader import LoaderStopped
+
+    def stopped(**_: object) -> None:
+        raise LoaderStopped("ClickHouse refused the insert (ACCESS_DENIED): ...")
+
+    monkeypatch.setattr(gpumeter.cli.cli, "main", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pipeline", "run"])
+    assert exit_info.value.code == 3
+    assert capsys.readouterr().err == "Error: ClickHouse refused the insert (ACCESS_DENIED): ...\n"

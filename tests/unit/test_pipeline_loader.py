@@ -41,6 +41,7 @@ class FakeConsumer:
         self.paused: set[int] = set()
         self.revoke_on_poll: dict[int, set[int]] = {}
         self.commit_error: Exception | None = None
+        self.high: dict[int, int] = {}  # partition -> the broker's high water, as the last fetch said
         self.n = 0
 
     def subscribe(self, topics: list[str], listener: Any) -> None:
@@ -60,6 +61,9 @@ class FakeConsumer:
 
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(TOPIC, p) for p in (0, 1)}
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.high.get(tp.partition)
 
     def pause(self, *tps: TopicPartition) -> None:
         self.paused |= {tp.partition for tp in tps}
@@ -89,6 +93,7 @@ class FakeClient:
     def __init__(self) -> None:
         self.tokens: list[str] = []
         self.ledger: list[tuple[Any, ...]] = []  # usage_blocks rows
+        self.quarantine: list[tuple[Any, ...]] = []  # usage_quarantine rows the loader wrote itself
         self.fail: Callable[[], bool] = lambda: False
 
     def raw_insert(self, table: str, cols: Any, data: bytes, settings: dict[str, Any], fmt: str) -> Summary:
@@ -101,6 +106,8 @@ class FakeClient:
         if table.endswith(".usage_blocks"):
             self.ledger += [tuple(r) for r in rows]
         else:
+            if table.endswith(".usage_quarantine"):
+                self.quarantine += [tuple(r) for r in rows]
             self.tokens.append(_offsets(settings["insert_deduplication_token"]))
 
     def query(self, sql: str, parameters: Any = None, column_formats: Any = None) -> Result:
@@ -109,6 +116,10 @@ class FakeClient:
         if "usage_blocks" in sql:  # block_loaded
             known = any(r[1:3] == (parameters["p"], parameters["a"]) and r[4] == parameters["d"] for r in self.ledger)
             return Result([(int(known),)])
+        if "usage_quarantine" in sql:  # quarantined_in_range: (raw, reason, offset, record_id) of one block
+            p, a, b, blk = (parameters[k] for k in ("p", "a", "b", "blk"))
+            rows = [(r[0], r[1], r[4], "") for r in self.quarantine if r[3] == p and a <= r[4] <= b and r[6] == blk]
+            return Result(rows)
         return Result([])
 
 
@@ -260,3 +271,30 @@ def test_the_dead_letter_limit_is_read_from_the_topic_config() -> None:
     assert message_limit(described, "dlq") == 2_097_152
     assert message_limit(described, "other") is None
     assert message_limit({"topic": {"dlq": {}}}, "dlq") is None
+
+
+def test_the_metrics_show_lag_rejections_by_bounded_reason_and_the_last_commit() -> None:
+    from gpumeter.metrics import render
+    from pipeline.loader_metrics import collect
+
+    consumer = FakeConsumer([{0: [Msg(0, b"junk"), *msgs(1, 9)]}, {0: msgs(10, 12)}, {}])
+    consumer.high = {0: 40}
+    ld = loader(consumer, FakeClient())
+    assert ld.poll_once() == 10
+    ld.poll_once()  # 10..12 buffered, not due yet
+    text = render(collect(ld))
+    assert 'gpumeter_loader_lag_messages{partition="0",topic="usage"} 30' in text  # 40 at the broker, 10 committed
+    assert 'gpumeter_loader_quarantined_by_reason_total{reason="bad_magic"} 1' in text
+    assert "gpumeter_loader_windows_loaded_total 18" in text
+    assert f"gpumeter_loader_last_commit_timestamp_seconds {ld.stats.last_commit_unix!r}" in text
+    assert ld.stats.last_commit_unix > 0
+
+
+def test_reason_labels_are_bounded_whatever_the_message_says() -> None:
+    from pipeline.loader import reason_label
+
+    assert reason_label("unknown signing key id 'x' * 1000") == "unknown_key"
+    assert reason_label("bad signature for key id 'k1'") == "bad_signature"
+    assert reason_label("allocated_seconds > window length") == "allocated_seconds > window length"
+    assert reason_label("message of 2000000 bytes, over the limit of 1048576") == "too_large"
+    assert reason_label("anything an attacker writes") == "other"

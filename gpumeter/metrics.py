@@ -1,4 +1,5 @@
 """Self-metrics in the Prometheus text format (0.0.4): a textfile (node_exporter collector) or HTTP.
+The agent's and the loader's.
 
 ``render`` is a pure function of plain values; ``serve`` and ``write_textfile``
 are the two thin edges.
@@ -6,13 +7,12 @@ are the two thin edges.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-
-from agent.spool import write_atomic
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -50,7 +50,10 @@ def one(name: str, kind: str, help: str, value: float) -> Metric:
 
 
 def write_textfile(path: Path, text: str) -> None:
-    write_atomic(path, text.encode(), sync=False)
+    """Replace ``path`` whole (a collector reads the old or the new text, never a mix)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def serve(host: str, port: int, body: Callable[[], str]) -> ThreadingHTTPServer:
