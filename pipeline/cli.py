@@ -9,13 +9,15 @@ from pathlib import Path
 import click
 
 from gpumeter.cli import settings_from
+from gpumeter.errors import GpumeterError
 from gpumeter.metrics import render, serve, write_textfile
 from gpumeter.signals import stop_requested
 from pipeline import clickhouse
 from pipeline.gaps import SILENT_AFTER_S, gaps_table
 from pipeline.keys import load_registry
-from pipeline.loader import DeadLetter, Loader, LoaderStats, LoaderStopped, make_consumer
+from pipeline.loader import DeadLetter, Loader, LoaderStats, LoaderStopped, TransientError, make_consumer
 from pipeline.loader_metrics import collect
+from pipeline.requeue import requeue
 from pipeline.usage_store import UsageStore
 
 CLUSTER_OPTION = click.option(
@@ -212,6 +214,47 @@ def gaps(ctx: click.Context, silent_after: float, keys_file: Path | None) -> Non
         registered=registered,
     )
     click.echo(table)
+
+
+@pipeline.command("requeue")
+@click.option(
+    "--keys",
+    "keys_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keys registry to verify the signatures with (the one the loader will use).",
+)
+@click.option("--dry-run", is_flag=True, help="Verify and report; insert and record nothing.")
+@click.pass_context
+def requeue_command(ctx: click.Context, keys_file: Path, dry_run: bool) -> None:
+    """Verify quarantined messages again and load the ones that now pass, exactly once.
+
+    For messages the loader rejected whole (unsigned, unknown key, bad signature,
+    bad framing, over a limit, refused by ClickHouse) - say after a host's key
+    was added to the keys file. Each passes the loader's checks again, then
+    every window is checked in ClickHouse as on the way in. A message loaded
+    once is never loaded again; one still rejected stays quarantined and is
+    tried again by the next run. With the embedded store, stop the loader first.
+
+    \b
+    Example:
+      gpumeter pipeline requeue --keys /etc/gpumeter/keys.toml --dry-run
+      gpumeter pipeline requeue --keys /etc/gpumeter/keys.toml
+    """
+    s = settings_from(ctx)
+    keys = load_registry(keys_file)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    clickhouse.ensure_schema(client, s.clickhouse_database)
+
+    def progress(n: int) -> None:
+        if n % 100 == 0:
+            click.echo(f"... {n} message(s) tried", err=True)
+
+    try:
+        report = requeue(client, s.clickhouse_database, keys, dry_run=dry_run, progress=progress)
+    except TransientError as exc:
+        raise GpumeterError(str(exc)) from exc
+    click.echo(report.text(dry_run))
 
 
 @pipeline.command("rollup")

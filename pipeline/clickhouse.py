@@ -43,7 +43,9 @@ RAW_COLUMNS = (
 )  # fmt: skip
 
 HOURLY_COLUMNS = ("hour", "provider_id", "gpu_class", "firm_id", "allocated_seconds", "records", "refreshed_at")
-QUARANTINE_COLUMNS = ("raw", "reason", "source", "kafka_partition", "kafka_offset", "quarantined_at", "block_id")
+QUARANTINE_COLUMNS = (
+    "raw", "reason", "source", "kafka_partition", "kafka_offset", "quarantined_at", "block_id", "headers",
+)  # fmt: skip
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

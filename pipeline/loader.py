@@ -30,6 +30,7 @@ never committed by this member; the new owner replays them.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import time
@@ -486,24 +487,13 @@ class Loader:
         windows = 0
         for msg in block:  # step 1: verify
             value = msg.value if msg.value is not None else b""
+            at.headers[msg.offset] = list(msg.headers or [])
             try:
-                if len(value) > MAX_VALUE_BYTES:
-                    raise RecordError(f"message of {len(value)} bytes, over the limit of {MAX_VALUE_BYTES}")
-                signer = self.keys.verify(value, msg.headers or []) if self.keys is not None else None
-                writer, body = split_value(value, self.writers)
-                count = window_count(body)
-                if count > MAX_WINDOWS_PER_BATCH:
-                    raise RecordError(f"message of {count} windows, over the limit of {MAX_WINDOWS_PER_BATCH}")
+                writer, framed, count = check_message(value, at.headers[msg.offset], self.keys, self.writers,
+                                                      msg.offset, msg.timestamp)  # fmt: skip
             except RecordError as exc:
                 at.reject(value, str(exc), msg.offset)
                 continue
-            framed = Framed(
-                msg.offset,
-                msg.timestamp if msg.timestamp is not None else -1,
-                body,
-                signer.host_id if signer else "",
-                signer.provider_id if signer else "",
-            )
             by_version.setdefault(writer.version, (writer, []))[1].append(framed)
             windows += count
         try:  # step 2: insert
@@ -579,18 +569,56 @@ class Loader:
         )
 
 
+def check_message(
+    value: bytes,
+    headers: list[tuple[str, bytes]],
+    keys: KeyRegistry | None,
+    writers: dict[bytes, WriterVersion],
+    offset: int,
+    timestamp_ms: int | None,
+) -> tuple[WriterVersion, Framed, int]:
+    """Step 1 for one message (the loader's, and ``pipeline requeue``'s): the contract's limits, the
+    signature (when ``keys``), the framing. (writer, the body framed for the container, windows), or
+    RecordError saying why not."""
+    if len(value) > MAX_VALUE_BYTES:
+        raise RecordError(f"message of {len(value)} bytes, over the limit of {MAX_VALUE_BYTES}")
+    signer = keys.verify(value, headers) if keys is not None else None
+    writer, body = split_value(value, writers)
+    count = window_count(body)
+    if count > MAX_WINDOWS_PER_BATCH:
+        raise RecordError(f"message of {count} windows, over the limit of {MAX_WINDOWS_PER_BATCH}")
+    timestamp = timestamp_ms if timestamp_ms is not None else -1
+    framed = Framed(offset, timestamp, body, signer.host_id if signer else "", signer.provider_id if signer else "")
+    return writer, framed, count
+
+
+def headers_text(headers: list[tuple[str, bytes]]) -> str:
+    """A message's headers as quarantine rows keep them (JSON of [name, hex value]): a message
+    rejected for its signature can be verified again later (``pipeline requeue``)."""
+    return json.dumps([[k, (v or b"").hex()] for k, v in headers])
+
+
+def headers_from_text(text: str) -> list[tuple[str, bytes]]:
+    if not text:
+        return []
+    return [(str(k), bytes.fromhex(v)) for k, v in json.loads(text)]
+
+
 @dataclass(slots=True)
 class _Attempt:
-    """One attempt at loading a block: its partition, digest (``block_digest``), clock reading, and the
-    messages rejected so far as quarantine rows (``clickhouse.QUARANTINE_COLUMNS``)."""
+    """One attempt at loading a block: its partition, digest (``block_digest``), clock reading, each
+    message's headers, and the messages rejected so far as quarantine rows
+    (``clickhouse.QUARANTINE_COLUMNS``)."""
 
     partition: int
     digest: str
     now: datetime
-    bad: list[tuple[bytes, str, str, int, int, datetime, str]] = field(default_factory=list)
+    bad: list[tuple[bytes, str, str, int, int, datetime, str, str]] = field(default_factory=list)
+    headers: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
 
     def reject(self, value: bytes, reason: str, offset: int) -> None:
-        self.bad.append((value, reason, "kafka", self.partition, offset, self.now, self.digest))
+        headers = headers_text(self.headers.get(offset, []))
+        self.bad.append((value, reason, "kafka", self.partition, offset, self.now, self.digest, headers))
 
 
 # Labels of a rejection for metrics: the checks' own reasons (a fixed set), message-level reasons by

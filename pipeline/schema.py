@@ -218,7 +218,8 @@ SETTINGS {self.dedup_setting()}"""
     kafka_offset Int64,
     quarantined_at DateTime64(6, 'UTC'),
     record_id String DEFAULT '',
-    block_id String DEFAULT ''
+    block_id String DEFAULT '',
+    headers String DEFAULT ''
 )
 ENGINE = {self.engine("usage_quarantine")}
 ORDER BY (source, kafka_partition, kafka_offset)
@@ -242,6 +243,21 @@ ENGINE = {self.engine("usage_blocks")}
 ORDER BY (topic, kafka_partition, first_offset, digest)
 SETTINGS {self.dedup_setting()}"""
 
+    def requeued_table(self) -> str:
+        """``pipeline requeue``'s ledger: each quarantined message it tried again (by partition, offset
+        and the SHA-256 of its bytes), with the outcome; a message loaded once is never tried again."""
+        return f"""CREATE TABLE IF NOT EXISTS {self.db}.usage_requeued{self.on} (
+    kafka_partition Int32,
+    kafka_offset Int64,
+    digest String,
+    outcome LowCardinality(String),
+    reason String,
+    windows UInt32,
+    requeued_at DateTime64(6, 'UTC')
+)
+ENGINE = {self.engine("usage_requeued")}
+ORDER BY (kafka_partition, kafka_offset, digest)"""
+
     def raw_samples_columns(self) -> list[str]:
         """For databases created before writer version 2 carried sample counts."""
         return [
@@ -250,11 +266,13 @@ SETTINGS {self.dedup_setting()}"""
         ]
 
     def quarantine_columns(self) -> list[str]:
-        """For databases created before quarantine rows named their window (record_id) and the loader's
-        block they came in (block_id: a topic made again reuses partitions and offsets)."""
+        """For databases created before quarantine rows named their window (record_id), the loader's
+        block they came in (block_id: a topic made again reuses partitions and offsets) and, for a
+        message the loader rejected itself, its Kafka headers (JSON; ``pipeline requeue`` verifies
+        its signature again)."""
         return [
             f"ALTER TABLE {self.db}.usage_quarantine{self.on} ADD COLUMN IF NOT EXISTS {name} String DEFAULT ''"
-            for name in ("record_id", "block_id")
+            for name in ("record_id", "block_id", "headers")
         ]
 
     def ingest_table(self, writer: WriterVersion) -> str:
@@ -456,6 +474,7 @@ ORDER BY (store_id, record_id, decided_at)"""
             *self.quarantine_columns(),
             self.blocks_table(),
             self.messages_table(),
+            self.requeued_table(),
         ]
         for writer in sorted(writers, key=lambda w: w.version):
             out += [self.ingest_table(writer), self.ingest_block_column(writer)]

@@ -211,10 +211,10 @@ def test_the_rejections_of_a_block_are_read_once_each_and_only_its_own(ch: tuple
     client, db = ch
     at = datetime(2026, 3, 2, tzinfo=UTC)
     rows = [
-        (b"w1", "allocated_seconds > window length", "kafka", 0, 7, at, "this-block"),
-        (b"w1", "allocated_seconds > window length", "kafka", 0, 7, at, "this-block"),
-        (b"old", "unsigned batch", "kafka", 0, 7, at, "old-topic-block"),
-        (b"x", "unsigned batch", "kafka", 0, 9, at, "this-block"),
+        (b"w1", "allocated_seconds > window length", "kafka", 0, 7, at, "this-block", ""),
+        (b"w1", "allocated_seconds > window length", "kafka", 0, 7, at, "this-block", ""),
+        (b"old", "unsigned batch", "kafka", 0, 7, at, "old-topic-block", ""),
+        (b"x", "unsigned batch", "kafka", 0, 9, at, "this-block", ""),
     ]
     clickhouse.insert_quarantine(client, db, rows, None)
     got = clickhouse.quarantined_in_range(client, db, 0, 0, 999, "this-block")
@@ -329,3 +329,48 @@ def test_gaps_see_a_lost_tail_and_a_silent_agent(kafka_bootstrap: str, topic: st
         f"{HOST}: seq 0..9, 10 seen, 5 missing\n  missing tail 10..14 (the agent had numbered up to 14)\n"
         f"{quiet}: seq 0..0, 1 seen, complete\n  silent since {hour_ago} UTC"
     )
+
+
+def test_requeue_loads_what_a_new_key_now_verifies_exactly_once(
+    kafka_bootstrap: str, topic: str, ch: tuple[Any, str], cli: Any, tmp_path: Path
+) -> None:
+    """A host signs with a key the loader does not know yet: its batch is quarantined whole. Once the
+    key is in the keys file, requeue verifies it again and loads it (each window checked again: one
+    fails); a second run loads nothing more. An unsigned batch stays quarantined through both."""
+    from pipeline.requeue import requeue
+
+    new_secret = secrets.token_bytes(32)
+    late = [window("GPU-late", m) for m in range(4)] + [{**window("GPU-late", 4), "allocated_seconds": 999}]
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    value = encode_batch(HOST, "test", late)
+    producer.send(topic, value=value, headers=signature_headers(value, "k-new", new_secret), partition=0)
+    producer.send(topic, value=encode_batch(HOST, "test", [window("GPU-unsigned", 0)]), partition=0)
+    producer.flush()
+    producer.close()
+    produce(kafka_bootstrap, topic, [[window("GPU-honest", m) for m in range(5)]])
+    loader = load(kafka_bootstrap, topic, ch, expect=3)
+    assert loader.stats.windows == 5 and loader.stats.quarantined == 2
+    client, db = ch
+    both = parse_registry({"hosts": {HOST: {"provider_id": PROVIDER,
+                                            "keys": {"k1": SECRET.hex(), "k-new": new_secret.hex()}}}})  # fmt: skip
+    dry = requeue(client, db, both, dry_run=True)
+    assert (dry.tried, dry.loaded, dict(dry.still_rejected)) == (2, 1, {"unsigned": 1})
+    assert stored(ch) == ["GPU-honest"]
+    first = requeue(client, db, both)
+    assert (first.tried, first.loaded, first.windows, first.window_rejects) == (2, 1, 4, 1)
+    assert first.text(False) == (
+        "2 quarantined message(s) tried again: 1 loaded (4 window(s) loaded, 1 rejected by the window checks), "
+        "1 still rejected\n  1 unsigned"
+    )
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[hosts."{HOST}"]\nprovider_id = "{PROVIDER}"\n'
+                    f'keys = {{ "k1" = "{SECRET.hex()}", "k-new" = "{new_secret.hex()}" }}\n')  # fmt: skip
+    keys.chmod(0o600)
+    again = cli.ok("pipeline", "requeue", "--keys", str(keys))
+    assert (
+        again.out == "1 quarantined message(s) tried again: 0 loaded (0 window(s) loaded, 0 rejected by the "
+        "window checks), 1 still rejected\n  1 unsigned\n"
+    )
+    assert stored(ch) == ["GPU-honest", "GPU-late"]
+    rows = client.query(f"SELECT count() FROM {db}.usage_raw WHERE gpu_uuid = 'GPU-late'").result_rows
+    assert rows[0][0] == 4

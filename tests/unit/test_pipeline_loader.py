@@ -243,7 +243,7 @@ def test_a_message_over_the_contract_limits_is_quarantined_before_it_is_read() -
     client.insert = lambda table, r, column_names, settings: rows.extend(r)  # type: ignore[method-assign]
     ld = loader(consumer, client)
     assert ld.poll_once(drain=True) == 3
-    assert [(r[3], r[4], r[1]) for r in rows if len(r) == 7] == [
+    assert [(r[3], r[4], r[1]) for r in rows if len(r) == 8] == [
         (0, 0, f"message of {MAX_VALUE_BYTES + 1} bytes, over the limit of {MAX_VALUE_BYTES}"),
         (0, 1, f"message of {MAX_WINDOWS_PER_BATCH + 1} windows, over the limit of {MAX_WINDOWS_PER_BATCH}"),
     ]
