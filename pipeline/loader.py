@@ -328,7 +328,11 @@ class Loader:
             self.sleep(min(self._retry_at - now, timeout_ms / 1000))
             return 0
         ready = self._ready_blocks(now, arrived, drain)
-        return self._flush(ready) if ready else 0
+        if not ready:
+            return 0
+        done = self._flush(ready)
+        self._measure_lag()  # what the commit just settled, not what the poll saw before it
+        return done
 
     def run(
         self,
