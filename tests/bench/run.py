@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["framing", "pipeline", "agent", "settle"]
+BENCHES = ["framing", "pipeline", "loader_memory", "agent", "settle"]
 
 
 def main() -> int:
