@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,16 +100,17 @@ class FakeClient:
     def raw_insert(self, table: str, cols: Any, data: bytes, settings: dict[str, Any], fmt: str) -> Summary:
         if self.fail():
             raise ConnectionError("ClickHouse is down")
+        if table.endswith(".usage_blocks"):  # record_block: one JSON line
+            row = json.loads(data)
+            self.ledger.append(tuple(row[c] for c in cols))
+            return Summary(1)
         self.tokens.append(_offsets(settings["insert_deduplication_token"]))
         return Summary(0)
 
     def insert(self, table: str, rows: Any, column_names: Any, settings: dict[str, Any]) -> None:
-        if table.endswith(".usage_blocks"):
-            self.ledger += [tuple(r) for r in rows]
-        else:
-            if table.endswith(".usage_quarantine"):
-                self.quarantine += [tuple(r) for r in rows]
-            self.tokens.append(_offsets(settings["insert_deduplication_token"]))
+        if table.endswith(".usage_quarantine"):
+            self.quarantine += [tuple(r) for r in rows]
+        self.tokens.append(_offsets(settings["insert_deduplication_token"]))
 
     def query(self, sql: str, parameters: Any = None, column_formats: Any = None) -> Result:
         if self.fail():
