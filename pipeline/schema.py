@@ -20,7 +20,7 @@ from pipeline.framing import PREFIX_FIELDS, WriterVersion
 
 # Changes with the views' text other than the checks (the checks are in the view names already):
 # a database made with older views gets these beside them, then the old ones are dropped.
-VIEWS_REVISION = 2  # 2: rejections carry the loader's block (block_id)
+VIEWS_REVISION = 3  # 2: rejections carry the loader's block (block_id); 3: the batch's window count joined
 DEDUP_WINDOW = 10_000  # insert blocks remembered per table for insert_deduplication_token
 FUTURE_TOLERANCE_S = 300  # a window may end at most this long after the loader's clock (never the producer's)
 EARLIEST_WINDOW_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
@@ -49,8 +49,10 @@ DEFAULT_MAX_WATTS = 1_500  # an unknown class: more than any single accelerator 
 # (reason, SQL condition over the ARRAY JOINed window `w` and the batch columns); first match wins.
 # Checks of a whole Kafka batch, before its windows' (not for imported rows, which have no batch). The
 # loader counts a message's windows before it inserts (loader.py); this sees every Avro array block.
+# ``n_windows`` is joined beside each window (INGEST_JOIN): naming ``b.windows`` after the ARRAY JOIN
+# would copy the whole array into every window's row.
 BATCH_CHECKS: tuple[tuple[str, str], ...] = (
-    (f"batch of more than {MAX_WINDOWS_PER_BATCH} windows", f"length(b.windows) > {MAX_WINDOWS_PER_BATCH}"),
+    (f"batch of more than {MAX_WINDOWS_PER_BATCH} windows", f"n_windows > {MAX_WINDOWS_PER_BATCH}"),
 )
 
 WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
@@ -105,6 +107,8 @@ WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
         "> intDiv(w.window_end - w.window_start, 1000))",
     ),
 )
+
+INGEST_JOIN = "ARRAY JOIN windows AS w, arrayWithConstant(length(windows), length(windows)) AS n_windows"
 
 # usage_raw's sort key: one GPU's window together, each record's deliveries together in arrival order
 # (usage_store.first_delivery_sql reads in it). Databases sorted otherwise are re-sorted once
@@ -316,7 +320,7 @@ SELECT
     {opt("samples_taken", "Nullable(UInt32)")} AS samples_taken,
     {opt("samples_missed", "Nullable(UInt32)")} AS samples_missed
 FROM {src} AS b
-ARRAY JOIN windows AS w
+{INGEST_JOIN}
 WHERE {reject_reason_sql(window_fields, batch=True)} = ''"""
         quarantine = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{to_quarantine}{self.on}
 TO {self.db}.usage_quarantine AS
@@ -326,7 +330,7 @@ SELECT
     fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS quarantined_at, w.record_id AS record_id,
     b.gm_block AS block_id
 FROM {src} AS b
-ARRAY JOIN windows AS w
+{INGEST_JOIN}
 WHERE reason != ''"""
         return [raw, quarantine]
 
