@@ -89,3 +89,8 @@ def run() -> Iterator[str]:
         f"BENCH loader_worst_block_peak_rss_mb {bounded} MB vs unbounded_block {bounded / unbounded:.2f}x "
         f"({MESSAGES} messages of ~1 MiB; {bounded_inserts} vs {unbounded_inserts} inserts)"
     )
+
+
+if __name__ == "__main__":
+    for line in run():
+        print(line, flush=True)
