@@ -205,8 +205,11 @@ def verify(value: bytes, headers: Iterable[tuple[str, bytes]], keys: dict[str, b
         raise RecordError("unsigned batch")
     key_id = key_id_raw.decode(errors="replace")
     key = keys.get(key_id)
+    shown = (
+        key_id if len(key_id) <= 64 else f"{key_id[:64]}... ({len(key_id_raw)} bytes)"
+    )  # header bytes are the sender's
     if key is None:
-        raise RecordError(f"unknown signing key id {key_id!r}")
+        raise RecordError(f"unknown signing key id {shown!r}")
     if not hmac.compare_digest(sign(value, key).encode(), sig_raw):
-        raise RecordError(f"bad signature for key id {key_id!r}")
+        raise RecordError(f"bad signature for key id {shown!r}")
     return key_id

@@ -187,14 +187,22 @@ class DeadLetter:
         """Send each rejected item with its reason and source; one too large for the producer or the
         topic goes as its SHA-256, size and reason, with an empty value (the full bytes stay in
         ``usage_quarantine``). Other failures are transient: nothing is committed, the block retries."""
+        from kafka.errors import KafkaError
+
+        try:
+            self._send_all(source_topic, partition, items)
+        except KafkaError as exc:  # no metadata in time, a flush that timed out, a broker gone
+            raise TransientError(f"dead-letter topic {self.topic}: {exc!r}") from exc
+
+    def _send_all(self, source_topic: str, partition: int, items: list[tuple[bytes, str, int, str]]) -> None:
         from kafka.errors import MessageSizeTooLargeError
 
         futures = []
         for raw, reason, offset, record_id in items:
-            headers = [
-                ("gm-reason", reason.encode()),
+            headers = [  # each bounded: the reason and the record id carry bytes a sender chose
+                ("gm-reason", _bounded(reason.encode())),
                 ("gm-source", f"{source_topic}:{partition}:{offset}".encode()),
-                ("gm-record-id", record_id.encode()),
+                ("gm-record-id", _bounded(record_id.encode())),
             ]
             try:
                 futures.append((raw, headers, self._producer.send(self.topic, value=raw, headers=headers)))
@@ -224,6 +232,17 @@ class DeadLetter:
 
     def close(self) -> None:
         self._producer.close(timeout=10)
+
+
+HEADER_VALUE_BYTES = 1024  # a dead-letter header's value at most: the digest of anything always fits
+
+
+def _bounded(value: bytes) -> bytes:
+    """``value``, or its first bytes and its size and SHA-256 when longer than ``HEADER_VALUE_BYTES``."""
+    if len(value) <= HEADER_VALUE_BYTES:
+        return value
+    tail = f"... ({len(value)} bytes, sha256 {hashlib.sha256(value).hexdigest()})".encode()
+    return value[: HEADER_VALUE_BYTES - len(tail)] + tail
 
 
 class RevocationListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -479,6 +498,7 @@ class Loader:
             if replay:
                 rejected = clickhouse.quarantined_in_range(self.client, self.database, partition, first, last, digest)
         except Exception as exc:
+            refusal(exc)  # a missing table or privilege stops the loader
             raise TransientError(f"ClickHouse: {exc}") from exc
         if replay:  # loaded before (a crash or a rebalance after the insert): dead-letter again, commit
             self.stats.deduplicated_blocks += 1
@@ -488,7 +508,6 @@ class Loader:
                 self.dead_letter.send_and_wait(self.topic, partition, rejected)
             return
         by_version: dict[int, tuple[WriterVersion, list[Framed]]] = {}
-        windows = 0
         for msg in block:  # step 1: verify
             value = msg.value if msg.value is not None else b""
             at.headers[msg.offset] = list(msg.headers or [])
@@ -499,19 +518,20 @@ class Loader:
                 at.reject(value, str(exc), msg.offset)
                 continue
             by_version.setdefault(writer.version, (writer, []))[1].append(framed)
-            windows += count
+            at.counts[msg.offset] = count
         try:  # step 2: insert
             for version, (writer, framed_list) in sorted(by_version.items()):
-                windows -= self._insert_container(at, writer, framed_list, f"{token}:v{version}")
+                self._insert_container(at, writer, framed_list, f"{token}:v{version}")
             if at.bad:
                 clickhouse.insert_quarantine(self.client, self.database, at.bad, f"{token}:q")
             rejected = clickhouse.quarantined_in_range(self.client, self.database, partition, first, last, digest)
-            loaded = windows - sum(1 for r in rejected if r[3])
+            loaded = windows_loaded(at.counts, rejected)
             ledger = (self.topic, partition, first, last, digest, len(block), loaded, len(rejected), at.now)
             clickhouse.record_block(self.client, self.database, ledger, f"{token}:ledger")
         except (TransientError, LoaderStopped):
             raise
         except Exception as exc:
+            refusal(exc)  # the quarantine or the ledger insert refused for good: stop
             raise TransientError(f"ClickHouse: {exc}") from exc
         if self.dead_letter is not None and rejected:  # step 3
             self.dead_letter.send_and_wait(self.topic, partition, rejected)
@@ -531,34 +551,32 @@ class Loader:
         self.stats.inserts += 1
         return None
 
-    def _insert_container(self, at: _Attempt, writer: WriterVersion, framed: list[Framed], token: str) -> int:
+    def _insert_container(self, at: _Attempt, writer: WriterVersion, framed: list[Framed], token: str) -> None:
         """Insert; if ClickHouse refuses the data, quarantine the bodies Python cannot decode, then
         split what is left until the refused messages are alone, quarantine those and insert the
-        rest. Returns windows of messages rejected. See ``classify``."""
+        rest (``_Attempt.reject``). See ``classify``."""
         refused = self._try_insert(at, writer, framed, token)
         if refused is None:
-            return 0
+            return
         good: list[Framed] = []
-        lost_windows = 0
         for f in framed:
             try:
                 decode_body(writer, f.body)
                 good.append(f)
             except RecordError as exc:
                 at.reject(framed_value(writer, f), str(exc), f.offset)
-                lost_windows += window_count(f.body)  # read once already: cannot fail
         kind, reason, error = refused
         if len(good) == len(framed) and kind == "transient":  # every body decodes: ClickHouse is the problem
             raise TransientError(reason) from error
-        return lost_windows + self._insert_split(at, writer, good, token + ":checked")
+        self._insert_split(at, writer, good, token + ":checked")
 
-    def _insert_split(self, at: _Attempt, writer: WriterVersion, framed: list[Framed], token: str) -> int:
+    def _insert_split(self, at: _Attempt, writer: WriterVersion, framed: list[Framed], token: str) -> None:
         """Insert ``framed``; on a refusal of the data, each half on its own (tokens ``token:a``,
         ``token:b``: a replay splits the same way), down to single messages, which are rejected with
-        the reason. Returns windows of messages rejected."""
+        the reason."""
         refused = self._try_insert(at, writer, framed, token) if framed else None
         if refused is None:
-            return 0
+            return
         kind, reason, error = refused
         if kind == "transient":
             raise TransientError(reason) from error
@@ -566,11 +584,10 @@ class Loader:
             f = framed[0]
             log.warning("quarantined message at %s:%d:%d: %s", self.topic, at.partition, f.offset, reason)
             at.reject(framed_value(writer, f), reason, f.offset)
-            return window_count(f.body)
+            return
         half = len(framed) // 2
-        return self._insert_split(at, writer, framed[:half], token + ":a") + self._insert_split(
-            at, writer, framed[half:], token + ":b"
-        )
+        self._insert_split(at, writer, framed[:half], token + ":a")
+        self._insert_split(at, writer, framed[half:], token + ":b")
 
 
 def check_message(
@@ -596,6 +613,17 @@ def check_message(
     return writer, framed, count
 
 
+def windows_loaded(counts: dict[int, int], rejected: list[tuple[bytes, str, int, str]]) -> int:
+    """Windows of a block that went into ``usage_raw``: per message that passed step 1 (``counts``:
+    offset -> its windows), less the windows ClickHouse quarantined; none of a message rejected whole
+    (a rejection without a record_id). ``window_count`` reads an array's first Avro block, so a
+    message that writes its windows in several blocks can have more rejected than counted: it counts
+    0, never less (its extra windows are checked by the views all the same)."""
+    whole = {offset for _, _, offset, rid in rejected if not rid}
+    per_message = Counter(offset for _, _, offset, rid in rejected if rid)
+    return sum(max(0, n - per_message[offset]) for offset, n in counts.items() if offset not in whole)
+
+
 def headers_text(headers: list[tuple[str, bytes]]) -> str:
     """A message's headers as quarantine rows keep them (JSON of [name, hex value]): a message
     rejected for its signature can be verified again later (``pipeline requeue``)."""
@@ -619,6 +647,7 @@ class _Attempt:
     now: datetime
     bad: list[tuple[bytes, str, str, int, int, datetime, str, str]] = field(default_factory=list)
     headers: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)  # offset -> windows, of messages that passed step 1
 
     def reject(self, value: bytes, reason: str, offset: int) -> None:
         headers = headers_text(self.headers.get(offset, []))

@@ -277,11 +277,40 @@ def test_a_batch_over_the_window_limit_in_several_array_blocks_is_quarantined_by
     producer.flush()
     producer.close()
     produce(kafka_bootstrap, topic, [[window("GPU-honest", m) for m in range(5)]])
-    load(kafka_bootstrap, topic, ch, expect=2)
+    loader = load(kafka_bootstrap, topic, ch, expect=2)
     assert stored(ch) == ["GPU-honest"]
     client, db = ch
     rows = client.query(f"SELECT reason, count() FROM {db}.usage_quarantine GROUP BY reason").result_rows
     assert rows == [(f"batch of more than {MAX_WINDOWS_PER_BATCH} windows", 600)]
+    # more windows rejected than the first array block counted: the ledger and the metric count what went in
+    assert loader.stats.windows == 5
+    assert client.query(f"SELECT sum(windows) FROM {db}.usage_blocks").result_rows == [(5,)]
+
+
+def test_a_huge_key_id_header_is_dead_lettered_bounded_and_the_loader_goes_on(
+    kafka_bootstrap: str, topic: str, ch: tuple[Any, str]
+) -> None:
+    """Anyone who can write to the topic can put ~1 MB in ``gm-key-id``; the rejection's reason names
+    the key id, and a dead-letter header that size would be refused by the producer: it is bounded."""
+    from pipeline.loader import HEADER_VALUE_BYTES
+
+    value = encode_batch(HOST, "test", [window("GPU-forged", 0)])
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", max_request_size=4 * 1024 * 1024)
+    producer.send(topic, value=value, headers=[("gm-key-id", b"k" * 900_000), ("gm-sig", b"00")], partition=0)
+    producer.flush()
+    producer.close()
+    produce(kafka_bootstrap, topic, [[window("GPU-honest", m) for m in range(5)]])
+    dlq = topic + ".dead-letter"
+    create_topic(kafka_bootstrap, dlq, partitions=1)
+    dead = DeadLetter(kafka_bootstrap, dlq)
+    try:
+        loader = load(kafka_bootstrap, topic, ch, expect=2, dead_letter=dead)
+    finally:
+        dead.close()
+    assert stored(ch) == ["GPU-honest"] and loader.stats.windows == 5 and loader.stats.quarantined == 1
+    (headers, dead_value), = dead_lettered(kafka_bootstrap, dlq)  # fmt: skip
+    assert dead_value == value and len(headers["gm-reason"]) <= HEADER_VALUE_BYTES
+    assert headers["gm-reason"].startswith(b"unknown signing key id 'kkkk")
 
 
 def test_gaps_see_a_lost_tail_and_a_silent_agent(kafka_bootstrap: str, topic: str, ch: tuple[Any, str]) -> None:

@@ -300,3 +300,64 @@ def test_reason_labels_are_bounded_whatever_the_message_says() -> None:
     assert reason_label("allocated_seconds > window length") == "allocated_seconds > window length"
     assert reason_label("message of 2000000 bytes, over the limit of 1048576") == "too_large"
     assert reason_label("anything an attacker writes") == "other"
+
+
+def test_windows_loaded_never_go_below_zero_and_count_only_what_went_in() -> None:
+    from pipeline.loader import windows_loaded
+
+    counts = {0: 5, 1: 300, 2: 4}  # offset 1 wrote 600 windows in two Avro blocks: its count says 300
+    rejected = [(b"", "bad", 1, f"r{i}") for i in range(600)] + [(b"", "bad", 2, "r-x"), (b"v", "whole", 3, "")]
+    assert windows_loaded(counts, rejected) == 5 + 0 + 3
+    assert windows_loaded(counts, [(b"v", "refused", 0, "")]) == 300 + 4  # offset 0 rejected whole
+
+
+def test_a_key_id_a_sender_chose_is_shown_bounded() -> None:
+    from gpumeter.errors import RecordError
+    from gpumeter.record import verify
+
+    try:
+        verify(b"v", [("gm-key-id", b"k" * 1_000_000), ("gm-sig", b"00")], {})
+    except RecordError as exc:
+        assert len(str(exc)) < 200 and "1000000 bytes" in str(exc)
+    else:
+        raise AssertionError("an unknown key id verified")
+
+
+def test_dead_letter_headers_are_bounded_and_kafka_failures_are_transient() -> None:
+    import pytest
+    from kafka.errors import KafkaTimeoutError
+
+    from pipeline.loader import HEADER_VALUE_BYTES, DeadLetter, TransientError, _bounded
+
+    assert _bounded(b"x" * 10) == b"x" * 10
+    long = _bounded(b"x" * 5_000_000)
+    assert len(long) == HEADER_VALUE_BYTES and b"5000000 bytes, sha256 " in long
+
+    sent: list[list[tuple[str, bytes]]] = []
+
+    class Producer:
+        def send(self, topic: str, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+            sent.append(headers)
+            raise KafkaTimeoutError("Failed to update metadata after 60.0 secs.")
+
+    dead = DeadLetter.__new__(DeadLetter)
+    dead.topic, dead.max_bytes, dead._producer = "dlq", 1_048_588, Producer()
+    with pytest.raises(TransientError, match="dead-letter topic dlq"):
+        dead.send_and_wait("usage", 0, [(b"v", "r" * 2_000_000, 7, "i" * 2_000_000)])
+    assert all(len(v) <= HEADER_VALUE_BYTES for v in (v for h in sent for _, v in h))
+
+
+def test_a_privilege_missing_on_the_ledger_stops_the_loader() -> None:
+    import pytest
+
+    from pipeline.loader import LoaderStopped
+
+    class Denied(FakeClient):
+        def query(self, sql: str, parameters: Any = None, column_formats: Any = None) -> Result:
+            raise RuntimeError("Code: 497. DB::Exception: ACCESS_DENIED: Not enough privileges on db.usage_blocks")
+
+    consumer = FakeConsumer([{0: msgs(0, 9)}])
+    ld = loader(consumer, Denied())
+    with pytest.raises(LoaderStopped, match="ACCESS_DENIED"):
+        ld.poll_once()
+    assert consumer.commits == []
