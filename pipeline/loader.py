@@ -9,8 +9,10 @@ Durability order, per block (never reorder these steps):
 
 1. verify each message (signature, framing); a failure becomes a quarantine row
    with the raw bytes, the reason and the offset;
-2. insert the quarantine rows, then the verified bodies as one Avro container
-   into ``usage_ingest_v<N>``, each with ``insert_deduplication_token =
+2. insert the verified bodies as one Avro container into ``usage_ingest_v<N>``
+   (a container ClickHouse refuses for its data is split until the refused
+   messages are alone), then the quarantine rows, then the block's ledger row
+   (``usage_blocks``), each with ``insert_deduplication_token =
    topic:partition:first-last:digest[...]``, the digest of the block's messages
    (``block_digest``: a topic made again from offset 0 is new data, not a replay);
    ClickHouse checks every window and routes it to ``usage_raw`` or
@@ -24,7 +26,9 @@ loader pauses its partitions, backs off, retries the same blocks and catches up.
 A crash anywhere replays from the last commit; the token absorbs an identical
 block and the usage store reads each record_id once (its first delivery) whatever was replayed.
 Partitions revoked in a rebalance lose their buffered messages here and are
-never committed by this member; the new owner replays them.
+never committed by this member; the new owner replays them. A record the Kafka
+client cannot read at all stops the loader once what came before it is
+committed (``_unreadable``).
 """
 
 from __future__ import annotations
@@ -333,7 +337,12 @@ class Loader:
     # --- the loop --------------------------------------------------------
     def poll_once(self, timeout_ms: int = 200, drain: bool = False) -> int:
         """Poll, buffer, flush whatever blocks are ready. Returns messages made durable and committed."""
-        fetched = self.consumer.poll(timeout_ms=0 if self._backoff else timeout_ms)
+        from kafka.errors import CorruptRecordError
+
+        try:
+            fetched = self.consumer.poll(timeout_ms=0 if self._backoff else timeout_ms)
+        except CorruptRecordError as exc:
+            self._unreadable(exc)
         self._drop_revoked()
         self._measure_lag()
         now = time.monotonic()
@@ -352,6 +361,23 @@ class Loader:
         done = self._flush(ready)
         self._measure_lag()  # what the commit just settled, not what the poll saw before it
         return done
+
+    def _unreadable(self, exc: Exception) -> None:
+        """kafka-python cannot read a record (a batch failing its CRC, a header key that is not UTF-8):
+        it raises at every poll and says neither partition nor offset, so the record cannot be
+        quarantined. Load and commit what was fetched before it, then stop with one message."""
+        self._backoff = 0.0
+        self._flush(self._ready_blocks(time.monotonic(), set(), True))
+        where = ", ".join(
+            f"partition {tp.partition} at {self.consumer.position(tp)}"
+            for tp in sorted(self.consumer.assignment(), key=lambda tp: tp.partition)
+        )
+        raise LoaderStopped(
+            f"a record of topic {self.topic} cannot be read by the Kafka client ({exc}); what came before it is "
+            f"loaded and committed; the first unread records are at {where}. Examine the partition there, move "
+            f"the group past the record (kafka-consumer-groups --reset-offsets --to-offset N --topic "
+            f"{self.topic}:PARTITION), then start again"
+        ) from exc
 
     def run(
         self,

@@ -361,3 +361,28 @@ def test_a_privilege_missing_on_the_ledger_stops_the_loader() -> None:
     with pytest.raises(LoaderStopped, match="ACCESS_DENIED"):
         ld.poll_once()
     assert consumer.commits == []
+
+
+def test_a_record_the_kafka_client_cannot_read_stops_the_loader_after_loading_what_came_before() -> None:
+    import pytest
+    from kafka.errors import CorruptRecordError
+
+    from pipeline.loader import LoaderStopped
+
+    class Corrupt(FakeConsumer):
+        def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list[Msg]]:
+            if self.n == 1:  # the second poll meets the record; kafka-python names no offset
+                self.n += 1
+                raise CorruptRecordError("Found invalid record structure: UnicodeDecodeError(...)")
+            return super().poll(timeout_ms)
+
+        def position(self, tp: TopicPartition) -> int:
+            return {0: 4, 1: 0}[tp.partition]
+
+    consumer = Corrupt([{0: msgs(0, 3)}])
+    client = FakeClient()
+    ld = loader(consumer, client)
+    assert ld.poll_once() == 0  # 0..3 is a tail that waits for more
+    with pytest.raises(LoaderStopped, match="partition 0 at 4, partition 1 at 0"):
+        ld.poll_once()
+    assert consumer.commits == [{0: 4}] and client.tokens == ["usage:0:0-3:v3"]
