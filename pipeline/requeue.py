@@ -108,6 +108,7 @@ def requeue(
         progress(report.tried)
         try:
             writer, framed, _ = check_message(q.value, headers_from_text(q.headers), keys, writers, q.offset, None)
+            windows = len(decode_body(writer, framed.body)["windows"])  # before the insert: it cannot fail after
         except RecordError as exc:
             report.still_rejected[reason_label(str(exc))] += 1
             if not dry_run:
@@ -129,7 +130,7 @@ def requeue(
             _record(client, database, q, "rejected", reason, 0, now)
             continue
         rejected = clickhouse.quarantined_in_range(client, database, q.partition, q.offset, q.offset, block)
-        windows = len(decode_body(writer, framed.body)["windows"]) - len(rejected)
+        windows = max(0, windows - len(rejected))
         report.loaded += 1
         report.windows += windows
         report.window_rejects += len(rejected)

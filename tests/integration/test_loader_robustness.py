@@ -403,3 +403,32 @@ def test_requeue_loads_what_a_new_key_now_verifies_exactly_once(
     assert stored(ch) == ["GPU-honest", "GPU-late"]
     rows = client.query(f"SELECT count() FROM {db}.usage_raw WHERE gpu_uuid = 'GPU-late'").result_rows
     assert rows[0][0] == 4
+
+
+def test_requeue_rejects_a_body_it_cannot_decode_and_goes_on_to_the_next(
+    kafka_bootstrap: str, topic: str, ch: tuple[Any, str]
+) -> None:
+    """A batch signed with a key added later whose record_id is not UTF-8: ClickHouse would take its
+    bytes, Python cannot decode them. Requeue rejects it before inserting anything, records that,
+    and loads the batch after it."""
+    from pipeline.requeue import requeue
+
+    new_secret = secrets.token_bytes(32)
+    odd = encode_batch(HOST, "test", [{**window("GPU-odd", 0), "record_id": "Z" * 32}])
+    odd = odd.replace(b"Z" * 32, b"\xff" * 32)
+    late = encode_batch(HOST, "test", [window("GPU-late", m) for m in range(3)])
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    for value in (odd, late):
+        producer.send(topic, value=value, headers=signature_headers(value, "k-new", new_secret), partition=0)
+    producer.flush()
+    producer.close()
+    loader = load(kafka_bootstrap, topic, ch, expect=2)
+    assert loader.stats.quarantined == 2
+    client, db = ch
+    both = parse_registry({"hosts": {HOST: {"provider_id": PROVIDER,
+                                            "keys": {"k1": SECRET.hex(), "k-new": new_secret.hex()}}}})  # fmt: skip
+    report = requeue(client, db, both)
+    assert (report.tried, report.loaded, report.windows, dict(report.still_rejected)) == (2, 1, 3, {"corrupt": 1})
+    assert stored(ch) == ["GPU-late"]
+    again = requeue(client, db, both)  # what loaded is done; what is still rejected is tried each run
+    assert (again.tried, again.loaded, dict(again.still_rejected)) == (1, 0, {"corrupt": 1})
