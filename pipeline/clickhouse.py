@@ -124,8 +124,8 @@ def _resort_raw(client: Any, ddl: Ddl, versions: list[WriterVersion]) -> None:
     client.command(f"INSERT INTO {ddl.db}.usage_raw_resorted ({columns}) SELECT {columns} FROM {ddl.db}.usage_raw")
     client.command(f"EXCHANGE TABLES {ddl.db}.usage_raw AND {ddl.db}.usage_raw_resorted")
     client.command(f"DROP TABLE {ddl.db}.usage_raw_resorted")
-    for writer in versions:
-        for statement in ddl.ingest_views(writer):
+    for writer in versions:  # every view of the ingest tables was dropped above: the heartbeats' too
+        for statement in ddl.ingest_views(writer) + ddl.messages_view(writer):
             client.command(statement)
 
 
