@@ -64,9 +64,10 @@ from pipeline.schema import BATCH_CHECKS, WINDOW_CHECKS
 log = logging.getLogger(__name__)
 
 BLOCK_OFFSETS = 1000  # block boundaries: multiples of this offset
-BLOCK_BYTES = 16 * 2**20  # ... or before the message that takes a block's values over this (memory per block)
+BLOCK_BYTES = 16 * 2**20  # ... or before the message that takes a block's bytes (values and headers) over this
 LINGER_S = 0.5  # a partial block at the tail waits at most this long for more messages
 BACKOFF_S = (0.2, 30.0)  # first and longest wait after a failed flush
+END_OFFSETS_EVERY_S = 15.0  # while paused, how often the broker is asked for the partitions' end offsets
 
 
 @dataclass(slots=True)
@@ -333,6 +334,8 @@ class Loader:
         self._since: dict[int, float] = {}  # partition -> monotonic time its oldest buffered message came
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._ends: dict[Any, int] = {}  # end offsets asked of the broker while paused (``_measure_lag``)
+        self._ends_at = -END_OFFSETS_EVERY_S
 
     # --- the loop --------------------------------------------------------
     def poll_once(self, timeout_ms: int = 200, drain: bool = False) -> int:
@@ -408,12 +411,15 @@ class Loader:
     # --- blocks ----------------------------------------------------------
     def _measure_lag(self) -> None:
         """Per assigned partition, the broker's high water (from the last fetch, no request) less the
-        offset this member committed (or, before its first commit, its fetch position)."""
+        offset this member committed (or, before its first commit, its fetch position). While the
+        partitions are paused (backing off after a failed flush) nothing is fetched, so the high water
+        is asked of the broker instead, at most every ``END_OFFSETS_EVERY_S``: lag grows in an outage."""
         lag = {}
         assigned = self.consumer.assignment()
         self.assigned = len(assigned)
+        ends = self._end_offsets(assigned) if self._backoff else {}
         for tp in assigned:
-            high = self.consumer.highwater(tp)
+            high = ends.get(tp) if tp in ends else self.consumer.highwater(tp)
             done = self._committed.get(tp.partition)
             if done is None:
                 buffered = self._buffers.get(tp.partition)
@@ -421,6 +427,17 @@ class Loader:
             if high is not None and done is not None:
                 lag[tp.partition] = max(high - done, 0)
         self.lag = lag
+
+    def _end_offsets(self, assigned: Any) -> dict[Any, int]:
+        now = time.monotonic()
+        if not assigned or now - self._ends_at < END_OFFSETS_EVERY_S:
+            return self._ends
+        self._ends_at = now
+        try:
+            self._ends = dict(self.consumer.end_offsets(list(assigned)))
+        except Exception as exc:  # the broker is down too: the last figures stand
+            log.debug("end offsets unavailable: %s", exc)
+        return self._ends
 
     def _drop_revoked(self) -> None:
         if not self.listener.revoked:
@@ -435,15 +452,16 @@ class Loader:
 
     def _ready_blocks(self, now: float, arrived: set[int], drain: bool) -> dict[int, list[list[Any]]]:
         """Per partition, the blocks to flush now: every complete block, and the tail when due. A block
-        ends at a multiple of ``block_offsets`` or before the message that would take its values over
-        ``block_bytes`` (a replay from a block's end cuts the same blocks); such a block is complete."""
+        ends at a multiple of ``block_offsets`` or before the message that would take its bytes (values
+        and headers, ``message_bytes``) over ``block_bytes`` (a replay from a block's end cuts the same
+        blocks); such a block is complete."""
         out: dict[int, list[list[Any]]] = {}
         size = self.block_offsets
         for partition, buf in self._buffers.items():
             blocks: list[list[Any]] = []
             start = held = 0
             for i, msg in enumerate(buf):
-                n = len(msg.value or b"")
+                n = message_bytes(msg)
                 if i > start and (msg.offset // size != buf[start].offset // size or held + n > self.block_bytes):
                     blocks.append(buf[start:i])
                     start, held = i, 0
@@ -637,6 +655,12 @@ def check_message(
     timestamp = timestamp_ms if timestamp_ms is not None else -1
     framed = Framed(offset, timestamp, body, signer.host_id if signer else "", signer.provider_id if signer else "")
     return writer, framed, count
+
+
+def message_bytes(msg: Any) -> int:
+    """What a message holds in memory for a block: its value and its headers (a rejected message's
+    headers are kept, as hex, for its quarantine row)."""
+    return len(msg.value or b"") + sum(len(k) + len(v or b"") for k, v in (msg.headers or ()))
 
 
 def windows_loaded(counts: dict[int, int], rejected: list[tuple[bytes, str, int, str]]) -> int:

@@ -386,3 +386,33 @@ def test_a_record_the_kafka_client_cannot_read_stops_the_loader_after_loading_wh
     with pytest.raises(LoaderStopped, match="partition 0 at 4, partition 1 at 0"):
         ld.poll_once()
     assert consumer.commits == [{0: 4}] and client.tokens == ["usage:0:0-3:v3"]
+
+
+def test_headers_count_towards_a_blocks_bytes() -> None:
+    """Messages with empty values and large headers cannot build a block of gigabytes."""
+    heavy = [Msg(o, b"", [("gm-key-id", b"k" * 1000)]) for o in range(7)]
+    consumer = FakeConsumer([{0: heavy}])
+    client = FakeClient()
+    ld = loader(consumer, client, block_bytes=3 * 1009)
+    assert ld.poll_once() == 6  # 0-2 and 3-5 are full, by their headers alone
+    assert client.tokens == ["usage:0:0-2:q", "usage:0:3-5:q"]
+
+
+def test_lag_keeps_growing_while_the_partitions_are_paused() -> None:
+    """In a ClickHouse outage nothing is fetched, so the last fetch's high water would freeze the lag:
+    the broker is asked for the end offsets instead."""
+
+    class Ends(FakeConsumer):
+        def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+            return {tp: {0: 500, 1: 7}[tp.partition] for tp in tps}
+
+    consumer = Ends([{0: msgs(0, 9)}, {}, {}])
+    consumer.high = {0: 10}
+    client = FakeClient()
+    client.fail = lambda: True
+    ld = loader(consumer, client)
+    ld.poll_once()  # the flush fails: paused, backing off
+    assert ld._backoff > 0
+    ld._retry_at = 0
+    ld.poll_once()
+    assert ld.lag == {0: 500}  # 500 at the broker, nothing committed, the fetch began at 0
