@@ -1,3 +1,4 @@
 """The gpumeter agent: samples GPUs, closes usage windows, sends them to Kafka."""
 
-AGENT_VERSION = "0.1.0"
+# in every batch (agent_version): 0.2.0 credits busy seconds to the interval they measure (gpumeter/CONTRACT.md)
+AGENT_VERSION = "0.2.0"

@@ -24,7 +24,7 @@ class Observation:
 
     gpu_uuid: str
     firm_id: str | None  # None: nobody holds the GPU (idle)
-    util_percent: float | None
+    util_percent: float | None  # mean utilisation over the interval since the previous sample (as NVML measures)
     energy_mj_total: int | None  # the device's cumulative energy counter (mJ since driver load)
     missed: bool = False  # the device could not be read at all: nobody is billed for this sample
 

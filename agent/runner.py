@@ -135,16 +135,27 @@ def run_realtime(
     duration_s: float | None,
     should_stop: Callable[[], bool] = lambda: False,
     after_sample: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Sample on wall-clock multiples of interval_s until duration_s passes or should_stop()."""
-    deadline = None if duration_s is None else time.time() + duration_s
-    while not should_stop() and (deadline is None or time.time() < deadline):
-        now = time.time()
-        next_tick = (int(now) // interval_s + 1) * interval_s
-        time.sleep(max(0.0, next_tick - now))
+    """Sample on wall-clock multiples of interval_s until duration_s passes or should_stop().
+
+    A tick that comes late (a busy host, a slow sample) is sampled at once, as itself; when the
+    clock is already past the tick after it, the latest due tick is sampled and the ones between
+    are a gap the accumulator reports as missed samples (``WindowAccumulator._not_sampled``)."""
+    deadline = None if duration_s is None else clock() + duration_s
+    tick: int | None = None
+    while not should_stop() and (deadline is None or clock() < deadline):
+        now = clock()
+        target = (int(now) // interval_s + 1) * interval_s if tick is None else tick + interval_s
+        if now < target:
+            sleep(target - now)
+            tick = target
+        else:
+            tick = max(target, int(now) // interval_s * interval_s)
         if should_stop():
             break
-        agent.sample(next_tick)
+        agent.sample(tick)
         if after_sample is not None:
-            after_sample(next_tick)
+            after_sample(tick)
     agent.stop()

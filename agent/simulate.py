@@ -154,8 +154,11 @@ class SimulatedHost:
             # the counter grew at the previous sample's power since then: watts * s * 1000 mJ
             energy = self._energy_mj[g.gpu_uuid] + self._watts[g.gpu_uuid] * elapsed_s * 1000
             self._energy_mj[g.gpu_uuid] = energy
+            # utilisation, as the driver reports it: of the interval since the previous sample
+            before = self.fleet.job_at(g.gpu_uuid, now_s - elapsed_s) if elapsed_s else None
             job = self.fleet.job_at(g.gpu_uuid, now_s)
             util = job.util_percent if job else 0
             self._watts[g.gpu_uuid] = g.watts_idle + (g.watts_busy - g.watts_idle) * util // 100
-            out.append(Observation(g.gpu_uuid, job.firm_id if job else None, float(util), energy))
+            measured = float(before.util_percent) if before else 0.0
+            out.append(Observation(g.gpu_uuid, job.firm_id if job else None, measured, energy))
         return out

@@ -1,17 +1,24 @@
 """Window integration: samples in, closed usage windows out. Pure; no clock, no I/O.
 
 Each sample taken at ``t`` stands for the half-open interval ``[t, t + interval)``:
-the firm holding the GPU at ``t`` is credited ``interval`` allocated seconds, busy
-seconds of ``util% * interval``, and the energy counter's growth until the next
-sample. Windows are aligned to wall-clock multiples of ``window_s``; one window
-record per (GPU, firm) that held the GPU in it. Sampling times are whole seconds
-and ``window_s`` is a multiple of ``interval_s``, so allocated seconds are exact
-when ownership changes on sample boundaries.
+the firm holding the GPU at ``t`` is credited ``interval`` allocated seconds. What
+the driver measures over that interval - the utilisation (an ``Observation``'s
+``util_percent`` is the mean over the interval *before* it) and the energy
+counter's growth - is read at the next sample and credited then to the same
+holder, in the window the interval belongs to (the next sample may open a new
+window: the old one is credited before it closes). Windows are aligned to
+wall-clock multiples of ``window_s``; one window record per (GPU, firm) that
+held the GPU in it. Sampling times are whole seconds and ``window_s`` is a
+multiple of ``interval_s``, so allocated seconds are exact when ownership
+changes on sample boundaries.
 
 Never twice, never guessed: an instant at or before a GPU's last sample is
 rejected (clock stepped back, or a restart in the same second); energy across a
 gap longer than one interval (the agent was down) or across a missed sample is
-unknown, so that window's ``energy_joules`` is ``None``. ``snapshot()`` and
+unknown, so that window's ``energy_joules`` is ``None``; so are its
+``busy_seconds`` when the interval's utilisation is not known (a gap, a missed
+or unsupported reading, or a window closed before its last interval was
+measured: ``flush`` at shutdown). ``snapshot()`` and
 ``restore()`` carry open windows across an agent restart, exactly.
 """
 
@@ -29,6 +36,7 @@ class _FirmTotals:
     allocated_seconds: int = 0
     busy_seconds: float | None = 0.0
     energy_joules: float | None = 0.0
+    measured: bool = True  # False while this firm's latest interval waits for the next sample's reading
 
 
 @dataclass(slots=True)
@@ -39,7 +47,7 @@ class _GpuState:
     last_holder: str | None = None
     last_energy_mj: int | None = None
     last_sample_s: int | None = None
-    window_missed: int = 0  # samples of this GPU in the open window that NVML could not answer
+    window_missed: int = 0  # instants of this GPU in the open window NVML could not answer or the loop skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +85,11 @@ class WindowAccumulator:
                 self.samples_rejected += 1  # this instant (or a later one) is already counted
                 continue
             gap = st.last_sample_s is not None and now_s - st.last_sample_s > self.interval_s
+            missed_old, missed_new = self._not_sampled(st, window_start, now_s) if gap else (0, 0)
+            st.window_missed += missed_old
             st.last_sample_s = now_s
-            # energy grown since the previous sample belongs to whoever held the GPU then
+            # energy grown and utilisation measured since the previous sample belong to whoever held
+            # the GPU then, in that sample's window (still open: it is closed below)
             if st.last_holder is not None:
                 totals = st.firms[st.last_holder]
                 now_mj, last_mj = obs.energy_mj_total, st.last_energy_mj
@@ -87,9 +98,15 @@ class WindowAccumulator:
                     totals.energy_joules = None
                 elif totals.energy_joules is not None:
                     totals.energy_joules += (now_mj - last_mj) / 1000.0
+                if gap or obs.util_percent is None or totals.busy_seconds is None:
+                    totals.busy_seconds = None  # the interval's use is not known: never a guess
+                else:
+                    totals.busy_seconds += obs.util_percent * self.interval_s / 100.0
+                totals.measured = True
             if st.window_start_s is not None and st.window_start_s != window_start:
                 closed.extend(self._close(st))
             st.window_start_s = window_start
+            st.window_missed += missed_new
             st.last_energy_mj = obs.energy_mj_total
             st.last_holder = obs.firm_id
             if obs.missed:
@@ -99,11 +116,24 @@ class WindowAccumulator:
                 continue
             totals = st.firms.setdefault(obs.firm_id, _FirmTotals())
             totals.allocated_seconds += self.interval_s
-            if obs.util_percent is None or totals.busy_seconds is None:
-                totals.busy_seconds = None
-            else:
-                totals.busy_seconds += obs.util_percent * self.interval_s / 100.0
+            totals.measured = False  # this interval's use is read at the next sample
         return closed
+
+    def _not_sampled(self, st: _GpuState, window_start: int, now_s: int) -> tuple[int, int]:
+        """Sampling instants skipped between the GPU's last sample and ``now_s`` (a tick the loop
+        missed, the agent down): (those in its open window, those in ``now_s``'s window). They are
+        ``samples_missed``: nobody is billed for them and the record says so. Windows wholly inside
+        the gap have no record to say it in."""
+        if st.last_sample_s is None:
+            return 0, 0
+        first = st.last_sample_s + self.interval_s
+        if st.window_start_s is None:
+            old = 0
+        else:
+            old = max(0, min(now_s, st.window_start_s + self.window_s) - first) // self.interval_s
+        if st.window_start_s == window_start:
+            return old, 0
+        return old, max(0, now_s - max(first, window_start)) // self.interval_s
 
     def flush(self) -> list[UsageWindow]:
         """Close every open window (agent shutdown)."""
@@ -128,7 +158,10 @@ class WindowAccumulator:
                     "last_energy_mj": st.last_energy_mj,
                     "last_sample_s": st.last_sample_s,
                     "window_missed": st.window_missed,
-                    "firms": {f: [t.allocated_seconds, t.busy_seconds, t.energy_joules] for f, t in st.firms.items()},
+                    "firms": {
+                        f: [t.allocated_seconds, t.busy_seconds, t.energy_joules, t.measured]
+                        for f, t in st.firms.items()
+                    },
                 }
                 for uuid, st in self._gpus.items()
             },
@@ -143,7 +176,10 @@ class WindowAccumulator:
             st.last_holder, st.last_energy_mj = g["last_holder"], g["last_energy_mj"]
             st.last_sample_s = g["last_sample_s"]
             st.window_missed = int(g.get("window_missed", 0))  # absent in checkpoints of 0.1.0
-            st.firms = {f: _FirmTotals(int(a), b, e) for f, (a, b, e) in g["firms"].items()}
+            # [allocated, busy, energy, measured]; a checkpoint of 0.1.0 has no ``measured``: it counted
+            # busy seconds the other way (one interval late), so a window open across the upgrade has none
+            st.firms = {f: _FirmTotals(int(v[0]), v[1], v[2], bool(v[3])) if len(v) > 3 else
+                        _FirmTotals(int(v[0]), None, v[2]) for f, v in g["firms"].items()}  # fmt: skip
             acc._gpus[uuid] = st
         return acc
 
@@ -175,7 +211,7 @@ class WindowAccumulator:
                     "window_start": start_ms,
                     "window_end": start_ms + self.window_s * 1000,
                     "allocated_seconds": t.allocated_seconds,
-                    "busy_seconds": None if t.busy_seconds is None else round(t.busy_seconds, 3),
+                    "busy_seconds": None if t.busy_seconds is None or not t.measured else round(t.busy_seconds, 3),
                     "energy_joules": None if t.energy_joules is None else round(t.energy_joules, 3),
                     "samples_taken": t.allocated_seconds // self.interval_s,
                     "samples_missed": st.window_missed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 from hypothesis import given, settings
@@ -71,10 +72,12 @@ def test_firm_switch_mid_window_gives_two_records() -> None:
 
 
 def test_busy_and_energy_are_integrated_per_holder() -> None:
+    """A sample's utilisation is of the interval before it (as NVML measures): 100 % over [0, 30),
+    50 % over [30, 60), both F1's; the reading at 60 closes the window after crediting it."""
     acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 60, 30)
-    closed = acc.add(0, [Observation("GPU-a", "F1", 100.0, 0)])
-    closed += acc.add(30, [Observation("GPU-a", "F1", 50.0, 9_000_000)])
-    closed += acc.add(60, [Observation("GPU-a", None, 0.0, 15_000_000)])
+    closed = acc.add(0, [Observation("GPU-a", "F1", 0.0, 0)])
+    closed += acc.add(30, [Observation("GPU-a", "F1", 100.0, 9_000_000)])
+    closed += acc.add(60, [Observation("GPU-a", None, 50.0, 15_000_000)])
     closed += acc.flush()
     assert len(closed) == 1
     w = closed[0]
@@ -97,10 +100,114 @@ def test_missed_samples_are_counted_per_gpu_window_and_not_billed() -> None:
 
 def test_energy_counter_reset_and_unsupported_metrics_are_never_numbers() -> None:
     acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 60, 30)
-    closed = acc.add(0, [Observation("GPU-a", "F1", None, 5_000)])
-    closed += acc.add(30, [Observation("GPU-a", "F1", 10.0, 100)])  # counter went back: driver reload
+    closed = acc.add(0, [Observation("GPU-a", "F1", 10.0, 5_000)])
+    closed += acc.add(30, [Observation("GPU-a", "F1", None, 100)])  # counter went back: driver reload
     closed += acc.add(60, [Observation("GPU-a", None, 0.0, 200)])
     (w,) = closed
     assert w["allocated_seconds"] == 60
     assert w["busy_seconds"] is None
     assert w["energy_joules"] is None
+
+
+def busy_run(holders: list[str | None], util: list[float], window_s: int, interval_s: int = 1,
+             closed_by: int | None = None) -> list[tuple[str, int, int, float | None]]:  # fmt: skip
+    """Sample ``holders[i]`` at ``i * interval_s``; ``util[i]`` is the truth over ``[i, i + 1)``,
+    reported (as the driver does) by the sample after it. (firm, start s, allocated, busy) per window."""
+    acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], window_s, interval_s)
+    closed = []
+    n = len(holders) if closed_by is None else closed_by
+    for i in range(n + 1):
+        measured = util[i - 1] if i else 0.0
+        firm = holders[i] if i < len(holders) else None
+        closed += acc.add(i * interval_s, [Observation("GPU-a", firm, measured, None)])
+    closed += acc.flush()
+    return [(w["firm_id"], w["window_start"] // 1000, w["allocated_seconds"], w["busy_seconds"]) for w in closed]
+
+
+def test_busy_seconds_belong_to_the_interval_they_measure_and_its_holder() -> None:
+    """F1 holds [0, 3) at 100 %, F2 [3, 6) at 50 %: the handover gives F1 nothing of F2's and the
+    reverse; no second is shifted into the next holder or the next window."""
+    got = busy_run(["F1"] * 3 + ["F2"] * 3, [100.0] * 3 + [50.0] * 3, window_s=60)
+    assert got == [("F1", 0, 3, 3.0), ("F2", 0, 3, 1.5)]
+
+
+def test_a_window_counts_its_own_seconds_not_the_one_before_it() -> None:
+    """Windows of 4 s, one job at 100 % for [2, 6) then 25 % for [6, 10): window [0, 4) has 2 busy
+    seconds, [4, 8) has 2 x 100 % + 2 x 25 %, [8, 12) has 2 x 25 %."""
+    holders = [None, None] + ["F1"] * 8
+    util = [0.0, 0.0, 100.0, 100.0, 100.0, 100.0, 25.0, 25.0, 25.0, 25.0]
+    assert busy_run(holders, util, window_s=4) == [("F1", 0, 2, 2.0), ("F1", 4, 4, 2.5), ("F1", 8, 2, 0.5)]
+
+
+def test_busy_is_unknown_when_its_interval_was_not_measured() -> None:
+    """Shut down (``flush``) before the last interval was read: that window's busy is None, never
+    the part that was measured; a missed reading makes its interval unknown too."""
+    assert busy_run(["F1"] * 3, [100.0] * 3, window_s=60, closed_by=2) == [("F1", 0, 3, None)]
+    acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 60, 1)
+    closed = acc.add(0, [Observation("GPU-a", "F1", 0.0, None)])
+    closed += acc.add(1, [Observation("GPU-a", None, None, None, missed=True)])  # [0, 1) not measured
+    closed += acc.add(2, [Observation("GPU-a", None, 0.0, None)])
+    closed += acc.flush()
+    assert [(w["allocated_seconds"], w["busy_seconds"]) for w in closed] == [(1, None)]
+
+
+def test_a_checkpoint_keeps_whether_the_last_interval_was_measured() -> None:
+    acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 60, 1)
+    acc.add(0, [Observation("GPU-a", "F1", 0.0, None)])
+    acc.add(1, [Observation("GPU-a", "F1", 100.0, None)])
+    again = WindowAccumulator.restore(HOST, json.loads(json.dumps(acc.snapshot())))
+    again.add(2, [Observation("GPU-a", None, 100.0, None)])  # reads [1, 2): F1's
+    assert [(w["allocated_seconds"], w["busy_seconds"]) for w in again.flush()] == [(2, 2.0)]
+    unread = WindowAccumulator.restore(HOST, json.loads(json.dumps(acc.snapshot())))
+    assert [(w["allocated_seconds"], w["busy_seconds"]) for w in unread.flush()] == [(2, None)]
+
+
+def test_a_window_open_across_the_upgrade_from_0_1_0_has_no_busy_figure() -> None:
+    """0.1.0 checkpoints (no ``measured``) counted busy seconds one interval late: mixing the two
+    would count one interval twice."""
+    acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 60, 1)
+    acc.add(0, [Observation("GPU-a", "F1", 100.0, None)])
+    snap = json.loads(json.dumps(acc.snapshot()))
+    snap["gpus"]["GPU-a"]["firms"] = {f: v[:3] for f, v in snap["gpus"]["GPU-a"]["firms"].items()}
+    old = WindowAccumulator.restore(HOST, snap)
+    old.add(1, [Observation("GPU-a", None, 100.0, None)])
+    assert [(w["allocated_seconds"], w["busy_seconds"]) for w in old.flush()] == [(1, None)]
+
+
+def test_instants_the_loop_skipped_are_missed_samples_in_the_windows_they_fall_in() -> None:
+    """Sampled at 0..5 and 8..9 (6 and 7 skipped: a busy host), 10 s windows: 8 allocated seconds,
+    2 missed, not an 8-second job. Down from 9 to 23: the rest of [0, 10) and 20..22 are missed;
+    [10, 20) lies wholly inside the gap and has no record to say so."""
+    acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 10, 1)
+    closed = []
+    for t in [*range(6), 8, 9, 23, 24]:
+        closed += acc.add(t, [Observation("GPU-a", "F1", 100.0, None)])
+    closed += acc.flush()
+    got = [(w["window_start"] // 1000, w["allocated_seconds"], w["samples_missed"], w["busy_seconds"]) for w in closed]
+    assert got == [(0, 8, 2, None), (20, 2, 3, None)]
+    for w in closed:  # every instant of a window is taken or missed, once
+        assert w["samples_taken"] + w["samples_missed"] <= 10
+
+
+def test_a_late_tick_is_sampled_at_once_and_a_skipped_one_is_reported() -> None:
+    """The sample at 2 takes 1.5 s (tick 3 is late: sampled at once, as 3); the one at 5 takes 2.2 s
+    (tick 6 and 7 have passed: 7 is sampled, 6 is a missed sample)."""
+    from agent.runner import run_realtime
+
+    clock = [0.2]
+    slow = {2: 1.5, 5: 2.2}
+    ticks: list[int] = []
+
+    class Probe:
+        def sample(self, t: int) -> None:
+            ticks.append(t)
+            clock[0] = t + slow.get(t, 0.01)
+
+        def stop(self) -> None:
+            pass
+
+    def sleep(s: float) -> None:
+        clock[0] += s
+
+    run_realtime(Probe(), 1, None, should_stop=lambda: len(ticks) >= 7, clock=lambda: clock[0], sleep=sleep)  # type: ignore[arg-type]
+    assert ticks == [1, 2, 3, 4, 5, 7, 8]
