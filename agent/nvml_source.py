@@ -22,6 +22,7 @@ from agent.nvml import GpuProcess, Nvml, NvmlDevice, NvmlDown, Unavailable
 
 log = logging.getLogger("gpumeter.agent.nvml")
 
+REDISCOVER_MAX_S = 900.0  # the longest wait between enumerations while nothing changes
 MODEL = re.compile(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b")
 NAME_GB = re.compile(r"(\d{2,3})\s?GB\b", re.IGNORECASE)
 MIG_PROFILE = re.compile(r"\bMIG\s+(\d+g\.\d+gb)\b", re.IGNORECASE)
@@ -78,13 +79,15 @@ class NvmlSource:
         self._infos: dict[str, DeviceInfo] = {}
         self._generation: dict[str, int] = {}
         self._last_discovery = clock()
+        self._rediscover_every = rediscover_s  # while no device is failed; doubles while nothing changes
         self.samples_missed = 0
         self.shared_samples = 0
         self.nvml.ensure()
         self._refresh_infos()
 
     def devices(self) -> list[DeviceInfo]:
-        """Every device seen since start (a lost one stays, its samples count as missed)."""
+        """Every device seen since start (a lost one stays, its samples count as missed); one that
+        appears later (hot-added, or unreadable at start) is found by the periodic rediscovery."""
         return list(self._infos.values())
 
     def observe(self, now_s: int) -> list[Observation]:
@@ -118,11 +121,20 @@ class NvmlSource:
         return value
 
     def _maybe_rediscover(self) -> None:
-        if any(d.failed for d in self.nvml.devices.values()) and (
-            self.clock() - self._last_discovery >= self.rediscover_s
-        ):
-            self._last_discovery = self.clock()
-            self.nvml.discover()
+        """Enumerate the devices again: every ``rediscover_s`` while one is failed (a lost GPU that
+        comes back), otherwise with backoff up to ``REDISCOVER_MAX_S`` while nothing changes (a GPU
+        hot-added, or one that could not be read at start)."""
+        failed = any(d.failed for d in self.nvml.devices.values())
+        wait = self.rediscover_s if failed else self._rediscover_every
+        if self.clock() - self._last_discovery < wait:
+            return
+        before = set(self.nvml.devices)
+        self._last_discovery = self.clock()
+        self.nvml.discover()
+        if failed or set(self.nvml.devices) != before:
+            self._rediscover_every = self.rediscover_s
+        else:
+            self._rediscover_every = min(self._rediscover_every * 2, REDISCOVER_MAX_S)
 
     def _refresh_infos(self) -> None:
         for dev in self.nvml.devices.values():

@@ -76,6 +76,12 @@ class Agent:
     def sample(self, now_s: int) -> None:
         observations = self.source.observe(now_s)
         self._register(observations)
+        # a GPU the accumulator meters that the source did not answer for (restored from the
+        # checkpoint but not found at start, say): a missed sample, so its open window still closes
+        seen = {o.gpu_uuid for o in observations}
+        observations = observations + [
+            Observation(u, None, None, None, missed=True) for u in self.acc.gpus() if u not in seen
+        ]
         closed = self.acc.add(now_s, observations)
         self.samples += 1
         if closed:

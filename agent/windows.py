@@ -72,6 +72,10 @@ class WindowAccumulator:
         """Meter a device that appeared after start (idempotent)."""
         self._gpus.setdefault(info.gpu_uuid, _GpuState(info))
 
+    def gpus(self) -> list[str]:
+        """Every GPU metered: those of the source and those restored from a checkpoint."""
+        return list(self._gpus)
+
     def knows(self, gpu_uuid: str) -> bool:
         return gpu_uuid in self._gpus
 

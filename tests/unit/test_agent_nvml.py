@@ -372,3 +372,53 @@ def test_gpu_class_for(name: str, total_mib: int | None, expected: str) -> None:
 
 def test_gpu_class_override_by_name() -> None:
     assert gpu_class_for("NVIDIA H100 80GB HBM3", None, {"NVIDIA H100 80GB HBM3": "H100-SXM"}) == "H100-SXM"
+
+
+def test_a_hot_added_gpu_is_found_by_rediscovery_that_backs_off_while_nothing_changes() -> None:
+    lib, _, src, clock = make([FakeGpu("GPU-a")])
+    enumerations = lambda: lib.calls["nvmlDeviceGetCount"]  # noqa: E731
+    start = enumerations()
+    for waited in (60, 120, 240):  # nothing new: each wait twice the last
+        clock.t += waited - 1
+        src.observe(int(clock.t))
+        assert enumerations() == start
+        clock.t += 1
+        src.observe(int(clock.t))
+        start += 1
+        assert enumerations() == start
+    lib.gpus.append(FakeGpu("GPU-new", procs=[(102, 1, NO_GI)]))
+    clock.t += 480
+    obs = src.observe(int(clock.t))
+    assert [(o.gpu_uuid, o.firm_id) for o in obs] == [("GPU-a", None), ("GPU-new", "F2")]
+    clock.t += 60  # a change: back to the short wait
+    src.observe(int(clock.t))
+    assert enumerations() == start + 2
+
+
+def test_a_window_restored_for_a_gpu_not_found_at_start_is_closed_with_its_seconds() -> None:
+    """The agent stopped (open window saved) and GPU-b was lost before it started again: the window is
+    closed at its end with the seconds it had, the rest of it missed samples - never dropped."""
+
+    class Saved:
+        def __init__(self) -> None:
+            self.snap: dict[str, Any] | None = None
+
+        def load(self) -> dict[str, Any] | None:
+            return self.snap
+
+        def save(self, snapshot: dict[str, Any], sync: bool) -> None:
+            self.snap = snapshot
+
+    a, b = FakeGpu("GPU-a"), FakeGpu("GPU-b", procs=[(101, 1, NO_GI)])
+    _, _, src, _ = make([a, b])
+    saved, sink = Saved(), Collect()
+    meter = Agent(src, HostIdentity("P01", "h1"), sink, window_s=60, interval_s=1, checkpoint=saved)
+    for t in range(60, 70):
+        meter.sample(t)
+    meter.stop()
+    _, _, src2, _ = make([a])  # GPU-b is gone at start
+    again = Agent(src2, HostIdentity("P01", "h1"), sink, window_s=60, interval_s=1, checkpoint=saved)
+    for t in range(75, 121):
+        again.sample(t)
+    (w,) = [w for w in sink.windows if w["gpu_uuid"] == "GPU-b"]
+    assert (w["firm_id"], w["window_start"], w["allocated_seconds"], w["samples_missed"]) == ("F1", 60_000, 10, 50)
