@@ -194,7 +194,9 @@ def gaps(ctx: click.Context, silent_after: float, keys_file: Path | None) -> Non
     missing tail - windows after the last one that arrived - shows from the
     agent's high-water mark, which every message (and a heartbeat at least once
     a minute) carries from schema v3 on. An agent not heard from for
-    --silent-after seconds is "silent since" its last message.
+    --silent-after seconds is "silent since" its last message (when the agent made it, or for
+    older agents when its last window ended, never later than its arrival: a replayed message of a
+    dead host does not make it look alive).
 
     \b
     Example:

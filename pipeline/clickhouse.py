@@ -235,13 +235,19 @@ def seq_extents(client: Any, database: str) -> list[tuple[str, int, int, int]]:
 
 def agent_contact(client: Any, database: str) -> list[tuple[str, int, Any]]:
     """(host_id, high-water seq, last heard) per agent: the highest seq it said it had numbered (v3
-    messages; -1 from older agents) or sent, and when its last message or window arrived (UTC)."""
+    messages; -1 from older agents) or sent, and when it last spoke (UTC): a message's ``made_at``
+    or a window's end, never later than its arrival - a message of a dead host replayed or requeued
+    today does not make it look alive (older messages, without ``made_at``: their arrival)."""
     result = client.query(
         f"""
         SELECT host_id, max(hw), max(t) FROM (
-            SELECT host_id, high_water_seq AS hw, ingested_at AS t FROM {database}.agent_messages
+            SELECT host_id, high_water_seq AS hw,
+                   if(made_at > toDateTime64(0, 3, 'UTC'), least(toDateTime64(made_at, 6, 'UTC'), ingested_at),
+                      ingested_at) AS t
+            FROM {database}.agent_messages
             UNION ALL
-            SELECT host_id, toInt64(max(seq)) AS hw, max(ingested_at) AS t FROM {database}.usage_raw
+            SELECT host_id, toInt64(max(seq)) AS hw,
+                   max(least(toDateTime64(window_end, 6, 'UTC'), ingested_at)) AS t FROM {database}.usage_raw
             WHERE source = 'kafka' GROUP BY host_id
         )
         GROUP BY host_id ORDER BY host_id

@@ -344,16 +344,20 @@ def test_gaps_see_a_lost_tail_and_a_silent_agent(kafka_bootstrap: str, topic: st
         finally:
             consumer.close(autocommit=False)
 
-    quiet_window = {**window("GPU-q", 0), "host_id": quiet, "record_id": record_id(quiet, "GPU-q", "F0001", T0)}
-    send(encode_batch(quiet, "test", [quiet_window]), "k2", SECRET[::-1])
-    run(now - timedelta(hours=1), expect=1)
+    # the quiet host made its last batch when its window ended, a minute before the batch arrived (an
+    # hour ago): silent since it was made, not since it arrived
+    end = int((now - timedelta(hours=1)).timestamp()) // 60 * 60 * 1000
+    quiet_window = {**window("GPU-q", 0), "host_id": quiet, "window_start": end - 60_000, "window_end": end,
+                    "record_id": record_id(quiet, "GPU-q", "F0001", end - 60_000)}  # fmt: skip
+    send(encode_batch(quiet, "test", [quiet_window], made_at_ms=end), "k2", SECRET[::-1])
+    run(datetime.fromtimestamp(end / 1000 + 60, UTC), expect=1)
     send(encode_batch(HOST, "test", [window("GPU-a", m) for m in range(10)]), "k1", SECRET)
     send(encode_batch(HOST, "test", [], high_water_seq=14), "k1", SECRET)  # the heartbeat
     send(encode_batch(quiet, "test", [], high_water_seq=99), "k1", SECRET)  # HOST's key, the quiet host's name
     run(now, expect=3)
     table = gaps_table(clickhouse.seq_extents(client, db), clickhouse.seq_gaps(client, db),
                        clickhouse.agent_contact(client, db), now=now + timedelta(seconds=5))  # fmt: skip
-    hour_ago = (now - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
+    hour_ago = datetime.fromtimestamp(end / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")  # its window's end
     assert table == (
         f"{HOST}: seq 0..9, 10 seen, 5 missing\n  missing tail 10..14 (the agent had numbered up to 14)\n"
         f"{quiet}: seq 0..0, 1 seen, complete\n  silent since {hour_ago} UTC"
