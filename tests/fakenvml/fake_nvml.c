@@ -5,6 +5,13 @@
  * $FAKE_NVML_PID, else the caller). GPU 1 answers "not supported" for energy and
  * "GPU is lost" for its process list. MIG is not supported on either.
  * Struct layouts are nvml.h's: nvmlProcessInfo_t (v2/v3) is 24 bytes.
+ *
+ * Scenario mode (a test's ground truth): once the caller sets the driver's clock
+ * with fakeNvmlSetTime(us), GPU 0 runs the jobs given by fakeNvmlAddJob(start_us,
+ * end_us, pid, util): its process list at time t is the job with start <= t < end
+ * (none: idle), and nvmlDeviceGetSamples returns the driver's utilisation samples,
+ * six a second at k * 1e6 / 6 us, each the utilisation of the period before it,
+ * [ts(k-1), ts(k)), from a buffer of the last 20 s, as a real driver keeps.
  * Build: gcc -shared -fPIC -o libnvidia-ml.so.1 fake_nvml.c
  */
 #include <stdlib.h>
@@ -35,10 +42,30 @@ _Static_assert(sizeof(nvmlSample_t) == 16, "nvmlSample_t must be 16 bytes");
 #define CHECK_INIT if (!initialised) return UNINIT
 #define CHECK_DEV(d) if ((d) != &devices[0] && (d) != &devices[1]) return INVALID
 
+static int scenario = 0;
+static unsigned long long virtual_us = 0;
+struct job { unsigned long long start_us, end_us; unsigned int pid, util; };
+static struct job jobs[64];
+static int njobs = 0;
+
 static unsigned long long now_us(void) {
+    if (scenario) return virtual_us;
     struct timeval tv; gettimeofday(&tv, NULL);
     return (unsigned long long)tv.tv_sec * 1000000ULL + tv.tv_usec;
 }
+
+/* Not NVML: the test's controls (scenario mode). */
+void fakeNvmlSetTime(unsigned long long us) { scenario = 1; virtual_us = us; }
+int fakeNvmlAddJob(unsigned long long start_us, unsigned long long end_us, unsigned int pid, unsigned int util) {
+    if (njobs == 64) return -1;
+    jobs[njobs].start_us = start_us; jobs[njobs].end_us = end_us; jobs[njobs].pid = pid; jobs[njobs].util = util;
+    return njobs++;
+}
+static const struct job *job_at(unsigned long long t) {
+    for (int i = 0; i < njobs; i++) if (jobs[i].start_us <= t && t < jobs[i].end_us) return &jobs[i];
+    return NULL;
+}
+static unsigned long long sample_ts(unsigned long long k) { return k * 1000000ULL / 6; }
 
 const char *nvmlErrorString(nvmlReturn_t r) { (void)r; return "fake NVML error"; }
 nvmlReturn_t nvmlInitWithFlags(unsigned int flags) { (void)flags; initialised = 1; return OK; }
@@ -85,6 +112,24 @@ nvmlReturn_t nvmlDeviceGetSamples(nvmlDevice_t d, int type, unsigned long long l
                                   unsigned int *count, nvmlSample_t *samples) {
     CHECK_INIT; CHECK_DEV(d);
     if (type != 1 || d->index == 1) return NOT_SUPPORTED;  /* GPU 1: falls back to the rate */
+    if (scenario) {
+        unsigned long long now = now_us(), oldest = now > 20000000ULL ? now - 20000000ULL : 0;
+        unsigned long long from = last > oldest ? last : oldest, k = from * 6 / 1000000ULL;
+        unsigned int n = 0, cap = samples == NULL ? 0 : *count;
+        for (; sample_ts(k) <= now; k++) {
+            unsigned long long ts = sample_ts(k);
+            if (ts <= from || k == 0) continue;
+            if (samples != NULL && n < cap) {
+                const struct job *j = job_at(sample_ts(k - 1));
+                samples[n].timeStamp = ts; samples[n].sampleValue.ull = 0; samples[n].sampleValue.ui = j ? j->util : 0;
+            }
+            n++;
+        }
+        if (n == 0) return NOT_FOUND;
+        *vtype = 1;
+        *count = samples == NULL ? n : (n < cap ? n : cap);
+        return OK;
+    }
     unsigned long long t = now_us();
     unsigned long long ts[2] = {t - 500000ULL, t - 200000ULL};
     unsigned int vals[2] = {60, 80}, n = 0;
@@ -101,6 +146,14 @@ nvmlReturn_t nvmlDeviceGetSamples(nvmlDevice_t d, int type, unsigned long long l
 nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned int *count, nvmlProcessInfo_t *p) {
     CHECK_INIT; CHECK_DEV(d);
     if (d->index == 1) return LOST;
+    if (scenario) {
+        const struct job *j = job_at(now_us());
+        if (j == NULL) { *count = 0; return OK; }
+        if (p == NULL || *count < 1) { *count = 1; return INSUFFICIENT; }
+        p[0].pid = j->pid; p[0].usedGpuMemory = 3ULL << 30;
+        p[0].gpuInstanceId = 0xFFFFFFFFu; p[0].computeInstanceId = 0xFFFFFFFFu;
+        *count = 1; return OK;
+    }
     if (p == NULL || *count < 1) { *count = 1; return INSUFFICIENT; }
     const char *pid = getenv("FAKE_NVML_PID");
     p[0].pid = pid ? (unsigned int)atoi(pid) : (unsigned int)getpid();

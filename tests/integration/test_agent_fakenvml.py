@@ -97,3 +97,52 @@ def test_agent_check_lists_the_gpus_through_nvml(fake_lib: Path, tmp_path: Path)
     )
     assert lines[1].startswith("FAIL  kafka: 127.0.0.1:1 not reachable")
     assert proc.returncode == 1
+
+
+SCENARIO = """
+import ctypes, json, sys
+from agent.nvml import Nvml
+from agent.nvml_source import NvmlSource
+from agent.runner import Agent
+from agent.windows import HostIdentity
+jobs, firms, t0, t1 = json.loads(sys.argv[1])
+lib = ctypes.CDLL("libnvidia-ml.so.1")  # the library pynvml loads: the same handle
+lib.fakeNvmlSetTime.argtypes = [ctypes.c_ulonglong]
+lib.fakeNvmlAddJob.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_uint]
+lib.fakeNvmlSetTime(t0 * 1_000_000)
+for start, end, pid, util in jobs:
+    lib.fakeNvmlAddJob(start * 1_000_000, end * 1_000_000, pid, util)
+class Sink:
+    windows = []
+    def send(self, host, version, windows):
+        self.windows += windows
+src = NvmlSource(Nvml(), lambda pid, gpu: firms[str(pid)], interval_s=1)
+meter = Agent(src, HostIdentity("P01", "h1"), Sink(), window_s=10, interval_s=1)
+for t in range(t0, t1):
+    lib.fakeNvmlSetTime(t * 1_000_000)
+    meter.sample(t)
+print(json.dumps([w for w in Sink.windows if w["gpu_uuid"].endswith("0")]))
+"""
+
+
+def test_busy_seconds_through_the_real_pynvml_path_are_exact_at_a_handover(fake_lib: Path) -> None:
+    """The stand-in driver runs F1's job [2, 13) at 100 % and F2's [13, 27) at 50 % on GPU 0 (its
+    utilisation samples six a second, each of the period before it); the agent samples at 1 Hz into
+    10 s windows. Per window and firm, allocated and busy seconds equal the truth exactly: no second
+    moves to the next holder at the handover or into the next window."""
+    t0 = 1_772_323_200  # a multiple of the window
+    jobs = [(t0 + 2, t0 + 13, 101, 100), (t0 + 13, t0 + 27, 102, 50)]
+    args = json.dumps([jobs, {"101": "F1", "102": "F2"}, t0, t0 + 40])
+    proc = subprocess.run([sys.executable, "-c", SCENARIO, args], env=child_env(fake_lib), capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = [(w["window_start"] // 1000 - t0, w["firm_id"], w["allocated_seconds"], w["busy_seconds"])
+           for w in json.loads(proc.stdout)]  # fmt: skip
+    truth = []
+    for start in range(0, 40, 10):
+        for s, e, pid, util in jobs:
+            overlap = min(e - t0, start + 10) - max(s - t0, start)
+            if overlap > 0:
+                truth.append((start, {101: "F1", 102: "F2"}[pid], overlap, overlap * util / 100))
+    assert truth == [(0, "F1", 8, 8.0), (10, "F1", 3, 3.0), (10, "F2", 7, 3.5), (20, "F2", 7, 3.5)]
+    assert got == truth
