@@ -11,7 +11,8 @@
  * end_us, pid, util): its process list at time t is the job with start <= t < end
  * (none: idle), and nvmlDeviceGetSamples returns the driver's utilisation samples,
  * six a second at k * 1e6 / 6 us, each the utilisation of the period before it,
- * [ts(k-1), ts(k)), from a buffer of the last 20 s, as a real driver keeps.
+ * [ts(k-1), ts(k)), from a buffer of the last 20 s, as a real driver keeps;
+ * fakeNvmlSetLost(1) makes GPU 0 "lost" until fakeNvmlSetLost(0).
  * Build: gcc -shared -fPIC -o libnvidia-ml.so.1 fake_nvml.c
  */
 #include <stdlib.h>
@@ -66,6 +67,8 @@ static const struct job *job_at(unsigned long long t) {
     return NULL;
 }
 static unsigned long long sample_ts(unsigned long long k) { return k * 1000000ULL / 6; }
+static int gpu0_lost = 0;
+void fakeNvmlSetLost(int lost) { gpu0_lost = lost; }  /* GPU 0's process list says "GPU is lost" */
 
 const char *nvmlErrorString(nvmlReturn_t r) { (void)r; return "fake NVML error"; }
 nvmlReturn_t nvmlInitWithFlags(unsigned int flags) { (void)flags; initialised = 1; return OK; }
@@ -147,6 +150,7 @@ nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned in
     CHECK_INIT; CHECK_DEV(d);
     if (d->index == 1) return LOST;
     if (scenario) {
+        if (gpu0_lost) return LOST;
         const struct job *j = job_at(now_us());
         if (j == NULL) { *count = 0; return OK; }
         if (p == NULL || *count < 1) { *count = 1; return INSUFFICIENT; }

@@ -105,9 +105,10 @@ from agent.nvml import Nvml
 from agent.nvml_source import NvmlSource
 from agent.runner import Agent
 from agent.windows import HostIdentity
-jobs, firms, t0, t1 = json.loads(sys.argv[1])
+jobs, firms, t0, t1, lost = json.loads(sys.argv[1])
 lib = ctypes.CDLL("libnvidia-ml.so.1")  # the library pynvml loads: the same handle
 lib.fakeNvmlSetTime.argtypes = [ctypes.c_ulonglong]
+lib.fakeNvmlSetLost.argtypes = [ctypes.c_int]
 lib.fakeNvmlAddJob.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_uint]
 lib.fakeNvmlSetTime(t0 * 1_000_000)
 for start, end, pid, util in jobs:
@@ -116,10 +117,11 @@ class Sink:
     windows = []
     def send(self, host, version, windows):
         self.windows += windows
-src = NvmlSource(Nvml(), lambda pid, gpu: firms[str(pid)], interval_s=1)
+src = NvmlSource(Nvml(), lambda pid, gpu: firms[str(pid)], interval_s=1, rediscover_s=0)
 meter = Agent(src, HostIdentity("P01", "h1"), Sink(), window_s=10, interval_s=1)
 for t in range(t0, t1):
     lib.fakeNvmlSetTime(t * 1_000_000)
+    lib.fakeNvmlSetLost(int(lost[0] <= t < lost[1]))
     meter.sample(t)
 print(json.dumps([w for w in Sink.windows if w["gpu_uuid"].endswith("0")]))
 """
@@ -132,7 +134,7 @@ def test_busy_seconds_through_the_real_pynvml_path_are_exact_at_a_handover(fake_
     moves to the next holder at the handover or into the next window."""
     t0 = 1_772_323_200  # a multiple of the window
     jobs = [(t0 + 2, t0 + 13, 101, 100), (t0 + 13, t0 + 27, 102, 50)]
-    args = json.dumps([jobs, {"101": "F1", "102": "F2"}, t0, t0 + 40])
+    args = json.dumps([jobs, {"101": "F1", "102": "F2"}, t0, t0 + 40, [0, 0]])
     proc = subprocess.run([sys.executable, "-c", SCENARIO, args], env=child_env(fake_lib), capture_output=True,
                           text=True, timeout=60, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -146,3 +148,17 @@ def test_busy_seconds_through_the_real_pynvml_path_are_exact_at_a_handover(fake_
                 truth.append((start, {101: "F1", 102: "F2"}[pid], overlap, overlap * util / 100))
     assert truth == [(0, "F1", 8, 8.0), (10, "F1", 3, 3.0), (10, "F2", 7, 3.5), (20, "F2", 7, 3.5)]
     assert got == truth
+
+
+def test_a_gpu_lost_while_sampling_bills_nothing_for_the_lost_seconds_and_says_so(fake_lib: Path) -> None:
+    """F1's job runs [0, 30) at 80 %; GPU 0 is lost for [5, 15). The lost seconds are missed samples,
+    billed to nobody; the interval before the loss was never read, so that window's busy is null;
+    after the GPU is back (rediscovered) busy seconds are exact again."""
+    t0 = 1_772_323_200
+    args = json.dumps([[(t0, t0 + 30, 101, 80)], {"101": "F1"}, t0, t0 + 31, [t0 + 5, t0 + 15]])
+    proc = subprocess.run([sys.executable, "-c", SCENARIO, args], env=child_env(fake_lib), capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = [(w["window_start"] // 1000 - t0, w["allocated_seconds"], w["samples_missed"], w["busy_seconds"])
+           for w in json.loads(proc.stdout)]  # fmt: skip
+    assert got == [(0, 5, 5, None), (10, 5, 5, 4.0), (20, 10, 0, 8.0)]
