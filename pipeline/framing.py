@@ -167,6 +167,14 @@ def _read_long(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def batch_host(body: bytes) -> bytes:
+    """The ``host_id`` of a UsageBatch body (its first field), as bytes, without decoding the rest."""
+    length, pos = _read_long(body, 0)
+    if length < 0 or pos + length > len(body):
+        raise RecordError("corrupt Avro body: bad string length")
+    return body[pos : pos + length]
+
+
 def window_count(body: bytes) -> int:
     """Windows in a UsageBatch body (host_id, agent_version, then the array), without decoding them.
 

@@ -52,6 +52,7 @@ from pipeline import clickhouse
 from pipeline.framing import (
     Framed,
     WriterVersion,
+    batch_host,
     container,
     decode_body,
     shipped_versions,
@@ -59,7 +60,7 @@ from pipeline.framing import (
     window_count,
 )
 from pipeline.keys import KeyRegistry
-from pipeline.schema import BATCH_CHECKS, WINDOW_CHECKS
+from pipeline.schema import BATCH_CHECKS, SIGNER_HOST_REASON, WINDOW_CHECKS
 
 log = logging.getLogger(__name__)
 
@@ -649,6 +650,10 @@ def check_message(
         raise RecordError(f"message of {len(value)} bytes, over the limit of {MAX_VALUE_BYTES}")
     signer = keys.verify(value, headers) if keys is not None else None
     writer, body = split_value(value, writers)
+    if signer is not None and batch_host(body) != signer.host_id.encode():
+        # the views check each window against the signer too; this also catches a heartbeat (no
+        # windows) that speaks for another host, which would otherwise be dropped without a trace
+        raise RecordError(SIGNER_HOST_REASON)
     count = window_count(body)
     if count > MAX_WINDOWS_PER_BATCH:
         raise RecordError(f"message of {count} windows, over the limit of {MAX_WINDOWS_PER_BATCH}")

@@ -51,6 +51,7 @@ DEFAULT_MAX_WATTS = 1_500  # an unknown class: more than any single accelerator 
 # loader counts a message's windows before it inserts (loader.py); this sees every Avro array block.
 # ``n_windows`` is joined beside each window (INGEST_JOIN): naming ``b.windows`` after the ARRAY JOIN
 # would copy the whole array into every window's row.
+SIGNER_HOST_REASON = "batch host_id is not the signing key's host"  # the loader checks it first (a heartbeat too)
 BATCH_CHECKS: tuple[tuple[str, str], ...] = (
     (f"batch of more than {MAX_WINDOWS_PER_BATCH} windows", f"n_windows > {MAX_WINDOWS_PER_BATCH}"),
 )
@@ -62,7 +63,7 @@ WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
         "w.firm_id, '\\x1f', toString(w.window_start))))), 1, 32)",
     ),
     ("window host_id differs from the batch host_id", "w.host_id != b.host_id"),
-    ("batch host_id is not the signing key's host", "b.gm_signer_host != '' AND b.host_id != b.gm_signer_host"),
+    (SIGNER_HOST_REASON, "b.gm_signer_host != '' AND b.host_id != b.gm_signer_host"),
     (
         "provider_id is not the registered provider of the host",
         "b.gm_signer_provider != '' AND w.provider_id != b.gm_signer_provider",

@@ -362,6 +362,9 @@ def test_gaps_see_a_lost_tail_and_a_silent_agent(kafka_bootstrap: str, topic: st
         f"{HOST}: seq 0..9, 10 seen, 5 missing\n  missing tail 10..14 (the agent had numbered up to 14)\n"
         f"{quiet}: seq 0..0, 1 seen, complete\n  silent since {hour_ago} UTC"
     )
+    # the forged heartbeat is not dropped without a trace: it is quarantined, whole, with its reason
+    rows = client.query(f"SELECT reason, record_id FROM {db}.usage_quarantine").result_rows
+    assert rows == [("batch host_id is not the signing key's host", "")]
 
 
 def test_requeue_loads_what_a_new_key_now_verifies_exactly_once(
