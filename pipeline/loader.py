@@ -346,7 +346,8 @@ class Loader:
         try:
             fetched = self.consumer.poll(timeout_ms=0 if self._backoff else timeout_ms)
         except CorruptRecordError as exc:
-            self._unreadable(exc)
+            self._unreadable(exc)  # stops, or returns while what came before it cannot be loaded yet
+            return 0
         self._drop_revoked()
         self._measure_lag()
         now = time.monotonic()
@@ -369,9 +370,15 @@ class Loader:
     def _unreadable(self, exc: Exception) -> None:
         """kafka-python cannot read a record (a batch failing its CRC, a header key that is not UTF-8):
         it raises at every poll and says neither partition nor offset, so the record cannot be
-        quarantined. Load and commit what was fetched before it, then stop with one message."""
-        self._backoff = 0.0
+        quarantined. Load and commit what was fetched before it, then stop with one message (if that
+        cannot be loaded now, back off and try again: the next poll meets the record again)."""
+        if self._backoff and time.monotonic() < self._retry_at:
+            self.sleep(min(self._retry_at - time.monotonic(), 1.0))
+            return
         self._flush(self._ready_blocks(time.monotonic(), set(), True))
+        if any(self._buffers.values()):
+            log.warning("a record cannot be read (%s); loading what came before it first", exc)
+            return
         where = ", ".join(
             f"partition {tp.partition} at {self.consumer.position(tp)}"
             for tp in sorted(self.consumer.assignment(), key=lambda tp: tp.partition)

@@ -416,3 +416,33 @@ def test_lag_keeps_growing_while_the_partitions_are_paused() -> None:
     ld._retry_at = 0
     ld.poll_once()
     assert ld.lag == {0: 500}  # 500 at the broker, nothing committed, the fetch began at 0
+
+
+def test_an_unreadable_record_waits_until_what_came_before_it_is_loaded() -> None:
+    import pytest
+    from kafka.errors import CorruptRecordError
+
+    from pipeline.loader import LoaderStopped
+
+    class Corrupt(FakeConsumer):
+        def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list[Msg]]:
+            if self.n >= 1:
+                self.n += 1
+                raise CorruptRecordError("Found invalid record structure")
+            return super().poll(timeout_ms)
+
+        def position(self, tp: TopicPartition) -> int:
+            return {0: 4, 1: 0}[tp.partition]
+
+    consumer = Corrupt([{0: msgs(0, 3)}])
+    client = FakeClient()
+    down = [True]
+    client.fail = lambda: bool(down) and down.pop(0)
+    ld = loader(consumer, client)
+    assert ld.poll_once() == 0  # 0..3 buffered
+    assert ld.poll_once() == 0  # the record: ClickHouse is down, nothing committed, no stop yet
+    assert consumer.commits == [] and ld._buffers
+    ld._retry_at = 0
+    with pytest.raises(LoaderStopped, match="partition 0 at 4"):
+        ld.poll_once()
+    assert consumer.commits == [{0: 4}]
