@@ -16,7 +16,7 @@ from test_end_to_end import START, measured, meter_fleet
 from agent.kafka_sink import KafkaSink
 from agent.runner import Agent, run_simulated
 from agent.simulate import SimulatedFleet
-from gpumeter.record import record_id, signature_headers
+from gpumeter.record import decode_batch, record_id, signature_headers
 from pipeline.keys import parse_registry
 from pipeline.loader import DeadLetter, Loader, make_consumer
 from pipeline.usage_store import UsageStore
@@ -169,10 +169,11 @@ def test_garbage_drill_random_truncated_and_bit_flipped(kafka_bootstrap: str, to
     junk: list[tuple[bytes, list[tuple[str, bytes]]]] = [
         (rng.randbytes(rng.randrange(0, 200)), []) for _ in range(10_000)
     ]
+    own = key_of[decode_batch(valid)["host_id"]]  # the key of the host that wrote it
     for _ in range(50):
         cut = valid[: rng.randrange(10, len(valid) - 1)]
         junk.append((cut, signature_headers(valid, "k", secret)))  # signature of the whole value
-        junk.append((cut, signature_headers(cut, "k", secret)))  # a buggy agent signed the truncation
+        junk.append((cut, signature_headers(cut, own, secret)))  # a buggy agent signed the truncation
         flipped = bytearray(valid)
         flipped[rng.randrange(10, len(flipped))] ^= 1 << rng.randrange(8)
         junk.append((bytes(flipped), signature_headers(valid, "k", secret)))
