@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from agent.devices import DeviceInfo, Observation
-from agent.nvml import GpuProcess, Nvml, NvmlDevice, NvmlDown, Unavailable
+from agent.nvml import GpuLost, GpuProcess, Nvml, NvmlDevice, NvmlDown, Unavailable
 
 log = logging.getLogger("gpumeter.agent.nvml")
 
@@ -93,11 +93,14 @@ class NvmlSource:
     def observe(self, now_s: int) -> list[Observation]:
         readings = []
         if self.nvml.ensure():
-            self._maybe_rediscover()
             try:
+                self._maybe_rediscover()
                 readings = self.nvml.read(now_s * 1_000_000, self.interval_s * 1_000_000)
             except NvmlDown as exc:
                 self.nvml.mark_down(str(exc))
+                readings = []
+            except GpuLost as exc:  # enumeration met a lost GPU: this tick is missed, the next retries
+                log.error("device enumeration failed (%s): this sample is missed", exc)
                 readings = []
         self._refresh_infos()
         seen = {r.uuid: r for r in readings}

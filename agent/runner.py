@@ -153,6 +153,8 @@ def run_realtime(
     tick: int | None = None
     while not should_stop() and (deadline is None or clock() < deadline):
         now = clock()
+        if tick is not None and now < tick:  # the clock stepped back: go on from where it is now (the
+            tick = None  # accumulator refuses instants already counted), never sleep out the step
         target = (int(now) // interval_s + 1) * interval_s if tick is None else tick + interval_s
         if now < target:
             sleep(target - now)

@@ -162,10 +162,9 @@ class WindowAccumulator:
                     "last_energy_mj": st.last_energy_mj,
                     "last_sample_s": st.last_sample_s,
                     "window_missed": st.window_missed,
-                    "firms": {
-                        f: [t.allocated_seconds, t.busy_seconds, t.energy_joules, t.measured]
-                        for f, t in st.firms.items()
-                    },
+                    "firms": {f: [t.allocated_seconds, t.busy_seconds, t.energy_joules] for f, t in st.firms.items()},
+                    # a key of its own, so an agent rolled back to 0.1.0 still reads the firms' lists
+                    "unmeasured": sorted(f for f, t in st.firms.items() if not t.measured),
                 }
                 for uuid, st in self._gpus.items()
             },
@@ -180,10 +179,13 @@ class WindowAccumulator:
             st.last_holder, st.last_energy_mj = g["last_holder"], g["last_energy_mj"]
             st.last_sample_s = g["last_sample_s"]
             st.window_missed = int(g.get("window_missed", 0))  # absent in checkpoints of 0.1.0
-            # [allocated, busy, energy, measured]; a checkpoint of 0.1.0 has no ``measured``: it counted
-            # busy seconds the other way (one interval late), so a window open across the upgrade has none
-            st.firms = {f: _FirmTotals(int(v[0]), v[1], v[2], bool(v[3])) if len(v) > 3 else
-                        _FirmTotals(int(v[0]), None, v[2]) for f, v in g["firms"].items()}  # fmt: skip
+            # a checkpoint of 0.1.0 has no ``unmeasured``: it counted busy seconds the other way (one
+            # interval late), so a window open across the upgrade has none
+            unmeasured = g.get("unmeasured")
+            st.firms = {
+                f: _FirmTotals(int(a), b if unmeasured is not None else None, e, f not in (unmeasured or ()))
+                for f, (a, b, e) in g["firms"].items()
+            }
             acc._gpus[uuid] = st
         return acc
 

@@ -422,3 +422,10 @@ def test_a_window_restored_for_a_gpu_not_found_at_start_is_closed_with_its_secon
         again.sample(t)
     (w,) = [w for w in sink.windows if w["gpu_uuid"] == "GPU-b"]
     assert (w["firm_id"], w["window_start"], w["allocated_seconds"], w["samples_missed"]) == ("F1", 60_000, 10, 50)
+
+
+def test_an_enumeration_that_fails_is_a_missed_sample_not_a_crash() -> None:
+    lib, _, src, clock = make([FakeGpu("GPU-a", procs=[(101, 1, NO_GI)])])
+    clock.t += 60
+    lib.fail[("nvmlDeviceGetCount", "*")] = DRIVER_NOT_LOADED
+    assert [o.missed for o in src.observe(int(clock.t))] == [True]

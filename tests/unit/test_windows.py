@@ -168,7 +168,8 @@ def test_a_window_open_across_the_upgrade_from_0_1_0_has_no_busy_figure() -> Non
     acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 60, 1)
     acc.add(0, [Observation("GPU-a", "F1", 100.0, None)])
     snap = json.loads(json.dumps(acc.snapshot()))
-    snap["gpus"]["GPU-a"]["firms"] = {f: v[:3] for f, v in snap["gpus"]["GPU-a"]["firms"].items()}
+    del snap["gpus"]["GPU-a"]["unmeasured"]
+    assert all(len(v) == 3 for v in snap["gpus"]["GPU-a"]["firms"].values())  # 0.1.0 reads these lists
     old = WindowAccumulator.restore(HOST, snap)
     old.add(1, [Observation("GPU-a", None, 100.0, None)])
     assert [(w["allocated_seconds"], w["busy_seconds"]) for w in old.flush()] == [(1, None)]
@@ -211,3 +212,29 @@ def test_a_late_tick_is_sampled_at_once_and_a_skipped_one_is_reported() -> None:
 
     run_realtime(Probe(), 1, None, should_stop=lambda: len(ticks) >= 7, clock=lambda: clock[0], sleep=sleep)  # type: ignore[arg-type]
     assert ticks == [1, 2, 3, 4, 5, 7, 8]
+
+
+def test_a_clock_stepped_back_does_not_make_the_loop_sleep_out_the_step() -> None:
+    """The clock reads an hour early for a moment after the sample at 3: the loop goes on from the
+    clock (the instants it already counted are refused by the accumulator), not an hour later."""
+    from agent.runner import run_realtime
+
+    clock = [10_000.2]
+    ticks: list[int] = []
+
+    class Probe:
+        def sample(self, t: int) -> None:
+            ticks.append(t)
+            clock[0] = t + 0.01 - (3600 if t == 10_003 else 0)
+
+        def stop(self) -> None:
+            pass
+
+    def sleep(s: float) -> None:
+        assert s <= 1.0, f"slept {s} s"
+        clock[0] += s
+        if clock[0] < 10_000:
+            clock[0] += 3600  # corrected by the time server
+
+    run_realtime(Probe(), 1, None, should_stop=lambda: len(ticks) >= 6, clock=lambda: clock[0], sleep=sleep)  # type: ignore[arg-type]
+    assert ticks[:3] == [10_001, 10_002, 10_003] and max(ticks) < 10_010
