@@ -60,6 +60,34 @@ def stored(ch: tuple[Any, str]) -> list[str]:
     return sorted(str(r[0]) for r in client.query(f"SELECT DISTINCT gpu_uuid FROM {db}.usage_raw").result_rows)
 
 
+def dead_lettered(bootstrap: str, dlq: str) -> list[tuple[dict[str, bytes], bytes]]:
+    consumer = KafkaConsumer(dlq, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    got = [(dict(m.headers), m.value) for m in consumer]
+    consumer.close()
+    return got
+
+
+def load_dead_lettering(bootstrap: str, topic: str, ch: tuple[Any, str], expect: int
+                        ) -> tuple[Loader, list[tuple[dict[str, bytes], bytes]]]:  # fmt: skip
+    """Load with a dead-letter topic (``<topic>.dead-letter``); the loader and what it dead-lettered."""
+    dlq = topic + ".dead-letter"
+    create_topic(bootstrap, dlq, partitions=1)
+    dead = DeadLetter(bootstrap, dlq)
+    try:
+        loader = load(bootstrap, topic, ch, expect=expect, dead_letter=dead)
+    finally:
+        dead.close()
+    return loader, dead_lettered(bootstrap, dlq)
+
+
+def send_large(bootstrap: str, topic: str, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
+    """One message over Kafka's default request size (the broker's topic limit is what refuses or not)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=4 * 1024 * 1024)
+    producer.send(topic, value=value, headers=headers or [], partition=0)
+    producer.flush()
+    producer.close()
+
+
 def test_a_topic_made_again_from_offset_zero_loses_nothing(ch: tuple[Any, str], tmp_path: Path) -> None:
     """A new Kafka cluster (here: a second broker; its memory starts empty) with the same topic name
     hands out the same offsets again. Its blocks are new data, not replays of the old ones."""
@@ -83,24 +111,11 @@ def test_an_oversize_rejected_message_is_dead_lettered_by_digest(
     from gpumeter.record import MAX_VALUE_BYTES
 
     big = b"\x00" * (1024 * 1024 + 100)
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", max_request_size=4 * 1024 * 1024)
-    producer.send(topic, value=big, partition=0)
-    producer.flush()
-    producer.close()
+    send_large(kafka_bootstrap, topic, big)
     produce(kafka_bootstrap, topic, [[window("GPU-honest", m) for m in range(5)]])
-    dlq = topic + ".dead-letter"
-    create_topic(kafka_bootstrap, dlq, partitions=1)
-    dead = DeadLetter(kafka_bootstrap, dlq)
-    try:
-        loader = load(kafka_bootstrap, topic, ch, expect=2, dead_letter=dead)
-    finally:
-        dead.close()
+    loader, got = load_dead_lettering(kafka_bootstrap, topic, ch, expect=2)
     assert loader.stats.windows == 5 and loader.stats.quarantined == 1
     assert stored(ch) == ["GPU-honest"]
-    consumer = KafkaConsumer(dlq, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
-                             consumer_timeout_ms=5000)  # fmt: skip
-    got = [(dict(m.headers), m.value) for m in consumer]
-    consumer.close()
     assert len(got) == 1
     headers, value = got[0]
     assert headers["gm-reason"] == f"message of {len(big)} bytes, over the limit of {MAX_VALUE_BYTES}".encode()
@@ -150,13 +165,6 @@ def test_a_store_that_cannot_take_inserts_stops_the_loader_with_nothing_committe
     assert stored(ch) == ["GPU-a"]
 
 
-def dead_lettered(bootstrap: str, dlq: str) -> list[tuple[dict[str, bytes], bytes]]:
-    consumer = KafkaConsumer(dlq, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000)
-    got = [(dict(m.headers), m.value) for m in consumer]
-    consumer.close()
-    return got
-
-
 def test_a_topic_made_again_dead_letters_only_its_own_rejections(ch: tuple[Any, str], tmp_path: Path) -> None:
     """Both incarnations of a topic reject a window at the same partition and offset. The second
     loader dead-letters and counts its own rejection only, not the first topic's row stored there."""
@@ -187,15 +195,9 @@ def test_a_split_block_dead_letters_each_rejection_once(kafka_bootstrap: str, to
                        "window_start": start, "window_end": start + 60_000})  # fmt: skip
     rejected = {**window("GPU-before", 5), "allocated_seconds": 999}
     produce(kafka_bootstrap, topic, [[window("GPU-before", m) for m in range(5)] + [rejected], months])
-    dlq = topic + ".dead-letter"
-    create_topic(kafka_bootstrap, dlq, partitions=1)
-    dead = DeadLetter(kafka_bootstrap, dlq)
-    try:
-        loader = load(kafka_bootstrap, topic, ch, expect=2, dead_letter=dead)
-    finally:
-        dead.close()
+    loader, got = load_dead_lettering(kafka_bootstrap, topic, ch, expect=2)
     assert loader.stats.windows == 5 and loader.stats.quarantined == 2
-    reasons = sorted(h["gm-reason"].decode() for h, _ in dead_lettered(kafka_bootstrap, dlq))
+    reasons = sorted(h["gm-reason"].decode() for h, _ in got)
     assert reasons == [
         "ClickHouse refused the insert: its windows fall in too many months for one block",
         "allocated_seconds > window length",
@@ -295,20 +297,11 @@ def test_a_huge_key_id_header_is_dead_lettered_bounded_and_the_loader_goes_on(
     from pipeline.loader import HEADER_VALUE_BYTES
 
     value = encode_batch(HOST, "test", [window("GPU-forged", 0)])
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", max_request_size=4 * 1024 * 1024)
-    producer.send(topic, value=value, headers=[("gm-key-id", b"k" * 900_000), ("gm-sig", b"00")], partition=0)
-    producer.flush()
-    producer.close()
+    send_large(kafka_bootstrap, topic, value, [("gm-key-id", b"k" * 900_000), ("gm-sig", b"00")])
     produce(kafka_bootstrap, topic, [[window("GPU-honest", m) for m in range(5)]])
-    dlq = topic + ".dead-letter"
-    create_topic(kafka_bootstrap, dlq, partitions=1)
-    dead = DeadLetter(kafka_bootstrap, dlq)
-    try:
-        loader = load(kafka_bootstrap, topic, ch, expect=2, dead_letter=dead)
-    finally:
-        dead.close()
+    loader, got = load_dead_lettering(kafka_bootstrap, topic, ch, expect=2)
     assert stored(ch) == ["GPU-honest"] and loader.stats.windows == 5 and loader.stats.quarantined == 1
-    (headers, dead_value), = dead_lettered(kafka_bootstrap, dlq)  # fmt: skip
+    (headers, dead_value), = got  # fmt: skip
     assert dead_value == value and len(headers["gm-reason"]) <= HEADER_VALUE_BYTES
     assert headers["gm-reason"].startswith(b"unknown signing key id 'kkkk")
 

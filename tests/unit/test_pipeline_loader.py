@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import TopicPartition
-from kafka.errors import CommitFailedError
+from kafka.errors import CommitFailedError, CorruptRecordError
 
 from gpumeter.record import encode_batch, record_id
 from pipeline.loader import Loader
@@ -363,23 +363,26 @@ def test_a_privilege_missing_on_the_ledger_stops_the_loader() -> None:
     assert consumer.commits == []
 
 
+class CorruptAfterFirstPoll(FakeConsumer):
+    """After the first poll every poll meets a record kafka-python cannot read (it names no offset);
+    the fetch positions stop there: partition 0 at 4, partition 1 at 0."""
+
+    def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list[Msg]]:
+        if self.n >= 1:
+            self.n += 1
+            raise CorruptRecordError("Found invalid record structure: UnicodeDecodeError(...)")
+        return super().poll(timeout_ms)
+
+    def position(self, tp: TopicPartition) -> int:
+        return {0: 4, 1: 0}[tp.partition]
+
+
 def test_a_record_the_kafka_client_cannot_read_stops_the_loader_after_loading_what_came_before() -> None:
     import pytest
-    from kafka.errors import CorruptRecordError
 
     from pipeline.loader import LoaderStopped
 
-    class Corrupt(FakeConsumer):
-        def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list[Msg]]:
-            if self.n == 1:  # the second poll meets the record; kafka-python names no offset
-                self.n += 1
-                raise CorruptRecordError("Found invalid record structure: UnicodeDecodeError(...)")
-            return super().poll(timeout_ms)
-
-        def position(self, tp: TopicPartition) -> int:
-            return {0: 4, 1: 0}[tp.partition]
-
-    consumer = Corrupt([{0: msgs(0, 3)}])
+    consumer = CorruptAfterFirstPoll([{0: msgs(0, 3)}])
     client = FakeClient()
     ld = loader(consumer, client)
     assert ld.poll_once() == 0  # 0..3 is a tail that waits for more
@@ -420,21 +423,10 @@ def test_lag_keeps_growing_while_the_partitions_are_paused() -> None:
 
 def test_an_unreadable_record_waits_until_what_came_before_it_is_loaded() -> None:
     import pytest
-    from kafka.errors import CorruptRecordError
 
     from pipeline.loader import LoaderStopped
 
-    class Corrupt(FakeConsumer):
-        def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list[Msg]]:
-            if self.n >= 1:
-                self.n += 1
-                raise CorruptRecordError("Found invalid record structure")
-            return super().poll(timeout_ms)
-
-        def position(self, tp: TopicPartition) -> int:
-            return {0: 4, 1: 0}[tp.partition]
-
-    consumer = Corrupt([{0: msgs(0, 3)}])
+    consumer = CorruptAfterFirstPoll([{0: msgs(0, 3)}])
     client = FakeClient()
     down = [True]
     client.fail = lambda: bool(down) and down.pop(0)
