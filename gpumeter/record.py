@@ -205,9 +205,8 @@ def verify(value: bytes, headers: Iterable[tuple[str, bytes]], keys: dict[str, b
         raise RecordError("unsigned batch")
     key_id = key_id_raw.decode(errors="replace")
     key = keys.get(key_id)
-    shown = (
-        key_id if len(key_id) <= 64 else f"{key_id[:64]}... ({len(key_id_raw)} bytes)"
-    )  # header bytes are the sender's
+    # the header's bytes are the sender's: a reason (and the dead-letter header made from it) shows 64
+    shown = key_id if len(key_id) <= 64 else f"{key_id[:64]}... ({len(key_id_raw)} bytes)"
     if key is None:
         raise RecordError(f"unknown signing key id {shown!r}")
     if not hmac.compare_digest(sign(value, key).encode(), sig_raw):

@@ -167,12 +167,18 @@ def _read_long(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def _string_at(body: bytes, pos: int) -> tuple[int, int]:
+    """(start, end) of the Avro string at ``pos``; RecordError if its length is impossible."""
+    length, start = _read_long(body, pos)
+    if length < 0 or start + length > len(body):
+        raise RecordError("corrupt Avro body: bad string length")
+    return start, start + length
+
+
 def batch_host(body: bytes) -> bytes:
     """The ``host_id`` of a UsageBatch body (its first field), as bytes, without decoding the rest."""
-    length, pos = _read_long(body, 0)
-    if length < 0 or pos + length > len(body):
-        raise RecordError("corrupt Avro body: bad string length")
-    return body[pos : pos + length]
+    start, end = _string_at(body, 0)
+    return body[start:end]
 
 
 def window_count(body: bytes) -> int:
@@ -185,10 +191,7 @@ def window_count(body: bytes) -> int:
     """
     pos = 0
     for _ in range(2):  # host_id, agent_version
-        length, pos = _read_long(body, pos)
-        if length < 0 or pos + length > len(body):
-            raise RecordError("corrupt Avro body: bad string length")
-        pos += length
+        _, pos = _string_at(body, pos)
     total = 0
     while True:
         count, pos = _read_long(body, pos)
