@@ -140,7 +140,7 @@ class SimulatedHost:
         self.gpus = gpus
         self.identity = HostIdentity(gpus[0].provider_id, gpus[0].host_id)
         self._energy_mj = {g.gpu_uuid: 0 for g in gpus}
-        self._watts = {g.gpu_uuid: 0 for g in gpus}
+        self._util = {g.gpu_uuid: 0 for g in gpus}  # each GPU's utilisation since the previous sample
         self._last_s: int | None = None
 
     def devices(self) -> list[DeviceInfo]:
@@ -151,14 +151,14 @@ class SimulatedHost:
         self._last_s = now_s
         out = []
         for g in self.gpus:
-            # the counter grew at the previous sample's power since then: watts * s * 1000 mJ
-            energy = self._energy_mj[g.gpu_uuid] + self._watts[g.gpu_uuid] * elapsed_s * 1000
+            # since the previous sample the GPU ran at that sample's job's utilisation: the counter grew
+            # at its power (watts * s * 1000 mJ), and the driver reports that utilisation now
+            before = self._util[g.gpu_uuid]
+            watts = g.watts_idle + (g.watts_busy - g.watts_idle) * before // 100
+            energy = self._energy_mj[g.gpu_uuid] + watts * elapsed_s * 1000
             self._energy_mj[g.gpu_uuid] = energy
-            # utilisation, as the driver reports it: of the interval since the previous sample
-            before = self.fleet.job_at(g.gpu_uuid, now_s - elapsed_s) if elapsed_s else None
             job = self.fleet.job_at(g.gpu_uuid, now_s)
-            util = job.util_percent if job else 0
-            self._watts[g.gpu_uuid] = g.watts_idle + (g.watts_busy - g.watts_idle) * util // 100
-            measured = float(before.util_percent) if before else 0.0
+            self._util[g.gpu_uuid] = job.util_percent if job else 0
+            measured = float(before) if elapsed_s else 0.0
             out.append(Observation(g.gpu_uuid, job.firm_id if job else None, measured, energy))
         return out
