@@ -9,7 +9,7 @@ from typing import Any
 from kafka import KafkaProducer
 
 from gpumeter.errors import GpumeterError
-from gpumeter.record import MAX_WINDOWS_PER_BATCH, UsageWindow, encode_batch, signature_headers
+from gpumeter.record import MAX_WINDOWS_PER_BATCH, GpuWindow, UsageWindow, encode_batch, signature_headers
 
 MAX_WINDOWS_PER_MESSAGE = MAX_WINDOWS_PER_BATCH
 
@@ -41,11 +41,18 @@ class KafkaSink:
         self.messages_sent = 0
         self.windows_sent = 0
 
-    def send(self, host_id: str, agent_version: str, windows: Sequence[UsageWindow]) -> None:
-        """Queue windows (split into messages of at most MAX_WINDOWS_PER_MESSAGE)."""
-        for i in range(0, len(windows), MAX_WINDOWS_PER_MESSAGE):
-            chunk = windows[i : i + MAX_WINDOWS_PER_MESSAGE]
-            value = encode_batch(host_id, agent_version, chunk)
+    def send(
+        self,
+        host_id: str,
+        agent_version: str,
+        windows: Sequence[UsageWindow],
+        gpu_windows: Sequence[GpuWindow] = (),
+    ) -> None:
+        """Queue windows and GPU windows, in messages of at most MAX_WINDOWS_PER_MESSAGE records."""
+        half = MAX_WINDOWS_PER_MESSAGE // 2  # of each kind, so a message holds at most the limit in all
+        for i in range(0, max(len(windows), len(gpu_windows)), half):
+            chunk, gpu_chunk = windows[i : i + half], gpu_windows[i : i + half]
+            value = encode_batch(host_id, agent_version, chunk, gpu_windows=gpu_chunk)
             headers = signature_headers(value, *self.signing_key) if self.signing_key else []
             fut = self._producer.send(self.topic, key=host_id.encode(), value=value, headers=headers)
             self._pending.append((fut, len(chunk)))

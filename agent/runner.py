@@ -21,11 +21,13 @@ from typing import Any, Protocol
 from agent import AGENT_VERSION
 from agent.devices import DeviceSource, Observation
 from agent.windows import HostIdentity, WindowAccumulator
-from gpumeter.record import UsageWindow
+from gpumeter.record import GpuWindow, UsageWindow
 
 
 class Sink(Protocol):
-    def send(self, host_id: str, agent_version: str, windows: list[UsageWindow]) -> None: ...
+    def send(
+        self, host_id: str, agent_version: str, windows: list[UsageWindow], gpu_windows: list[GpuWindow]
+    ) -> None: ...
 
 
 class Checkpoint(Protocol):
@@ -54,6 +56,7 @@ class Agent:
         self.samples = 0
         self.windows_closed = 0
         self._pending: list[UsageWindow] = []
+        self._pending_gpu: list[GpuWindow] = []
         snap = checkpoint.load() if checkpoint else None
         if checkpoint is not None and batch_windows != 1:
             raise ValueError("with a checkpoint every closed window goes to the sink at once (batch_windows=1)")
@@ -67,8 +70,11 @@ class Agent:
                 self.acc = old
                 for info in source.devices():
                     self.acc.add_device(info)
-            else:  # the cadence changed: close what was open under the old one, keep the sequence
+            else:  # the cadence changed: close what was open under the old one, keep the sequence, and
+                # sample again from the first new window after it (the rest of it is unsampled, said so)
+                self.acc.resume_at(old.accounted_through_s())
                 self._pending.extend(old.flush())
+                self._pending_gpu.extend(old.take_gpu_windows())
                 self.windows_closed += len(self._pending)
                 self.acc.next_seq = old.next_seq
                 self._send()
@@ -83,14 +89,16 @@ class Agent:
             Observation(u, None, None, None, missed=True) for u in self.acc.gpus() if u not in seen
         ]
         closed = self.acc.add(now_s, observations)
+        gpu_closed = self.acc.take_gpu_windows()
         self.samples += 1
-        if closed:
+        if closed or gpu_closed:
             self.windows_closed += len(closed)
             self._pending.extend(closed)
-            if len(self._pending) >= self.batch_windows:
+            self._pending_gpu.extend(gpu_closed)
+            if len(self._pending) + len(self._pending_gpu) >= self.batch_windows:
                 self._send()  # durable before the checkpoint forgets them
         if self.checkpoint is not None:
-            self.checkpoint.save(self.acc.snapshot(), sync=bool(closed))
+            self.checkpoint.save(self.acc.snapshot(), sync=bool(closed or gpu_closed))
 
     def stop(self) -> None:
         """Without a checkpoint: close open windows and send everything. With one: save them."""
@@ -101,6 +109,7 @@ class Agent:
         closed = self.acc.flush()
         self.windows_closed += len(closed)
         self._pending.extend(closed)
+        self._pending_gpu.extend(self.acc.take_gpu_windows())
         self._send()
 
     def _register(self, observations: list[Observation]) -> None:
@@ -109,9 +118,9 @@ class Agent:
                 self.acc.add_device(info)
 
     def _send(self) -> None:
-        if self._pending:
-            self.sink.send(self.identity.host_id, AGENT_VERSION, self._pending)
-            self._pending = []
+        if self._pending or self._pending_gpu:
+            self.sink.send(self.identity.host_id, AGENT_VERSION, self._pending, self._pending_gpu)
+            self._pending, self._pending_gpu = [], []
 
 
 def run_simulated(
@@ -146,9 +155,10 @@ def run_realtime(
 ) -> None:
     """Sample on wall-clock multiples of interval_s until duration_s passes or should_stop().
 
-    A tick that comes late (a busy host, a slow sample) is sampled at once, as itself; when the
-    clock is already past the tick after it, the latest due tick is sampled and the ones between
-    are a gap the accumulator reports as missed samples (``WindowAccumulator._not_sampled``)."""
+    A tick that comes late (a busy host, a slow sample, a sleep that ended late) is sampled at
+    once, as itself; when the clock is already past the tick after it, the latest due tick is
+    sampled and the ones between are a gap the accumulator accounts as not sampled
+    (``WindowAccumulator._not_sampled``, and the GPU windows' ``unsampled_seconds``)."""
     deadline = None if duration_s is None else clock() + duration_s
     tick: int | None = None
     while not should_stop() and (deadline is None or clock() < deadline):
@@ -158,9 +168,10 @@ def run_realtime(
         target = (int(now) // interval_s + 1) * interval_s if tick is None else tick + interval_s
         if now < target:
             sleep(target - now)
-            tick = target
-        else:
-            tick = max(target, int(now) // interval_s * interval_s)
+            now = clock()  # a sleep can end late (the process was stopped, a busy host): see below
+        # the latest tick due: one woken (or come) more than a tick late samples now as now, and the
+        # ticks between are a gap, never the state of now passed off as an instant long gone
+        tick = max(target, int(now) // interval_s * interval_s)
         if should_stop():
             break
         agent.sample(tick)

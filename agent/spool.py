@@ -42,7 +42,7 @@ from typing import Any
 
 from agent.windows import HostIdentity, WindowAccumulator
 from gpumeter.errors import GpumeterError
-from gpumeter.record import MAX_WINDOWS_PER_BATCH, UsageWindow, encode_batch, signature_headers
+from gpumeter.record import MAX_WINDOWS_PER_BATCH, GpuWindow, UsageWindow, encode_batch, signature_headers
 
 log = logging.getLogger("gpumeter.agent.spool")
 
@@ -128,6 +128,7 @@ class Spool:
         self.signing_key = signing_key
         self.clock = clock
         self.windows_dropped = 0
+        self.gpu_windows_dropped = 0
         self.quarantined = 0
         self.wakeup = threading.Event()
         self._lock = threading.Lock()
@@ -187,24 +188,37 @@ class Spool:
         return data if isinstance(data, dict) else None
 
     # --- Sink: closed windows become durable ------------------------------------
-    def send(self, host_id: str, agent_version: str, windows: Sequence[UsageWindow]) -> None:
-        if not windows:
+    def send(
+        self,
+        host_id: str,
+        agent_version: str,
+        windows: Sequence[UsageWindow],
+        gpu_windows: Sequence[GpuWindow] = (),
+    ) -> None:
+        """Make closed windows and GPU windows durable, in messages of at most MAX_WINDOWS_PER_BATCH
+        records (the two together, so each array stays inside the contract's limit)."""
+        if not windows and not gpu_windows:
             return
-        if len(windows) > MAX_WINDOWS_PER_BATCH:  # the contract's limit per message
-            for i in range(0, len(windows), MAX_WINDOWS_PER_BATCH):
-                self.send(host_id, agent_version, windows[i : i + MAX_WINDOWS_PER_BATCH])
+        if len(windows) + len(gpu_windows) > MAX_WINDOWS_PER_BATCH:
+            records = [*((w, False) for w in windows), *((g, True) for g in gpu_windows)]
+            records.sort(key=lambda r: int(r[0]["seq"]))  # each message a run of seqs, oldest first
+            for i in range(0, len(records), MAX_WINDOWS_PER_BATCH):
+                chunk = records[i : i + MAX_WINDOWS_PER_BATCH]
+                self.send(host_id, agent_version, [w for w, g in chunk if not g],  # type: ignore[misc]
+                          [w for w, g in chunk if g])  # type: ignore[misc]  # fmt: skip
             return
-        seqs = [int(w["seq"]) for w in windows]
+        seqs = [int(w["seq"]) for w in (*windows, *gpu_windows)]
         first, last = min(seqs), max(seqs)
-        end_ms = max(int(w["window_end"]) for w in windows)
+        end_ms = max(int(w["window_end"]) for w in (*windows, *gpu_windows))
         high_water = max(self.next_seq - 1, last)  # the highest seq numbered so far, refused ones too
         value = encode_batch(host_id, agent_version, windows, high_water_seq=high_water,
-                             made_at_ms=int(self.clock() * 1000))  # fmt: skip
+                             made_at_ms=int(self.clock() * 1000), gpu_windows=gpu_windows)  # fmt: skip
         headers = signature_headers(value, *self.signing_key) if self.signing_key else []
         header = {
             "first_seq": first,
             "last_seq": last,
             "windows": len(windows),
+            "gpu_windows": len(gpu_windows),
             "window_end_max_ms": end_ms,
             "created_ms": int(self.clock() * 1000),
             "host_id": host_id,
@@ -214,15 +228,19 @@ class Spool:
         with self._lock:
             if self.depth_bytes + len(data) > self.max_bytes:
                 self.windows_dropped += len(windows)
+                self.gpu_windows_dropped += len(gpu_windows)
                 log.error(
-                    "spool FULL (%d of %d bytes): %d closed window(s) seq %d-%d REFUSED and lost; "
-                    "%d refused so far. Fix the Kafka connection or raise spool_max_bytes.",
+                    "spool FULL (%d of %d bytes): %d closed window(s) and %d GPU window(s) seq %d-%d REFUSED and lost; "
+                    "%d window(s) and %d GPU window(s) refused so far. Fix the Kafka connection or raise "
+                    "spool_max_bytes.",
                     self.depth_bytes,
                     self.max_bytes,
                     len(windows),
+                    len(gpu_windows),
                     first,
                     last,
                     self.windows_dropped,
+                    self.gpu_windows_dropped,
                 )
             else:
                 path = self.batches / f"{first:016d}.batch"

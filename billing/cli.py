@@ -496,7 +496,9 @@ def provider_statement(ctx: click.Context, provider_id: str, month: str, fmt: st
     ClickHouse, each record once), the amount billed on that capacity (items
     dated in the month, including late usage billed on adjustment lines), and per
     GPU the hours billed, held (with the reasons, docs/usage-checks.md), excluded
-    by staff and still pending.
+    by staff and still pending. From agents 0.3.0 on, also per GPU where its
+    capacity went: sold, unattributed, idle, outage (the driver did not answer)
+    and unobserved (the agent was not sampling).
 
     \b
     Example:
@@ -522,6 +524,13 @@ def provider_statement(ctx: click.Context, provider_id: str, month: str, fmt: st
     ]
     _emit(("host_id", "gpu_uuid", "gpu_hours_billed", "held", "excluded", "pending", "held_why"), gpu_rows, fmt,
           right={2, 3, 4, 5})  # fmt: skip
+    if st.capacity:  # agents from 0.3.0 on: where every second of each GPU went
+        click.echo("")
+        cap_rows = [(host, gpu, cls, *(h(x) for x in seconds)) for host, gpu, cls, *seconds in st.capacity]
+        _emit(("host_id", "gpu_uuid", "gpu_class", "capacity_hours", "sold", "unattributed", "idle", "outage_unread",
+               "unobserved"), cap_rows, fmt, right={3, 4, 5, 6, 7, 8})  # fmt: skip
+    elif fmt == "table":
+        click.echo("\ncapacity: no GPU windows this month (they come from agents 0.3.0 and later)")
 
 
 @click.command("statement")

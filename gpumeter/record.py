@@ -39,7 +39,7 @@ HEADER_SIG = "gm-sig"
 UNATTRIBUTED = "unattributed"
 # a firm id as agents name it (and the pipeline enforces): letters and digits, then also . _ -, at most 64
 FIRM_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-CURRENT_VERSION = 3
+CURRENT_VERSION = 4
 # Limits of one message (CONTRACT.md): agents never send more; the pipeline quarantines a message over them.
 MAX_WINDOWS_PER_BATCH = 500
 MAX_VALUE_BYTES = 1_048_576  # Kafka's default max.message.bytes is this plus 12 bytes of overhead
@@ -70,15 +70,38 @@ class UsageWindow(TypedDict):
     signature: bytes | None
 
 
+class GpuWindow(TypedDict):
+    """(v4) One GPU's window, every second accounted once (CONTRACT.md, "The GPU window"):
+    ``allocated + unattributed + idle + unread + unsampled`` seconds = the window's length."""
+
+    seq: int
+    provider_id: str
+    host_id: str
+    gpu_uuid: str
+    gpu_class: str
+    window_start: int
+    window_end: int
+    allocated_seconds: int
+    unattributed_seconds: int
+    idle_seconds: int
+    unread_seconds: int
+    unsampled_seconds: int
+    usage_windows: int
+
+
+GPU_WINDOW_PARTS = ("allocated_seconds", "unattributed_seconds", "idle_seconds", "unread_seconds", "unsampled_seconds")
+
+
 class UsageBatch(TypedDict):
     """One Kafka message: the windows one host sends together, or none (a heartbeat). From writers
-    before v3, ``high_water_seq`` reads as -1 and ``made_at`` as 0."""
+    before v3, ``high_water_seq`` reads as -1 and ``made_at`` as 0; before v4, ``gpu_windows`` as []."""
 
     host_id: str
     agent_version: str
     windows: list[UsageWindow]
     high_water_seq: int
     made_at: int
+    gpu_windows: list[GpuWindow]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,18 +177,25 @@ def encode_batch(
     version: int = CURRENT_VERSION,
     high_water_seq: int | None = None,
     made_at_ms: int = 0,
+    gpu_windows: Sequence[GpuWindow] = (),
 ) -> bytes:
     """Frame windows as one Kafka message value (single-object encoding). ``high_water_seq``: the
-    highest seq the agent has numbered (default: the highest in ``windows``, -1 if none); it and
-    ``made_at_ms`` are written from v3 on."""
+    highest seq the agent has numbered (default: the highest in ``windows`` and ``gpu_windows``, -1
+    if none); it and ``made_at_ms`` are written from v3 on, ``gpu_windows`` from v4 on (an older
+    version refuses them rather than drop them)."""
     sv = _writer_for(version)
     buf = io.BytesIO()
     buf.write(SOE_MAGIC)
     buf.write(sv.fingerprint)
     batch: dict[str, Any] = {"host_id": host_id, "agent_version": agent_version, "windows": list(windows)}
+    if gpu_windows and version < 4:
+        raise RecordError(f"schema version {version} cannot carry GPU windows")
     if version >= 3:
-        high = max((int(w["seq"]) for w in windows), default=-1) if high_water_seq is None else high_water_seq
+        seqs = [int(w["seq"]) for w in (*windows, *gpu_windows)]
+        high = max(seqs, default=-1) if high_water_seq is None else high_water_seq
         batch.update(high_water_seq=high, made_at=made_at_ms)
+    if version >= 4:
+        batch["gpu_windows"] = list(gpu_windows)
     fastavro.schemaless_writer(buf, plain_writer(sv.fingerprint), batch)
     return buf.getvalue()
 

@@ -13,6 +13,7 @@ from gpumeter.errors import GpumeterError
 from gpumeter.metrics import render, serve, write_textfile
 from gpumeter.signals import stop_requested
 from pipeline import clickhouse
+from pipeline.coverage import coverage_table
 from pipeline.gaps import SILENT_AFTER_S, gaps_table
 from pipeline.keys import load_registry
 from pipeline.loader import DeadLetter, Loader, LoaderStats, LoaderStopped, TransientError, make_consumer
@@ -188,9 +189,10 @@ def run(
 )
 @click.pass_context
 def gaps(ctx: click.Context, silent_after: float, keys_file: Path | None) -> None:
-    """List, per agent (host_id), the sequence numbers missing from usage_raw, and silent agents.
+    """List, per agent (host_id), the sequence numbers never loaded, and silent agents.
 
-    A gap between seqs seen shows exactly which windows did not arrive. A
+    One sequence numbers an agent's usage windows and (from 0.3.0 on) its GPU
+    windows. A gap between seqs seen shows exactly which did not arrive. A
     missing tail - windows after the last one that arrived - shows from the
     agent's high-water mark, which every message (and a heartbeat at least once
     a minute) carries from schema v3 on. An agent not heard from for
@@ -216,6 +218,45 @@ def gaps(ctx: click.Context, silent_after: float, keys_file: Path | None) -> Non
         registered=registered,
     )
     click.echo(table)
+
+
+DAY = click.DateTime(["%Y-%m-%d"])
+
+
+@pipeline.command("coverage")
+@click.option("--from", "first_day", required=True, type=DAY, help="First UTC day (inclusive).")
+@click.option("--to", "last_day", required=True, type=DAY, help="Last UTC day (inclusive).")
+@click.option("--strict", is_flag=True, help="Exit 1 when there is a problem (for monitoring).")
+@click.pass_context
+def coverage_command(ctx: click.Context, first_day: datetime, last_day: datetime, strict: bool) -> None:
+    """Show, per GPU, where every second of its windows went, and what does not add up.
+
+    From the GPU windows agents send from 0.3.0 on (schema v4): each GPU window
+    accounts its seconds as sold (held by firms), unattributed, idle, unread
+    (the driver did not answer: NVML down, the GPU lost) or unsampled (the agent
+    was not sampling: down, a tick skipped). Listed as problems: a GPU window
+    whose usage windows do not add up to what it says, time between a GPU's
+    first and last GPU window that none covers, GPU windows that overlap, and
+    usage windows no GPU window accounts for.
+
+    \b
+    Example:
+      gpumeter pipeline coverage --from 2026-03-01 --to 2026-03-31
+      gpumeter pipeline coverage --from 2026-03-01 --to 2026-03-01 --strict
+    """
+    if last_day < first_day:
+        raise click.BadParameter("--to is before --from", param_hint="--to")
+    s = settings_from(ctx)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    clickhouse.ensure_schema(client, s.clickhouse_database)
+    start, end = first_day.replace(tzinfo=UTC), last_day.replace(tzinfo=UTC) + timedelta(days=1)
+    db = s.clickhouse_database
+    text, problems = coverage_table(
+        clickhouse.coverage(client, db, start, end), clickhouse.uncovered(client, db, start, end)
+    )
+    click.echo(text)
+    if strict and problems:
+        ctx.exit(1)
 
 
 @pipeline.command("requeue")

@@ -124,8 +124,8 @@ def _resort_raw(client: Any, ddl: Ddl, versions: list[WriterVersion]) -> None:
     client.command(f"INSERT INTO {ddl.db}.usage_raw_resorted ({columns}) SELECT {columns} FROM {ddl.db}.usage_raw")
     client.command(f"EXCHANGE TABLES {ddl.db}.usage_raw AND {ddl.db}.usage_raw_resorted")
     client.command(f"DROP TABLE {ddl.db}.usage_raw_resorted")
-    for writer in versions:  # every view of the ingest tables was dropped above: the heartbeats' too
-        for statement in ddl.ingest_views(writer) + ddl.messages_view(writer):
+    for writer in versions:  # every view of the ingest tables was dropped above: the heartbeats' and GPU windows' too
+        for statement in ddl.ingest_views(writer) + ddl.messages_view(writer) + ddl.gpu_views(writer):
             client.command(statement)
 
 
@@ -204,7 +204,8 @@ def record_block(client: Any, database: str, row: Sequence[Any], dedup_token: st
 
 
 def seq_gaps(client: Any, database: str) -> list[tuple[str, int, int, int]]:
-    """(host_id, first missing seq, last missing seq, windows seen) per gap, from every delivery."""
+    """(host_id, first missing seq, last missing seq, seqs seen) per gap, from every delivery of a
+    window or a GPU window (one sequence numbers both)."""
     result = client.query(
         f"""
         SELECT host_id, prev + 1 AS first_missing, seq - 1 AS last_missing, seen
@@ -212,7 +213,9 @@ def seq_gaps(client: Any, database: str) -> list[tuple[str, int, int, int]]:
             SELECT host_id, seq,
                    lagInFrame(seq, 1, seq) OVER w AS prev,
                    count() OVER (PARTITION BY host_id) AS seen
-            FROM (SELECT DISTINCT host_id, seq FROM {database}.usage_raw WHERE source = 'kafka')
+            FROM (SELECT DISTINCT host_id, seq FROM (
+                SELECT host_id, seq FROM {database}.usage_raw WHERE source = 'kafka'
+                UNION ALL SELECT host_id, seq FROM {database}.gpu_windows))
             WINDOW w AS (PARTITION BY host_id ORDER BY seq ROWS BETWEEN 1 PRECEDING AND CURRENT ROW)
         )
         WHERE seq > prev + 1
@@ -223,11 +226,13 @@ def seq_gaps(client: Any, database: str) -> list[tuple[str, int, int, int]]:
 
 
 def seq_extents(client: Any, database: str) -> list[tuple[str, int, int, int]]:
-    """(host_id, lowest seq, highest seq, distinct seqs) per agent."""
+    """(host_id, lowest seq, highest seq, distinct seqs) per agent, windows and GPU windows together."""
     result = client.query(
         f"""
-        SELECT host_id, min(seq), max(seq), uniqExact(seq) FROM {database}.usage_raw
-        WHERE source = 'kafka' GROUP BY host_id ORDER BY host_id
+        SELECT host_id, min(seq), max(seq), uniqExact(seq) FROM (
+            SELECT host_id, seq FROM {database}.usage_raw WHERE source = 'kafka'
+            UNION ALL SELECT host_id, seq FROM {database}.gpu_windows)
+        GROUP BY host_id ORDER BY host_id
         """
     )
     return [(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in result.result_rows]
@@ -254,6 +259,76 @@ def agent_contact(client: Any, database: str) -> list[tuple[str, int, Any]]:
         """
     )
     return [(str(r[0]), int(r[1]), r[2]) for r in result.result_rows]
+
+
+def coverage(client: Any, database: str, start: datetime, end: datetime) -> list[tuple[Any, ...]]:
+    """Per GPU, its GPU windows starting in [start, end) (first deliveries) against its usage windows:
+    (provider_id, host_id, gpu_uuid, gpu_class, GPU windows, window seconds, allocated, unattributed,
+    idle, unread, unsampled, windows whose usage windows do not add up to what the GPU window says,
+    seconds between the start of its first GPU window and the end of its last that no GPU window
+    covers: negative when windows overlap, which one agent's never do). Usage windows of a host
+    with no GPU windows (an agent before 0.3.0) are not judged here."""
+    params = {"s": start.astimezone(UTC).replace(tzinfo=None), "e": end.astimezone(UTC).replace(tzinfo=None)}
+    result = client.query(
+        f"""
+        WITH gw AS (
+            SELECT provider_id, host_id, gpu_uuid, gpu_class, window_start, window_end, allocated_seconds,
+                   unattributed_seconds, idle_seconds, unread_seconds, unsampled_seconds, usage_windows
+            FROM {database}.gpu_windows
+            WHERE window_start >= {{s:DateTime64(3, 'UTC')}} AND window_start < {{e:DateTime64(3, 'UTC')}}
+            ORDER BY host_id, gpu_uuid, window_start, ingested_at, kafka_partition, kafka_offset
+            LIMIT 1 BY host_id, gpu_uuid, window_start
+        ),
+        uw AS (
+            SELECT host_id, gpu_uuid, window_start, sum(allocated_seconds) AS held, count() AS records FROM (
+                SELECT host_id, gpu_uuid, window_start, record_id, allocated_seconds FROM {database}.usage_raw
+                WHERE source = 'kafka' AND window_start >= {{s:DateTime64(3, 'UTC')}}
+                  AND window_start < {{e:DateTime64(3, 'UTC')}}
+                ORDER BY record_id, ingested_at, kafka_partition, kafka_offset
+                LIMIT 1 BY record_id)
+            GROUP BY host_id, gpu_uuid, window_start
+        )
+        SELECT gw.provider_id, gw.host_id, gw.gpu_uuid, any(gw.gpu_class), count(),
+               sum(intDiv(toUnixTimestamp64Milli(gw.window_end) - toUnixTimestamp64Milli(gw.window_start), 1000)),
+               sum(gw.allocated_seconds), sum(gw.unattributed_seconds), sum(gw.idle_seconds),
+               sum(gw.unread_seconds), sum(gw.unsampled_seconds),
+               countIf(gw.allocated_seconds + gw.unattributed_seconds != uw.held OR gw.usage_windows != uw.records),
+               intDiv(toUnixTimestamp64Milli(max(gw.window_end)) - toUnixTimestamp64Milli(min(gw.window_start)), 1000)
+                   - sum(intDiv(toUnixTimestamp64Milli(gw.window_end) - toUnixTimestamp64Milli(gw.window_start), 1000))
+        FROM gw LEFT JOIN uw ON gw.host_id = uw.host_id AND gw.gpu_uuid = uw.gpu_uuid
+                            AND gw.window_start = uw.window_start
+        GROUP BY gw.provider_id, gw.host_id, gw.gpu_uuid
+        ORDER BY gw.provider_id, gw.host_id, gw.gpu_uuid
+        SETTINGS join_use_nulls = 0
+        """,
+        parameters=params,
+    )
+    return [tuple(r) for r in result.result_rows]
+
+
+def uncovered(client: Any, database: str, start: datetime, end: datetime) -> list[tuple[str, str, int, int]]:
+    """(host_id, gpu_uuid, usage windows, allocated seconds) per GPU that has GPU windows: its usage
+    windows in [start, end), from its first GPU window on (before it, its agent was older than
+    0.3.0), that no GPU window accounts for."""
+    params = {"s": start.astimezone(UTC).replace(tzinfo=None), "e": end.astimezone(UTC).replace(tzinfo=None)}
+    result = client.query(
+        f"""
+        SELECT u.host_id, u.gpu_uuid, count(), sum(u.allocated_seconds) FROM (
+            SELECT host_id, gpu_uuid, window_start, allocated_seconds FROM {database}.usage_raw
+            WHERE source = 'kafka' AND window_start >= {{s:DateTime64(3, 'UTC')}}
+              AND window_start < {{e:DateTime64(3, 'UTC')}}
+            ORDER BY record_id, ingested_at, kafka_partition, kafka_offset
+            LIMIT 1 BY record_id) AS u
+        INNER JOIN (SELECT host_id, gpu_uuid, min(window_start) AS since FROM {database}.gpu_windows
+                    GROUP BY host_id, gpu_uuid) AS f ON u.host_id = f.host_id AND u.gpu_uuid = f.gpu_uuid
+        LEFT ANTI JOIN (SELECT DISTINCT host_id, gpu_uuid, window_start FROM {database}.gpu_windows) AS g
+            ON u.host_id = g.host_id AND u.gpu_uuid = g.gpu_uuid AND u.window_start = g.window_start
+        WHERE u.window_start >= f.since
+        GROUP BY u.host_id, u.gpu_uuid ORDER BY u.host_id, u.gpu_uuid
+        """,
+        parameters=params,
+    )
+    return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in result.result_rows]
 
 
 def insert_hourly(client: Any, database: str, rows: Sequence[Sequence[Any]]) -> None:

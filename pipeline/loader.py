@@ -60,7 +60,14 @@ from pipeline.framing import (
     window_count,
 )
 from pipeline.keys import KeyRegistry
-from pipeline.schema import BATCH_CHECKS, SIGNER_HOST_REASON, WINDOW_CHECKS
+from pipeline.schema import (
+    BATCH_CHECKS,
+    GPU_WINDOW_CHECKS,
+    GPU_WINDOW_REASON_PREFIX,
+    GPU_WINDOW_REJECT_PREFIX,
+    SIGNER_HOST_REASON,
+    WINDOW_CHECKS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -677,12 +684,14 @@ def message_bytes(msg: Any) -> int:
 
 def windows_loaded(counts: dict[int, int], rejected: list[tuple[bytes, str, int, str]]) -> int:
     """Windows of a block that went into ``usage_raw``: per message that passed step 1 (``counts``:
-    offset -> its windows), less the windows ClickHouse quarantined; none of a message rejected whole
-    (a rejection without a record_id). ``window_count`` reads an array's first Avro block, so a
-    message that writes its windows in several blocks can have more rejected than counted: it counts
-    0, never less (its extra windows are checked by the views all the same)."""
+    offset -> its windows), less the windows ClickHouse quarantined (a GPU window is not one); none
+    of a message rejected whole (a rejection without a record_id). ``window_count`` reads an array's
+    first Avro block, so a message that writes its windows in several blocks can have more rejected
+    than counted: it counts 0, never less (its extra windows are checked by the views all the same)."""
     whole = {offset for _, _, offset, rid in rejected if not rid}
-    per_message = Counter(offset for _, _, offset, rid in rejected if rid)
+    per_message = Counter(
+        offset for _, _, offset, rid in rejected if rid and not rid.startswith(GPU_WINDOW_REJECT_PREFIX)
+    )
     return sum(max(0, n - per_message[offset]) for offset, n in counts.items() if offset not in whole)
 
 
@@ -729,6 +738,8 @@ MESSAGE_REASONS = (
 def reason_label(reason: str) -> str:
     """A bounded label value for a quarantine reason."""
     if reason in {r for r, _ in (*BATCH_CHECKS, *WINDOW_CHECKS)}:
+        return reason
+    if reason in {GPU_WINDOW_REASON_PREFIX + r for r, _ in GPU_WINDOW_CHECKS}:
         return reason
     if reason.startswith("message of ") and reason.endswith(f"limit of {MAX_VALUE_BYTES}"):
         return "too_large"

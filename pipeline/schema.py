@@ -111,6 +111,61 @@ WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
 
 INGEST_JOIN = "ARRAY JOIN windows AS w, arrayWithConstant(length(windows), length(windows)) AS n_windows"
 
+# (reason, SQL condition over the ARRAY JOINed GPU window `g` and the batch columns); first match wins.
+# A GPU window that fails one goes to usage_quarantine, its record_id "gw:<gpu_uuid>:<window_start ms>",
+# its reason prefixed "GPU window: ".
+GPU_WINDOW_PARTS_SQL = ("g.allocated_seconds", "g.unattributed_seconds", "g.idle_seconds", "g.unread_seconds",
+                        "g.unsampled_seconds")  # fmt: skip
+GPU_WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
+    (f"batch of more than {MAX_WINDOWS_PER_BATCH} GPU windows", f"n_gpu_windows > {MAX_WINDOWS_PER_BATCH}"),
+    ("host_id differs from the batch host_id", "g.host_id != b.host_id"),
+    (SIGNER_HOST_REASON, "b.gm_signer_host != '' AND b.host_id != b.gm_signer_host"),
+    (
+        "provider_id is not the registered provider of the host",
+        "b.gm_signer_provider != '' AND g.provider_id != b.gm_signer_provider",
+    ),
+    ("window_end <= window_start", "g.window_end <= g.window_start"),
+    ("window_start before 2000-01-01", f"g.window_start < {EARLIEST_WINDOW_MS}"),
+    (
+        f"window_end more than {FUTURE_TOLERANCE_S} s after the loader's clock",
+        f"g.window_end > intDiv(b.gm_ingested_at_us, 1000) + {FUTURE_TOLERANCE_S * 1000}",
+    ),
+    ("window longer than a day", f"g.window_end - g.window_start > {MAX_WINDOW_MS}"),
+    # on its own grid, as the agent aligns windows: windows of one length never overlap
+    ("window_start is not a multiple of its length", "g.window_start % (g.window_end - g.window_start) != 0"),
+    ("seq < 0", "g.seq < 0"),
+    (
+        "a count of seconds outside [0, window length]",
+        " OR ".join(f"{c} < 0 OR {c} > intDiv(g.window_end - g.window_start, 1000)" for c in GPU_WINDOW_PARTS_SQL),
+    ),
+    # each part is at most a day's seconds now, so the sum cannot wrap around
+    (
+        "its seconds do not add up to the window's length",
+        f"({' + '.join(GPU_WINDOW_PARTS_SQL)}) * 1000 != g.window_end - g.window_start",
+    ),
+    # a usage window holds at least one sample, at most one a second
+    (
+        "usage_windows outside [0, window length]",
+        "g.usage_windows < 0 OR g.usage_windows > intDiv(g.window_end - g.window_start, 1000)",
+    ),
+)
+# a GPU window's quarantine row names it (no window has a record_id): the loader counts it apart from
+# the usage windows it rejected and from a message rejected whole (``record_id = ''``)
+GPU_WINDOW_REJECT_PREFIX = "gw:"
+GPU_WINDOW_REASON_PREFIX = "GPU window: "
+GPU_WINDOW_JOIN = (
+    "ARRAY JOIN gpu_windows AS g, arrayWithConstant(length(gpu_windows), length(gpu_windows)) AS n_gpu_windows"
+)
+
+
+def gpu_window_reason_sql() -> str:
+    """multiIf over GPU_WINDOW_CHECKS: '' for a GPU window that passes, else the first failed reason."""
+    parts = []
+    for reason, condition in GPU_WINDOW_CHECKS:
+        parts += [f"({condition})", "'" + (GPU_WINDOW_REASON_PREFIX + reason).replace("'", "\\'") + "'"]
+    return "multiIf(" + ", ".join(parts) + ", '')"
+
+
 # usage_raw's sort key: one GPU's window together, each record's deliveries together in arrival order
 # (usage_store.first_delivery_sql reads in it). Databases sorted otherwise are re-sorted once
 # (clickhouse.ensure_schema).
@@ -375,6 +430,74 @@ FROM {self.db}.{writer.ingest_table} AS b
 WHERE b.gm_signer_host = '' OR b.host_id = b.gm_signer_host"""
         ]
 
+    def gpu_windows_table(self) -> str:
+        """(v4) Every delivery of a GPU window that passed GPU_WINDOW_CHECKS: per GPU and window, its
+        seconds allocated, unattributed, idle, unread and unsampled (gpumeter/CONTRACT.md). A window
+        delivered again is read once (``LIMIT 1 BY``, the first delivery: ``clickhouse.coverage``)."""
+        return f"""CREATE TABLE IF NOT EXISTS {self.db}.gpu_windows{self.on} (
+    seq UInt64,
+    provider_id LowCardinality(String),
+    host_id LowCardinality(String),
+    gpu_uuid LowCardinality(String),
+    gpu_class LowCardinality(String),
+    window_start DateTime64(3, 'UTC'),
+    window_end DateTime64(3, 'UTC'),
+    allocated_seconds UInt32,
+    unattributed_seconds UInt32,
+    idle_seconds UInt32,
+    unread_seconds UInt32,
+    unsampled_seconds UInt32,
+    usage_windows UInt32,
+    agent_version LowCardinality(String),
+    kafka_partition Int32,
+    kafka_offset Int64,
+    ingested_at DateTime64(6, 'UTC')
+)
+ENGINE = {self.engine("gpu_windows")}
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (host_id, gpu_uuid, window_start, ingested_at, kafka_partition, kafka_offset)
+SETTINGS {self.dedup_setting()}"""
+
+    def gpu_view_names(self, writer: WriterVersion) -> tuple[str, str] | None:
+        """(to_gpu_windows, to_quarantine) view names of a writer version that carries GPU windows
+        (None before v4), named by a digest of GPU_WINDOW_CHECKS like ``view_names``."""
+        if "gpu_windows" not in {f["name"] for f in writer.schema["fields"]}:
+            return None
+        digest = hashlib.sha256(f"{VIEWS_REVISION}:{gpu_window_reason_sql()}".encode()).hexdigest()[:10]
+        return f"{writer.ingest_table}_to_gpu_{digest}", f"{writer.ingest_table}_to_gpu_quarantine_{digest}"
+
+    def gpu_views(self, writer: WriterVersion) -> list[str]:
+        names = self.gpu_view_names(writer)
+        if names is None:
+            return []
+        src = f"{self.db}.{writer.ingest_table}"
+        reason = gpu_window_reason_sql()
+        seconds = ", ".join(f"toUInt32({c}) AS {c[2:]}" for c in GPU_WINDOW_PARTS_SQL)
+        to_gpu = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{names[0]}{self.on}
+TO {self.db}.gpu_windows AS
+SELECT
+    toUInt64(g.seq) AS seq, g.provider_id AS provider_id, g.host_id AS host_id, g.gpu_uuid AS gpu_uuid,
+    g.gpu_class AS gpu_class, fromUnixTimestamp64Milli(g.window_start, 'UTC') AS window_start,
+    fromUnixTimestamp64Milli(g.window_end, 'UTC') AS window_end, {seconds},
+    toUInt32(g.usage_windows) AS usage_windows, b.agent_version AS agent_version,
+    b.gm_partition AS kafka_partition, b.gm_offset AS kafka_offset,
+    fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS ingested_at
+FROM {src} AS b
+{GPU_WINDOW_JOIN}
+WHERE {reason} = ''"""
+        to_quarantine = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{names[1]}{self.on}
+TO {self.db}.usage_quarantine AS
+SELECT
+    toJSONString(g) AS raw, {reason} AS reason, 'kafka' AS source,
+    b.gm_partition AS kafka_partition, b.gm_offset AS kafka_offset,
+    fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS quarantined_at,
+    concat('{GPU_WINDOW_REJECT_PREFIX}', g.gpu_uuid, ':', toString(g.window_start)) AS record_id,
+    b.gm_block AS block_id
+FROM {src} AS b
+{GPU_WINDOW_JOIN}
+WHERE reason != ''"""
+        return [to_gpu, to_quarantine]
+
     def stale_views(self, writers: Iterable[WriterVersion], existing: Iterable[str]) -> list[str]:
         """DROP statements for the views among ``existing`` (table names in the database) that feed
         from an ingest table but are not today's (``view_names``). Run after the new views exist, so
@@ -383,6 +506,7 @@ WHERE b.gm_signer_host = '' OR b.host_id = b.gm_signer_host"""
         writers = list(writers)
         current = {name for w in writers for name in self.view_names(w)}
         current |= {name for w in writers if (name := self.messages_view_name(w))}
+        current |= {name for w in writers for name in (self.gpu_view_names(w) or ())}
         prefixes = tuple(f"{w.ingest_table}_to_" for w in writers)
         return [
             f"DROP VIEW IF EXISTS {self.db}.{name}{self.on}"
@@ -479,11 +603,12 @@ ORDER BY (store_id, record_id, decided_at)"""
             *self.quarantine_columns(),
             self.blocks_table(),
             self.messages_table(),
+            self.gpu_windows_table(),
             self.requeued_table(),
         ]
         for writer in sorted(writers, key=lambda w: w.version):
             out += [self.ingest_table(writer), self.ingest_block_column(writer)]
-            out += self.ingest_views(writer) + self.messages_view(writer)
+            out += self.ingest_views(writer) + self.messages_view(writer) + self.gpu_views(writer)
         out += [self.drop_windows_view(), self.hourly_table(), *self.fleet_tables(), *self.hold_tables()]
         return out
 

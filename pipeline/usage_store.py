@@ -61,6 +61,8 @@ RECORD_PEERS = "PARTITION BY gpu_uuid, window_start ORDER BY record_id RANGE BET
 # needs a ClickHouse user with readonly=0 or 2.
 READ_SETTINGS = {"optimize_read_in_window_order": 1}
 
+# (host_id, gpu_uuid, gpu_class, capacity, allocated, unattributed, idle, unread, unsampled) seconds
+CapacityRow = tuple[str, str, str, int, int, int, int, int, int]
 DAY = "toDate(window_start, {tz:String})"
 MONTH = "formatDateTime(toDate(window_start, {tz:String}), '%Y-%m')"
 HOUR = "toStartOfHour(window_start)"
@@ -540,6 +542,27 @@ class UsageStore:
         params = {"tz": tz, "month": month, "provider": provider_id}
         rows = self.totals([("gpu_class", "gpu_class"), ("host_id", "host_id")], where, params, (0, 1))[0]
         return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    def capacity(self, tz: str, month: str, provider_id: str) -> list[CapacityRow]:
+        """(host_id, gpu_uuid, gpu_class, capacity, allocated, unattributed, idle, unread, unsampled)
+        seconds of a provider's GPU windows (schema v4; first deliveries) dated in ``month``: where the
+        capacity went, outages (unread: the driver did not answer) and time unobserved included."""
+        rows = self.client.query(
+            f"""
+            SELECT host_id, gpu_uuid, any(gpu_class),
+                   sum(intDiv(toUnixTimestamp64Milli(window_end) - toUnixTimestamp64Milli(window_start), 1000)),
+                   sum(allocated_seconds), sum(unattributed_seconds), sum(idle_seconds), sum(unread_seconds),
+                   sum(unsampled_seconds)
+            FROM (
+                SELECT * FROM {self.db}.gpu_windows
+                WHERE provider_id = {{provider:String}} AND {MONTH} = {{month:String}}
+                ORDER BY host_id, gpu_uuid, window_start, ingested_at, kafka_partition, kafka_offset
+                LIMIT 1 BY host_id, gpu_uuid, window_start)
+            GROUP BY host_id, gpu_uuid ORDER BY host_id, gpu_uuid
+            """,
+            parameters={"tz": tz, "month": month, "provider": provider_id},
+        ).result_rows
+        return [(str(r[0]), str(r[1]), str(r[2]), *(int(x) for x in r[3:])) for r in rows]  # type: ignore[misc]
 
     def gpu_states(
         self, tz: str, month: str, provider_id: str, cutoff: datetime | None, store_id: str, settled_seq: int

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from billing.app.ports import CheckContext, HeldRecord, HeldTotal, SettlementSpan, SpanUsage
+from billing.app.ports import CapacityRow, CheckContext, HeldRecord, HeldTotal, SettlementSpan, SpanUsage
 from billing.core.model import UNATTRIBUTED, UsageAggregate
 from billing.core.money import half_up
 from gpumeter.fleet import FleetDevice
@@ -149,3 +149,6 @@ class ClickHouseUsage:
 
     def hours_by_host(self, tz: str, month: str, provider_id: str) -> list[tuple[str, str, int, int]]:
         return self.store.by_host(tz, month, provider_id)
+
+    def capacity(self, tz: str, month: str, provider_id: str) -> list[CapacityRow]:
+        return self.store.capacity(tz, month, provider_id)

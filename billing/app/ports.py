@@ -99,6 +99,10 @@ class UsageReader(Protocol):
         ...
 
 
+# (host_id, gpu_uuid, gpu_class, capacity, allocated, unattributed, idle, unread, unsampled) seconds
+CapacityRow = tuple[str, str, str, int, int, int, int, int, int]
+
+
 class UsageTotals(Protocol):
     """The reads of reconciliation and provider statements (besides settlement's)."""
 
@@ -117,6 +121,11 @@ class UsageTotals(Protocol):
 
     def hours_by_host(self, tz: str, month: str, provider_id: str) -> list[tuple[str, str, int, int]]:
         """(gpu_class, host_id, allocated_seconds, records) of a provider's usage dated in ``month``."""
+        ...
+
+    def capacity(self, tz: str, month: str, provider_id: str) -> list[CapacityRow]:
+        """(host_id, gpu_uuid, gpu_class, capacity, allocated, unattributed, idle, unread, unsampled)
+        seconds of a provider's GPU windows dated in ``month`` (agents from 0.3.0 on)."""
         ...
 
 

@@ -91,6 +91,9 @@ class ProviderStatement:
     billed: tuple[tuple[str, int, Decimal], ...]  # (gpu_class, allocated_seconds, amount), by class
     # (host_id, gpu_uuid, seconds billed, held, excluded, pending, held seconds by reason)
     gpus: tuple[tuple[str, str, int, int, int, int, dict[str, int]], ...] = ()
+    # (host_id, gpu_uuid, gpu_class, capacity, sold, unattributed, idle, unread, unsampled) seconds, from
+    # the GPU windows of agents from 0.3.0 on (empty before)
+    capacity: tuple[tuple[str, str, str, int, int, int, int, int, int], ...] = ()
 
     @property
     def billed_seconds(self) -> int:
@@ -112,6 +115,7 @@ def provider_statement(
         done = state.settlements(tx)
         store_id = state.store_id(tx)
     delivered = usage.hours_by_host(tz, month, provider_id)
+    capacity = tuple(usage.capacity(tz, month, provider_id))
     seq, cutoff = (done[-1].seq, done[-1].usage_cutoff) if done else (0, None)
     reasons: dict[tuple[str, str], dict[str, int]] = {}
     for h in holds.open_holds(store_id, seq, provider_id=provider_id):
@@ -128,6 +132,7 @@ def provider_statement(
         tuple(delivered),
         tuple((cls, seconds, amount) for cls, (seconds, amount) in sorted(billed.items())),
         gpus,
+        capacity,
     )
 
 

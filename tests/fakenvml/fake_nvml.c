@@ -12,7 +12,8 @@
  * (none: idle), and nvmlDeviceGetSamples returns the driver's utilisation samples,
  * six a second at k * 1e6 / 6 us, each the utilisation of the period before it,
  * [ts(k-1), ts(k)), from a buffer of the last 20 s, as a real driver keeps;
- * fakeNvmlSetLost(1) makes GPU 0 "lost" until fakeNvmlSetLost(0).
+ * fakeNvmlSetLost(1) makes GPU 0 "lost" until fakeNvmlSetLost(0); fakeNvmlResetEnergy()
+ * sets GPU 0's energy counter back to zero, as a driver reload does.
  * Build: gcc -shared -fPIC -o libnvidia-ml.so.1 fake_nvml.c
  */
 #include <stdlib.h>
@@ -69,6 +70,7 @@ static const struct job *job_at(unsigned long long t) {
 static unsigned long long sample_ts(unsigned long long k) { return k * 1000000ULL / 6; }
 static int gpu0_lost = 0;
 void fakeNvmlSetLost(int lost) { gpu0_lost = lost; }  /* GPU 0's process list says "GPU is lost" */
+void fakeNvmlResetEnergy(void) { energy_mj[0] = 0; }  /* the counter restarts, as after a driver reload */
 
 const char *nvmlErrorString(nvmlReturn_t r) { (void)r; return "fake NVML error"; }
 nvmlReturn_t nvmlInitWithFlags(unsigned int flags) { (void)flags; initialised = 1; return OK; }

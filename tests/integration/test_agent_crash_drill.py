@@ -32,7 +32,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from agent.simulate import SimulatedFleet
 from gpumeter.demo.broker import LocalBroker, create_topic, free_port
-from gpumeter.record import decode_batch, verify
+from gpumeter.record import GPU_WINDOW_PARTS, decode_batch, verify
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +52,7 @@ class Drill:
         self.key.chmod(0o600)
         self.runs: list[dict[str, Any]] = []
         self.delivered: dict[str, dict[str, Any]] = {}
+        self.gpu_windows: dict[tuple[str, int], dict[str, Any]] = {}
         self.messages = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -101,9 +102,13 @@ class Drill:
             for msg in consumer:
                 assert verify(msg.value, msg.headers, {KEY_ID: bytes.fromhex(KEY_HEX)}) == KEY_ID
                 self.messages += 1
-                for w in decode_batch(msg.value)["windows"]:
+                batch = decode_batch(msg.value)
+                for w in batch["windows"]:
                     first = self.delivered.setdefault(w["record_id"], w)
                     assert first == w, f"two different records with id {w['record_id']}: {first} != {w}"
+                for g in batch["gpu_windows"]:
+                    seen = self.gpu_windows.setdefault((g["gpu_uuid"], g["window_start"]), g)
+                    assert seen == g, f"two different GPU windows {seen} != {g}"
         finally:
             consumer.close()
 
@@ -162,7 +167,7 @@ def test_kill_9_at_random_while_the_broker_comes_and_goes(tmp_path: Path) -> Non
 
     assert list((tmp_path / "spool" / "batches").glob("*.batch")) == []  # everything acknowledged
     windows = list(drill.delivered.values())
-    seqs = sorted(w["seq"] for w in windows)
+    seqs = sorted(w["seq"] for w in [*windows, *drill.gpu_windows.values()])  # one sequence for both
     assert seqs == list(range(len(seqs))), "seq has gaps or repeats"
     state = json.loads((tmp_path / "spool" / "state.json").read_text())
     assert state["next_seq"] == len(seqs)
@@ -197,3 +202,23 @@ def test_kill_9_at_random_while_the_broker_comes_and_goes(tmp_path: Path) -> Non
     assert len(complete) >= 3, "the drill left too few windows fully covered to compare exactly"
     assert {k: got.get(k, 0) for k in exact_keys} == {k: full.get(k, 0) for k in exact_keys}
     assert drill.messages > len({w["seq"] for w in windows}) // 50  # something was really sent
+
+    # every second of every GPU's windows, across the kills: one GPU window per GPU and window from the
+    # first to the last closed (those of the downtimes too), adding up; exact where the agent was surely
+    # alive throughout; the usage windows of each add up to what it says was held
+    gpu_windows = drill.gpu_windows
+    first, last = min(k[1] for k in gpu_windows), max(k[1] for k in gpu_windows)
+    assert set(gpu_windows) == {(g.gpu_uuid, w) for g in fleet.gpus for w in range(first, last + 1, WINDOW_S * 1000)}
+    downtime = 0
+    for (gpu, start_ms), g in gpu_windows.items():
+        start = start_ms // 1000
+        assert sum(g[k] for k in GPU_WINDOW_PARTS) == WINDOW_S and g["unread_seconds"] == 0
+        held = sum(s for (u, _f, w), s in got.items() if (u, w) == (gpu, start))
+        assert g["allocated_seconds"] + g["unattributed_seconds"] == held
+        assert g["usage_windows"] == sum(1 for (u, _f, w) in got if (u, w) == (gpu, start))
+        if start in complete:
+            sampled = {t: fleet.job_at(gpu, t) for t in range(start, start + WINDOW_S)}
+            assert g["unsampled_seconds"] == 0
+            assert g["idle_seconds"] == sum(1 for job in sampled.values() if job is None)
+        downtime += g["unsampled_seconds"]
+    assert downtime >= 3 * GPUS  # three kills and restarts: each left at least a second unsampled, said so

@@ -51,7 +51,7 @@ def metered_batches(fleet: SimulatedFleet) -> list[tuple[str, list[dict[str, Any
     captured: list[tuple[str, list[dict[str, Any]]]] = []
 
     class Capture:
-        def send(self, host_id: str, agent_version: str, windows: list[dict[str, Any]]) -> None:
+        def send(self, host_id: str, agent_version: str, windows: list[dict[str, Any]], gpu_windows: Any) -> None:
             captured.append((host_id, list(windows)))
 
     agents = [Agent(fleet.host_source(h.host_id), h, Capture(), 60, 20, 100) for h in fleet.hosts()]
@@ -109,7 +109,9 @@ def test_every_shipped_version_has_an_ingest_path(ch: Any) -> None:
     for writer in shipped_versions().values():
         messages = Ddl(db).messages_view_name(writer)  # from v3 on, a view of each message's high water
         assert (messages is None) == (writer.version < 3)
-        views = {*Ddl(db).view_names(writer), *([messages] if messages else [])}
+        gpu = Ddl(db).gpu_view_names(writer) or ()  # from v4 on, GPU windows (to their table, or quarantined)
+        assert (gpu == ()) == (writer.version < 4)
+        views = {*Ddl(db).view_names(writer), *([messages] if messages else []), *gpu}
         assert {writer.ingest_table, *views} <= tables
         assert {t for t in tables if t.startswith(writer.ingest_table + "_to_")} == views
 
@@ -168,8 +170,9 @@ def test_a_store_sorted_by_record_id_is_resorted_once_and_keeps_every_row(ch: An
     tables = {r[0] for r in client.query(f"SHOW TABLES FROM {db}").result_rows}
     assert "usage_raw_resorted" not in tables
     views = sorted(t for t in tables if t.startswith(writer.ingest_table + "_to_"))
-    # made again, towards the new table; the heartbeats' view too (it was dropped with them)
-    assert views == sorted((*Ddl(db).view_names(writer), Ddl(db).messages_view_name(writer)))
+    # made again, towards the new table; the heartbeats' and GPU windows' views too (dropped with them)
+    again = (*Ddl(db).view_names(writer), Ddl(db).messages_view_name(writer), *(Ddl(db).gpu_view_names(writer) or ()))
+    assert views == sorted(again)
     clickhouse.ensure_schema(client, db)  # once: a second run changes nothing
     assert client.query(f"SELECT count() FROM {db}.usage_raw").result_rows == [(10,)]
     start = 1_772_323_200_000

@@ -283,9 +283,11 @@ def test_utilisation_comes_from_samples_since_the_last_seen_timestamp() -> None:
 class Collect:
     def __init__(self) -> None:
         self.windows: list[dict[str, Any]] = []
+        self.gpu_windows: list[dict[str, Any]] = []
 
-    def send(self, host_id: str, agent_version: str, windows: list[dict[str, Any]]) -> None:
+    def send(self, host_id: str, agent_version: str, windows: list[dict[str, Any]], gpu_windows: Any) -> None:
         self.windows.extend(windows)
+        self.gpu_windows.extend(gpu_windows)
 
 
 def test_process_churn_moves_the_gpu_between_firms_and_unresolved_time_is_unattributed() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +17,7 @@ from agent.runner import Agent
 from agent.sender import SpoolSender
 from agent.simulate import SimulatedFleet
 from agent.spool import Spool, SpoolError, decode_file, encode_file
-from gpumeter.record import decode_batch, verify
+from gpumeter.record import GPU_WINDOW_PARTS, decode_batch, verify
 
 KEY = ("host-key-1", bytes(range(32)))
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -32,13 +34,19 @@ def spooled_agent(root: Path, f: SimulatedFleet, **spool_kw: Any) -> tuple[Agent
     return Agent(f.host_source(host.host_id), host, spool, window_s=10, interval_s=1, checkpoint=spool), spool
 
 
-def all_windows(spool: Spool) -> list[dict[str, Any]]:
+def all_windows(spool: Spool, kind: str = "windows") -> list[dict[str, Any]]:
+    """Every spooled window (``kind="gpu_windows"``: GPU window), signatures checked."""
     out = []
     for e in spool.pending(10_000):
         value, headers, _ = spool.read(e)
         assert verify(value, headers, {KEY[0]: KEY[1]}) == KEY[0]
-        out.extend(decode_batch(value)["windows"])
+        out.extend(decode_batch(value)[kind])  # type: ignore[literal-required]
     return out
+
+
+def all_seqs(spool: Spool) -> list[int]:
+    """The seqs of every spooled window and GPU window, sorted: one sequence for both."""
+    return sorted(int(w["seq"]) for kind in ("windows", "gpu_windows") for w in all_windows(spool, kind))
 
 
 def truth(f: SimulatedFleet, instants: list[int], window_s: int = 10) -> dict[tuple[str, str, int], int]:
@@ -81,7 +89,20 @@ def test_restarts_at_any_sample_lose_nothing_and_never_count_twice(tmp_path_fact
     got = {(w["gpu_uuid"], w["firm_id"], w["window_start"] // 1000): w["allocated_seconds"] for w in windows}
     assert got == truth(f, instants)
     assert len({w["record_id"] for w in windows}) == len(windows)
-    assert sorted(w["seq"] for w in all_windows(spool)) == list(range(len(all_windows(spool))))
+    assert all_seqs(spool) == list(range(len(all_seqs(spool))))
+    # every second of every GPU window accounted once, across the kills: sampled instants as held or
+    # idle, the rest (before the first start, the 3 s downtimes, after the last instant) unsampled
+    gpu_windows = {(g["gpu_uuid"], g["window_start"] // 1000): g for g in all_windows(spool, "gpu_windows")}
+    last = instants[-1] - instants[-1] % 10
+    every = {(g.gpu_uuid, w) for g in f.gpus for w in range(f.start_s, last + 1, 10)}
+    assert {k for k in gpu_windows if k[1] <= last} == every
+    for (gpu, ws), g in gpu_windows.items():
+        assert sum(g[k] for k in GPU_WINDOW_PARTS) == 10
+        sampled = [t for t in instants if ws <= t < ws + 10]
+        held = sum(1 for t in sampled if f.job_at(gpu, t))
+        assert (g["allocated_seconds"] + g["unattributed_seconds"], g["idle_seconds"]) == (held, len(sampled) - held)
+        assert g["unread_seconds"] == 0 and g["unsampled_seconds"] == 10 - len(sampled)
+        assert g["usage_windows"] == sum(1 for k in got if k[0] == gpu and k[2] == ws)
 
 
 def test_crash_after_the_batch_is_durable_but_before_the_checkpoint_does_not_reopen_it(tmp_path: Path) -> None:
@@ -97,7 +118,12 @@ def test_crash_after_the_batch_is_durable_but_before_the_checkpoint_does_not_reo
     assert spool.next_seq <= spool2.next_seq
     windows = all_windows(spool2)
     assert len({w["record_id"] for w in windows}) == len(windows)  # window 0 once only
-    assert [w["seq"] for w in windows] == list(range(len(windows)))
+    assert all_seqs(spool2) == list(range(len(all_seqs(spool2))))
+    gpu_windows = all_windows(spool2, "gpu_windows")
+    assert len({(g["gpu_uuid"], g["window_start"]) for g in gpu_windows}) == len(gpu_windows) == 6  # once only
+    # the sample at +10 was lost with the checkpoint it was in: window 10 says it was not sampled
+    later = [g for g in gpu_windows if g["window_start"] // 1000 == f.start_s + 10]
+    assert [g["unsampled_seconds"] for g in later] == [10, 10, 10]
 
 
 def test_a_torn_batch_is_quarantined_and_a_leftover_tmp_removed_never_a_crash(
@@ -176,8 +202,9 @@ def test_sender_deletes_only_what_was_acknowledged_and_keeps_order(tmp_path: Pat
     assert sender.send_errors == 1
     assert sender.drain_once() == "sent"
     assert spool.pending() == [] and sender.drain_once() == "idle"
-    seqs = [w["seq"] for v in kafka.delivered for w in decode_batch(v)["windows"]]
-    assert sorted(seqs) == list(range(meter.windows_closed))
+    batches = [decode_batch(v) for v in kafka.delivered]
+    seqs = [w["seq"] for b in batches for w in (*b["windows"], *b["gpu_windows"])]
+    assert sorted(seqs) == list(range(meter.acc.next_seq))  # every window and GPU window, once
 
 
 def test_sender_survives_no_broker_at_all(tmp_path: Path) -> None:
@@ -229,12 +256,68 @@ def test_an_idle_sender_heartbeats_the_high_water_mark_a_busy_one_does_not(tmp_p
     sender = SpoolSender(spool, lambda: kafka, heartbeat=heartbeat, heartbeat_s=60, clock=lambda: now[0])
     assert sender.drain_once() == "sent"
     batches = [decode_batch(v) for v in kafka.delivered]
-    assert [b["high_water_seq"] for b in batches] == [max(w["seq"] for w in b["windows"]) for b in batches]
+    highest = [max(w["seq"] for w in (*b["windows"], *b["gpu_windows"])) for b in batches]
+    assert [b["high_water_seq"] for b in batches] == highest
     now[0] = 59.0
     assert sender.beat_once() == "idle" and len(kafka.delivered) == len(batches)  # sent something 59 s ago
     now[0] = 61.0
     assert sender.beat_once() == "sent" and sender.heartbeats_sent == 1
     beat = decode_batch(kafka.delivered[-1])
-    assert beat["windows"] == [] and beat["high_water_seq"] == meter.windows_closed - 1 == spool.next_seq - 1
+    assert beat["windows"] == beat["gpu_windows"] == []
+    assert beat["high_water_seq"] == meter.acc.next_seq - 1 == spool.next_seq - 1
     assert made[-1][1] == kafka.delivered[-1] and verify(made[-1][1], made[-1][2], {KEY[0]: KEY[1]}) == KEY[0]
     assert sender.beat_once() == "idle"  # the next one is due a minute later
+
+
+def test_a_crash_after_a_gap_was_spooled_does_not_send_its_gap_windows_again(tmp_path: Path) -> None:
+    """Down for 100 s, then one sample closes the open window and the gap's wholly unsampled windows;
+    killed before the checkpoint was saved, the next start must not close that gap a second time."""
+    f = fleet()
+    meter, _ = spooled_agent(tmp_path, f)
+    for t in range(f.start_s, f.start_s + 5):
+        meter.sample(t)
+    stale = (tmp_path / "checkpoint.json").read_bytes()
+    meter.sample(f.start_s + 105)  # window 0 and the gap's windows 10..90 closed and spooled
+    (tmp_path / "checkpoint.json").write_bytes(stale)  # as if killed before the checkpoint save
+    meter2, spool2 = spooled_agent(tmp_path, f)
+    meter2.sample(f.start_s + 106)
+    meter2.sample(f.start_s + 115)  # closes window 100
+    gpu_windows = all_windows(spool2, "gpu_windows")
+    keys = [(g["gpu_uuid"], g["window_start"] // 1000 - f.start_s) for g in gpu_windows]
+    assert len(set(keys)) == len(keys)  # each GPU window once
+    assert sorted({k[1] for k in keys}) == list(range(0, 110, 10))
+    window_100 = [g for g in gpu_windows if g["window_start"] // 1000 == f.start_s + 100]
+    # sampled at 105 by the lost run (its state went with the checkpoint) and 106: 105 is unsampled now
+    assert {sum(g[k] for k in GPU_WINDOW_PARTS) for g in gpu_windows} == {10}
+    assert [g["unsampled_seconds"] for g in window_100] == [9, 9, 9]
+    assert all_seqs(spool2) == list(range(len(all_seqs(spool2))))
+
+
+@pytest.mark.parametrize(("window_s", "interval_s"), [(10, 2), (30, 1)])
+def test_a_new_cadence_after_a_restart_never_accounts_a_second_twice(
+    tmp_path: Path, window_s: int, interval_s: int
+) -> None:
+    """The open window closes under the old cadence (10 s windows, 1 s samples); the new one samples
+    again from its first window after it, so no two GPU windows of a GPU overlap."""
+    f = fleet()
+    meter, spool = spooled_agent(tmp_path, f)
+    for t in range(f.start_s, f.start_s + 14):
+        meter.sample(t)
+    meter.stop()  # window 10 open, saved
+    host = f.hosts()[0]
+    meter2 = Agent(f.host_source(host.host_id), host, spool, window_s=window_s, interval_s=interval_s,
+                   checkpoint=spool)  # fmt: skip
+    for t in range(f.start_s + 14, f.start_s + 100, interval_s):
+        meter2.sample(t)
+    assert meter2.acc.samples_rejected > 0  # the rest of window 10, and up to the next new window
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for g in all_windows(spool, "gpu_windows"):
+        assert sum(g[k] for k in GPU_WINDOW_PARTS) * 1000 == g["window_end"] - g["window_start"]
+        spans.setdefault(g["gpu_uuid"], []).append((g["window_start"], g["window_end"]))
+    for runs in spans.values():
+        runs.sort()
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(runs)), runs  # never overlapping
+        assert runs[0][0] == f.start_s * 1000 and (f.start_s + 10) * 1000 in {s for s, _ in runs}
+    restarted = json.loads((tmp_path / "checkpoint.json").read_text())
+    # the old window 10 ended at +20: sampling resumed at the first new window boundary from there
+    assert restarted["resume_s"] == -(-(f.start_s + 20) // window_s) * window_s

@@ -10,6 +10,7 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import CommitFailedError, CorruptRecordError
 
+from gpumeter.record import CURRENT_VERSION as V
 from gpumeter.record import encode_batch, record_id
 from pipeline.loader import Loader
 
@@ -139,7 +140,7 @@ def test_blocks_are_cut_at_fixed_offset_boundaries() -> None:
     ld = loader(consumer, client)
     assert ld.poll_once() == 5 + 10  # 5..9 and 10..19 are complete; 20..23 waits (more arrived)
     assert ld.poll_once() == 10  # 20..29 complete
-    assert client.tokens == ["usage:0:5-9:v3", "usage:0:10-19:v3", "usage:0:20-29:v3"]
+    assert client.tokens == [f"usage:0:5-9:v{V}", f"usage:0:10-19:v{V}", f"usage:0:20-29:v{V}"]
     assert consumer.commits == [{0: 20}, {0: 30}]
     assert ld.stats.windows == 2 * 25
 
@@ -160,7 +161,7 @@ def test_revoked_partition_is_dropped_and_never_committed() -> None:
     ld.poll_once()
     ld.poll_once()
     assert consumer.commits == [{0: 4}]
-    assert client.tokens == ["usage:0:0-3:v3"]
+    assert client.tokens == [f"usage:0:0-3:v{V}"]
     assert ld.stats.dropped_on_revoke == 4
 
 
@@ -179,7 +180,7 @@ def test_clickhouse_down_commits_nothing_backs_off_and_catches_up() -> None:
     assert ld.poll_once() == 10
     assert consumer.commits == [{0: 10}] and consumer.paused == set()
     assert ld.stats.flush_failures == 2
-    assert client.tokens == ["usage:0:0-9:v3"]
+    assert client.tokens == [f"usage:0:0-9:v{V}"]
 
 
 def test_commit_failure_loses_nothing_and_keeps_running() -> None:
@@ -198,7 +199,7 @@ def test_garbage_is_quarantined_without_touching_the_container() -> None:
     client = FakeClient()
     ld = loader(consumer, client)
     assert ld.poll_once() == 10
-    assert client.tokens == ["usage:0:0-9:v3", "usage:0:0-9:q"]
+    assert client.tokens == [f"usage:0:0-9:v{V}", "usage:0:0-9:q"]
 
 
 def test_the_block_digest_tells_a_replay_from_new_data_at_the_same_offsets() -> None:
@@ -224,15 +225,15 @@ def test_a_block_replayed_after_it_loaded_is_not_inserted_again_and_is_counted()
     client = FakeClient()
     first = loader(FakeConsumer([{0: msgs(0, 9)}]), client)
     assert first.poll_once() == 10
-    assert client.tokens == ["usage:0:0-9:v3"] and len(client.ledger) == 1
+    assert client.tokens == [f"usage:0:0-9:v{V}"] and len(client.ledger) == 1
     consumer = FakeConsumer([{0: msgs(0, 9)}])
     again = loader(consumer, client)
     assert again.poll_once() == 10
-    assert client.tokens == ["usage:0:0-9:v3"] and consumer.commits == [{0: 10}]
+    assert client.tokens == [f"usage:0:0-9:v{V}"] and consumer.commits == [{0: 10}]
     assert again.stats.deduplicated_blocks == 1 and again.stats.windows == 0
     other = loader(FakeConsumer([{0: [Msg(0, value(3)), *msgs(1, 9)]}]), client)  # other data, same offsets
     assert other.poll_once() == 10 and other.stats.deduplicated_blocks == 0
-    assert client.tokens == ["usage:0:0-9:v3", "usage:0:0-9:v3"]
+    assert client.tokens == [f"usage:0:0-9:v{V}", f"usage:0:0-9:v{V}"]
 
 
 def test_a_message_over_the_contract_limits_is_quarantined_before_it_is_read() -> None:
@@ -260,7 +261,7 @@ def test_blocks_end_where_their_bytes_would_pass_the_budget() -> None:
     client = FakeClient()
     ld = loader(consumer, client, block_bytes=3 * size)
     assert ld.poll_once() == 6  # 0-2 and 3-5 are full; 6 is the tail and waits (more may come)
-    assert client.tokens == ["usage:0:0-2:v3", "usage:0:3-5:v3"]
+    assert client.tokens == [f"usage:0:0-2:v{V}", f"usage:0:3-5:v{V}"]
     replay = loader(FakeConsumer([{0: msgs(0, 6)}]), FakeClient(), block_bytes=3 * size)
     replay.poll_once()
     assert replay.client.tokens == client.tokens
@@ -388,7 +389,7 @@ def test_a_record_the_kafka_client_cannot_read_stops_the_loader_after_loading_wh
     assert ld.poll_once() == 0  # 0..3 is a tail that waits for more
     with pytest.raises(LoaderStopped, match="partition 0 at 4, partition 1 at 0"):
         ld.poll_once()
-    assert consumer.commits == [{0: 4}] and client.tokens == ["usage:0:0-3:v3"]
+    assert consumer.commits == [{0: 4}] and client.tokens == [f"usage:0:0-3:v{V}"]
 
 
 def test_headers_count_towards_a_blocks_bytes() -> None:

@@ -12,8 +12,8 @@ def test_single_server_ddl_uses_plain_engines_and_a_dedup_window() -> None:
     text = "\n".join(Ddl("gm").statements(shipped_versions().values()))
     assert "ON CLUSTER" not in text and "Replicated" not in text
     assert (
-        text.count("non_replicated_deduplication_window = 10000") == 4
-    )  # usage_raw, usage_quarantine, usage_blocks, agent_messages
+        text.count("non_replicated_deduplication_window = 10000") == 5
+    )  # usage_raw, usage_quarantine, usage_blocks, agent_messages, gpu_windows
     assert "CREATE TABLE IF NOT EXISTS gm.usage_ingest_v1 (" in text
     assert "ENGINE = Null" in text
 
@@ -30,7 +30,7 @@ def test_cluster_ddl_is_on_cluster_and_replicated() -> None:
         "refreshed_at)" in text
     )
     assert "non_replicated_deduplication_window" not in text
-    assert text.count("replicated_deduplication_window = 10000") == 4
+    assert text.count("replicated_deduplication_window = 10000") == 5
     assert not re.search(r"ENGINE = MergeTree\b", text)
 
 
@@ -45,14 +45,19 @@ def test_one_ingest_table_and_two_views_per_writer_version() -> None:
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v3_to_raw_<checks>",
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v3_to_quarantine_<checks>",
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v3_to_messages_3",  # v3 batches carry a high water
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v4_to_raw_<checks>",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v4_to_quarantine_<checks>",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v4_to_messages_3",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v4_to_gpu_<checks>",  # v4 batches carry GPU windows
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v4_to_gpu_quarantine_<checks>",
     ]
 
 
 def test_views_of_other_checks_are_stale_and_todays_are_not() -> None:
     writers = list(shipped_versions().values())
     ddl = Ddl("gm")
-    today = [name for w in writers for name in ddl.view_names(w)]
-    old = ["usage_ingest_v1_to_raw", "usage_ingest_v2_to_quarantine_0123456789"]
+    today = [name for w in writers for name in (*ddl.view_names(w), *(ddl.gpu_view_names(w) or ()))]
+    old = ["usage_ingest_v1_to_raw", "usage_ingest_v2_to_quarantine_0123456789", "usage_ingest_v4_to_gpu_0123456789"]
     drops = ddl.stale_views(writers, [*today, *old, "usage_raw", "usage_ingest_v1"])
     assert drops == [f"DROP VIEW IF EXISTS gm.{name}" for name in sorted(old)]
 

@@ -42,15 +42,33 @@ def window(**over: object) -> dict[str, object]:
     return w
 
 
+def gpu_window(**over: object) -> dict[str, object]:
+    g: dict[str, object] = {
+        "seq": 8, "provider_id": "P01", "host_id": "h1", "gpu_uuid": "GPU-1", "gpu_class": "H100-80G",
+        "window_start": 1_772_323_200_000, "window_end": 1_772_323_260_000, "allocated_seconds": 40,
+        "unattributed_seconds": 5, "idle_seconds": 10, "unread_seconds": 3, "unsampled_seconds": 2,
+        "usage_windows": 2,
+    }  # fmt: skip
+    g.update(over)
+    return g
+
+
 def test_roundtrip_keeps_every_field() -> None:
     windows = [window(), window(seq=8, firm_id="F2", busy_seconds=None, energy_joules=1234.5)]
     batch = decode_batch(encode_batch("h1", "0.1.0", windows))
-    assert batch == {"host_id": "h1", "agent_version": "0.1.0", "windows": windows, "high_water_seq": 8, "made_at": 0}
+    gpu = [gpu_window(seq=9)]
+    batch = decode_batch(encode_batch("h1", "0.1.0", windows, gpu_windows=gpu))
+    assert batch == {"host_id": "h1", "agent_version": "0.1.0", "windows": windows, "high_water_seq": 9, "made_at": 0,
+                     "gpu_windows": gpu}  # fmt: skip
     heartbeat = decode_batch(encode_batch("h1", "0.1.0", [], high_water_seq=41, made_at_ms=1_772_409_600_000))
     assert heartbeat == {"host_id": "h1", "agent_version": "0.1.0", "windows": [], "high_water_seq": 41,
-                         "made_at": 1_772_409_600_000}  # fmt: skip
+                         "made_at": 1_772_409_600_000, "gpu_windows": []}  # fmt: skip
     old = decode_batch(encode_batch("h1", "0.1.0", windows, version=2))  # a v2 writer: the defaults
-    assert (old["high_water_seq"], old["made_at"]) == (-1, 0)
+    assert (old["high_water_seq"], old["made_at"], old["gpu_windows"]) == (-1, 0, [])
+    v3 = decode_batch(encode_batch("h1", "0.1.0", windows, version=3))
+    assert (v3["high_water_seq"], v3["gpu_windows"]) == (8, [])
+    with pytest.raises(RecordError, match="cannot carry GPU windows"):  # never silently dropped
+        encode_batch("h1", "0.1.0", windows, version=3, gpu_windows=gpu)
 
 
 def test_value_starts_with_single_object_header_of_a_known_schema() -> None:

@@ -14,8 +14,10 @@ from agent.windows import HostIdentity, WindowAccumulator
 HOST = HostIdentity("P01", "h1")
 
 
-def run(timeline: dict[str, list[str | None]], interval_s: int, window_s: int, t0: int = 0) -> list[dict]:  # type: ignore[type-arg]
-    """timeline[gpu] = holder per sampling step; returns every closed window."""
+def run(timeline: dict[str, list[str | None]], interval_s: int, window_s: int, t0: int = 0,
+        gpu_out: list[dict] | None = None) -> list[dict]:  # type: ignore[type-arg]  # fmt: skip
+    """timeline[gpu] = holder per sampling step; returns every closed window (its GPU windows
+    into ``gpu_out``)."""
     gpus = sorted(timeline)
     acc = WindowAccumulator(HOST, [DeviceInfo(g, "H100-80G") for g in gpus], window_s, interval_s)
     steps = len(next(iter(timeline.values())))
@@ -24,7 +26,10 @@ def run(timeline: dict[str, list[str | None]], interval_s: int, window_s: int, t
         now = t0 + i * interval_s
         obs = [Observation(g, timeline[g][i], 50.0, 1000 * now) for g in gpus]
         out += acc.add(now, obs)
-    return out + acc.flush()
+    out += acc.flush()
+    if gpu_out is not None:
+        gpu_out += acc.take_gpu_windows()
+    return out
 
 
 holders = st.sampled_from([None, "F1", "F2", "F3"])
@@ -48,7 +53,8 @@ holders = st.sampled_from([None, "F1", "F2", "F3"])
 def test_allocated_seconds_equal_interval_truth(timeline, cadence, t0_steps) -> None:  # type: ignore[no-untyped-def]
     interval_s, window_s = cadence
     t0 = t0_steps * interval_s
-    windows = run(timeline, interval_s, window_s, t0)
+    gpu_windows: list[dict] = []  # type: ignore[type-arg]
+    windows = run(timeline, interval_s, window_s, t0, gpu_windows)
     truth: dict[tuple[str, str, int], int] = defaultdict(int)
     for gpu, seq in timeline.items():
         for i, firm in enumerate(seq):
@@ -57,9 +63,24 @@ def test_allocated_seconds_equal_interval_truth(timeline, cadence, t0_steps) -> 
                 truth[(gpu, firm, t - t % window_s)] += interval_s
     got = {(w["gpu_uuid"], w["firm_id"], w["window_start"] // 1000): w["allocated_seconds"] for w in windows}
     assert got == dict(truth)
-    # one record per (gpu, firm, window), ids unique, seq contiguous from 0
+    # one record per (gpu, firm, window), ids unique, seq contiguous from 0 over windows and GPU windows
     assert len({w["record_id"] for w in windows}) == len(windows)
-    assert sorted(w["seq"] for w in windows) == list(range(len(windows)))
+    assert sorted(w["seq"] for w in windows + gpu_windows) == list(range(len(windows) + len(gpu_windows)))
+    # one GPU window per GPU and window sampled, every second in it once: held, idle or (before the
+    # first sample, after the last) unsampled
+    sampled: dict[tuple[str, int], list[str | None]] = defaultdict(list)
+    for gpu, seq in timeline.items():
+        for i, firm in enumerate(seq):
+            t = t0 + i * interval_s
+            sampled[(gpu, t - t % window_s)].append(firm)
+    by_key = {(g["gpu_uuid"], g["window_start"] // 1000): g for g in gpu_windows}
+    assert len(by_key) == len(gpu_windows) and set(by_key) == set(sampled)
+    for key, g in by_key.items():
+        held = sum(truth.get((key[0], f, key[1]), 0) for f in ("F1", "F2", "F3"))
+        idle = sampled[key].count(None) * interval_s
+        assert (g["allocated_seconds"], g["unattributed_seconds"], g["idle_seconds"]) == (held, 0, idle)
+        assert (g["unread_seconds"], g["unsampled_seconds"]) == (0, window_s - len(sampled[key]) * interval_s)
+        assert g["usage_windows"] == sum(1 for k in truth if (k[0], k[2]) == key)
     for w in windows:
         assert w["window_start"] % (window_s * 1000) == 0
         assert w["window_end"] - w["window_start"] == window_s * 1000
@@ -214,6 +235,29 @@ def test_a_late_tick_is_sampled_at_once_and_a_skipped_one_is_reported() -> None:
     assert ticks == [1, 2, 3, 4, 5, 7, 8]
 
 
+def test_a_sleep_that_ends_late_samples_the_latest_due_tick_not_a_stale_one() -> None:
+    """The process is stopped for 2.5 s while it sleeps towards tick 4: it wakes at 6.5 and samples
+    6 (what it sees now, as now); 4 and 5 are a gap, never the state at 6.5 passed off as 4."""
+    from agent.runner import run_realtime
+
+    clock = [0.2]
+    ticks: list[int] = []
+
+    class Probe:
+        def sample(self, t: int) -> None:
+            ticks.append(t)
+            clock[0] = t + 0.01
+
+        def stop(self) -> None:
+            pass
+
+    def sleep(s: float) -> None:
+        clock[0] += s + (2.5 if ticks[-1:] == [3] else 0)
+
+    run_realtime(Probe(), 1, None, should_stop=lambda: len(ticks) >= 6, clock=lambda: clock[0], sleep=sleep)  # type: ignore[arg-type]
+    assert ticks == [1, 2, 3, 6, 7, 8]
+
+
 def test_a_clock_stepped_back_does_not_make_the_loop_sleep_out_the_step() -> None:
     """The clock reads an hour early for a moment after the sample at 3: the loop goes on from the
     clock (the instants it already counted are refused by the accumulator), not an hour later."""
@@ -238,3 +282,14 @@ def test_a_clock_stepped_back_does_not_make_the_loop_sleep_out_the_step() -> Non
 
     run_realtime(Probe(), 1, None, should_stop=lambda: len(ticks) >= 6, clock=lambda: clock[0], sleep=sleep)  # type: ignore[arg-type]
     assert ticks[:3] == [10_001, 10_002, 10_003] and max(ticks) < 10_010
+
+
+def test_an_instant_off_the_interval_grid_is_refused_so_no_interval_counts_twice() -> None:
+    acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 60, 10)
+    for t in (0, 10, 20, 30, 40, 50, 55):  # 55 would stand for [55, 65), overlapping 50's [50, 60)
+        acc.add(t, [Observation("GPU-a", "F1", 50.0, 1000 * t)])
+    assert acc.samples_rejected == 1
+    windows = acc.flush()
+    (g,) = acc.take_gpu_windows()
+    assert [w["allocated_seconds"] for w in windows] == [60]
+    assert (g["allocated_seconds"], g["unsampled_seconds"]) == (60, 0)
