@@ -78,6 +78,7 @@ class NvmlDevice:
     last_sample_us: int | None = None  # newest utilisation sample seen (gap-free sampling)
     use_samples: bool = True  # False once nvmlDeviceGetSamples proved unsupported
     memory_v2: bool = True  # False once nvmlDeviceGetMemoryInfo_v2 proved absent
+    was_lost: bool = False  # found again by a rediscovery after it failed, not yet read since
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,9 +235,10 @@ class Nvml:
         )
 
     def _keep(self, dev: NvmlDevice) -> None:
+        """A rediscovered device is tried again; it is back once a read succeeds (``read``)."""
         old = self.devices.get(dev.uuid)
-        if old is not None and old.failed:
-            log.warning("device %s is back", dev.uuid)
+        if old is not None:
+            dev.was_lost = old.was_lost or old.failed is not None
         self.devices[dev.uuid] = dev
 
     # --- readings -----------------------------------------------------------
@@ -259,9 +261,14 @@ class Nvml:
                         procs_by_parent[parent.uuid] = self._processes(parent.handle)
                     procs = _instance_processes(procs_by_parent[parent.uuid], dev.gpu_instance_id)
                 out.append(self._read_one(dev, procs, now_us, interval_us))
+                if dev.was_lost:
+                    log.warning("GPU %s is back", dev.uuid)
+                    dev.was_lost = False
             except GpuLost as exc:
                 dev.failed = str(exc)
-                log.error("GPU %s lost (%s): its samples count as missed until it is back", dev.uuid, exc)
+                # said once: a GPU that stays lost is tried again at each rediscovery, quietly
+                level = logging.DEBUG if dev.was_lost else logging.ERROR
+                log.log(level, "GPU %s lost (%s): its samples count as missed until it is back", dev.uuid, exc)
                 out.append(_failed(dev))
         return out
 

@@ -195,11 +195,19 @@ def test_gpu_lost_fails_that_device_only_and_says_so(caplog: pytest.LogCaptureFi
     calls = lib.calls["nvmlDeviceGetPowerUsage"]
     src.observe(11)  # a failed device is not queried again until rediscovered
     assert lib.calls["nvmlDeviceGetPowerUsage"] == calls + 1
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, "gpumeter.agent.nvml"):
+        for n in range(1, 4):  # still lost at three rediscoveries: tried again each time, said once
+            clock.t += 60
+            src.observe(11 + 60 * n)
+    assert "GPU-a is back" not in caplog.text and [r.levelno for r in caplog.records if "lost" in r.message] == [10] * 3
     del lib.fail[("nvmlDeviceGetComputeRunningProcesses", "GPU-a")]
     clock.t += 60  # rediscovery interval
-    obs = src.observe(72)
+    with caplog.at_level(logging.WARNING, "gpumeter.agent.nvml"):
+        obs = src.observe(252)
     assert [(o.firm_id, o.missed) for o in obs] == [("F1", False), ("F2", False)]
-    assert src.samples_missed == 2
+    assert "GPU GPU-a is back" in caplog.text
+    assert src.samples_missed == 5
 
 
 def test_driver_reload_reinitialises_with_backoff_and_the_energy_counter_reset_is_never_billed() -> None:
