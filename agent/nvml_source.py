@@ -5,7 +5,10 @@ firms of the GPU's running compute processes, each resolved by the attribution
 chain (unresolved -> ``unattributed``); no process -> idle. If several firms share
 one GPU at one instant, the one using the most GPU memory holds it for that
 sample (ties: lowest firm id) and ``shared_samples`` counts it, so a GPU-second
-is never billed twice. A device that cannot be read (GPU lost, NVML down,
+is never billed twice. The driver's utilisation is the GPU's, all firms' use
+together: for an interval that began shared, it is not the holder's, so that
+interval's utilisation is unknown (``None``), never another firm's use credited
+to the holder. A device that cannot be read (GPU lost, NVML down,
 processes unavailable) gives a *missed* sample: nobody is billed for it.
 """
 
@@ -82,6 +85,7 @@ class NvmlSource:
         self._rediscover_every = rediscover_s  # while no device is failed; doubles while nothing changes
         self.samples_missed = 0
         self.shared_samples = 0
+        self._shared: set[str] = set()  # GPUs several firms shared at the previous sample
         self.nvml.ensure()
         self._refresh_infos()
 
@@ -107,13 +111,18 @@ class NvmlSource:
         out = []
         for uuid in self._infos:
             r = seen.get(uuid)
+            began_shared = uuid in self._shared  # the interval this reading measures
+            self._shared.discard(uuid)
             if r is None or r.failed or isinstance(r.processes, Unavailable):
                 self.samples_missed += 1
                 out.append(Observation(uuid, None, None, None, missed=True))
                 continue
             firm, shared = holder(r.processes, functools.partial(_firm_of, self.resolve, uuid))
             self.shared_samples += shared
-            out.append(Observation(uuid, firm, _num(r.util_percent), self._energy(uuid, r.energy_mj_total)))
+            if shared:
+                self._shared.add(uuid)
+            util = None if began_shared else _num(r.util_percent)
+            out.append(Observation(uuid, firm, util, self._energy(uuid, r.energy_mj_total)))
         return out
 
     def _energy(self, uuid: str, value: int | Unavailable) -> int | None:

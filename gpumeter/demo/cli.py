@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import click
@@ -24,6 +26,7 @@ from gpumeter.demo.broker import LocalBroker, create_topic
 from gpumeter.errors import GpumeterError
 from gpumeter.fleet import fleet_text, read_fleet
 from pipeline import clickhouse, fleet_store
+from pipeline.coverage import coverage_table
 from pipeline.loader import Loader, make_consumer
 from pipeline.report import gpu_hours_table, hours_text
 from pipeline.usage_store import UsageStore
@@ -165,9 +168,33 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
         f"CHECK PASSED: all {len(truth)} (firm, day, provider, class) totals equal the simulator's "
         f"ground truth exactly ({hours_text(total)} GPU-hours, {total} GPU-seconds)"
     )
+    _check_coverage(client, settings.clickhouse_database, start, nxt, len(fleet.gpus), total, step)
     click.echo()
     run_billing(work, client, settings.clickhouse_database, month, step)
     click.echo(f"stores, statements and logs: {work}")
+
+
+def _check_coverage(
+    client: Any, db: str, start: datetime, end: datetime, gpus: int, sold: int, step: Callable[[str], None]
+) -> None:
+    """Every second of every GPU's month in a GPU window, adding up, and what they say was held is
+    exactly the usage billed (``pipeline coverage``)."""
+    rows = clickhouse.coverage(client, db, start, end)
+    text, problems = coverage_table(rows, clickhouse.uncovered(client, db, start, end))
+    capacity, held = sum(int(r[5]) for r in rows), sum(int(r[6]) + int(r[7]) for r in rows)
+    expected = gpus * int((end - start).total_seconds())
+    if problems or capacity != expected or held != sold:
+        click.echo(text, err=True)
+        raise DemoMismatch(
+            f"GPU windows: {capacity} s of capacity (expected {expected}), {held} s held (billed {sold}), "
+            f"{problems} problem(s)"
+        )
+    idle, unobserved = sum(int(r[8]) for r in rows), sum(int(r[9]) + int(r[10]) for r in rows)
+    step(
+        f"CHECK PASSED: every second of the {gpus} GPUs' month accounted in {sum(int(r[4]) for r in rows)} GPU "
+        f"windows: {hours_text(capacity)} h = {hours_text(held)} h sold + {hours_text(idle)} h idle + "
+        f"{hours_text(unobserved)} h unobserved (gpumeter pipeline coverage)"
+    )
 
 
 def _compare(measured: dict[TruthKey, int], truth: dict[TruthKey, int]) -> list[str]:

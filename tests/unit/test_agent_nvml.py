@@ -336,6 +336,30 @@ def test_holder_rule(procs: list[tuple[int, int | None]], expected: tuple[str | 
     assert holder(ps, lambda pid: resolve(pid, "GPU-a")) == expected
 
 
+def test_the_utilisation_of_an_interval_several_firms_shared_is_never_the_holders() -> None:
+    """F1 (more memory) holds GPU-a while F2's process shares it at 11: the driver's 90 % is both
+    firms' use, so the interval [11, 12) is unknown for F1, never F2's use billed as F1's. Alone
+    again from 12, F1's intervals are measured again."""
+
+    gpu = FakeGpu("GPU-a", util=90)
+    _, _, src, _ = make([gpu])
+    utils = []
+    for t in range(10, 23):
+        gpu.procs = [(101, 2**30, NO_GI), (102, 1, NO_GI)] if t == 11 else [(101, 2**30, NO_GI)]
+        utils.append(src.observe(t)[0].util_percent)
+    assert utils == [90.0, 90.0, None, *[90.0] * 10] and src.shared_samples == 1
+    gpu = FakeGpu("GPU-a", util=90)
+    _, _, src, _ = make([gpu])
+    sink = Collect()
+    meter = Agent(src, HostIdentity("P01", "h1"), sink, window_s=10, interval_s=1)
+    for t in range(10, 31):
+        gpu.procs = [(101, 2**30, NO_GI), (102, 1, NO_GI)] if t == 21 else [(101, 2**30, NO_GI)]
+        meter.sample(t)
+    busy = {w["window_start"] // 1000: w["busy_seconds"] for w in sink.windows}
+    # window 10 measured through (10 x 0.9); window 20, closed by the sample at 30, holds the shared interval
+    assert busy == {10: 9.0, 20: None}
+
+
 def test_mig_instances_are_devices_of_their_own_with_processes_split_by_instance() -> None:
     inst1 = FakeGpu("MIG-1", name="NVIDIA H100 80GB HBM3 MIG 3g.40gb", gi=1)
     inst2 = FakeGpu("MIG-2", name="NVIDIA H100 80GB HBM3 MIG 1g.10gb", gi=2)
