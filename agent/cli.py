@@ -111,7 +111,8 @@ def run(
         cfg, settings.kafka_bootstrap, settings.topic, sim, duration, should_stop, settings.home
     )
     click.echo(
-        f"samples={meter.samples} windows={meter.windows_closed} windows_sent={sender.windows_sent} "
+        f"samples={meter.samples} windows={meter.windows_closed} gpu_windows={meter.gpu_windows_closed} "
+        f"windows_sent={sender.windows_sent} "
         f"windows_spooled={spool.depth_windows} windows_dropped={spool.windows_dropped}",
         file=sys.stderr,
     )

@@ -55,6 +55,7 @@ class Agent:
         self.checkpoint = checkpoint
         self.samples = 0
         self.windows_closed = 0
+        self.gpu_windows_closed = 0
         self._pending: list[UsageWindow] = []
         self._pending_gpu: list[GpuWindow] = []
         snap = checkpoint.load() if checkpoint else None
@@ -76,6 +77,7 @@ class Agent:
                 self._pending.extend(old.flush())
                 self._pending_gpu.extend(old.take_gpu_windows())
                 self.windows_closed += len(self._pending)
+                self.gpu_windows_closed += len(self._pending_gpu)
                 self.acc.next_seq = old.next_seq
                 self._send()
 
@@ -93,6 +95,7 @@ class Agent:
         self.samples += 1
         if closed or gpu_closed:
             self.windows_closed += len(closed)
+            self.gpu_windows_closed += len(gpu_closed)
             self._pending.extend(closed)
             self._pending_gpu.extend(gpu_closed)
             if len(self._pending) + len(self._pending_gpu) >= self.batch_windows:
@@ -109,7 +112,9 @@ class Agent:
         closed = self.acc.flush()
         self.windows_closed += len(closed)
         self._pending.extend(closed)
-        self._pending_gpu.extend(self.acc.take_gpu_windows())
+        gpu_closed = self.acc.take_gpu_windows()
+        self.gpu_windows_closed += len(gpu_closed)
+        self._pending_gpu.extend(gpu_closed)
         self._send()
 
     def _register(self, observations: list[Observation]) -> None:

@@ -103,6 +103,8 @@ def collect(agent: Agent, spool: Spool, sender: SpoolSender, nvml: Any) -> list[
         one(p + "samples_rejected_total", "counter", "Samples at or before an already counted instant.",
             agent.acc.samples_rejected),
         one(p + "windows_closed_total", "counter", "Usage windows closed.", agent.windows_closed),
+        one(p + "gpu_windows_closed_total", "counter", "GPU windows closed (every second of each GPU's window).",
+            agent.gpu_windows_closed),
         one(p + "next_seq", "gauge", "Sequence number of the next window.", agent.acc.next_seq),
         one(p + "spool_batches", "gauge", "Batches spooled, not yet acknowledged by Kafka.", spool.depth_batches),
         one(p + "spool_windows", "gauge", "Windows spooled, not yet acknowledged by Kafka.", spool.depth_windows),
