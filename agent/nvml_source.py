@@ -6,7 +6,7 @@ chain (unresolved -> ``unattributed``); no process -> idle. If several firms sha
 one GPU at one instant, the one using the most GPU memory holds it for that
 sample (ties: lowest firm id) and ``shared_samples`` counts it, so a GPU-second
 is never billed twice. The driver's utilisation is the GPU's, all firms' use
-together: for an interval that began shared, it is not the holder's, so that
+together: for an interval shared at either end, it is not the holder's, so that
 interval's utilisation is unknown (``None``), never another firm's use credited
 to the holder. A device that cannot be read (GPU lost, NVML down,
 processes unavailable) gives a *missed* sample: nobody is billed for it.
@@ -121,7 +121,8 @@ class NvmlSource:
             self.shared_samples += shared
             if shared:
                 self._shared.add(uuid)
-            util = None if began_shared else _num(r.util_percent)
+            # shared at either end of the interval: another firm's process may have run in it
+            util = None if began_shared or shared else _num(r.util_percent)
             out.append(Observation(uuid, firm, util, self._energy(uuid, r.energy_mj_total)))
         return out
 

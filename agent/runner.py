@@ -71,8 +71,9 @@ class Agent:
                 self.acc = old
                 for info in source.devices():
                     self.acc.add_device(info)
-            else:  # the cadence changed: close what was open under the old one, keep the sequence, and
-                # sample again from the first new window after it (the rest of it is unsampled, said so)
+            else:  # the cadence changed: close what was open under the old one (the rest of it unsampled),
+                # keep the sequence, sample again from the first new window after it; the time between
+                # is in no GPU window (pipeline coverage reports it)
                 self.acc.resume_at(old.accounted_through_s())
                 self._pending.extend(old.flush())
                 self._pending_gpu.extend(old.take_gpu_windows())

@@ -83,6 +83,7 @@ class WindowAccumulator:
         self.samples_rejected = 0
         self._gpu_windows: list[GpuWindow] = []  # closed, not yet taken (``take_gpu_windows``)
         self.resume_s = 0  # instants before this are refused: accounted under another cadence (``resume_at``)
+        self.accounted_s = 0  # the end of what an earlier cadence accounted for (``resume_at``'s argument)
 
     def add_device(self, info: DeviceInfo) -> None:
         """Meter a device that appeared after start (idempotent)."""
@@ -175,13 +176,14 @@ class WindowAccumulator:
         """The end of the latest window this accumulator has open or has closed (0: none)."""
         ends = [st.window_start_s + self.window_s for st in self._gpus.values() if st.window_start_s is not None]
         ends += [st.last_sample_s + self.interval_s for st in self._gpus.values() if st.last_sample_s is not None]
-        return max(ends, default=0)
+        return max([*ends, self.accounted_s])
 
     def resume_at(self, end_s: int) -> None:
         """Refuse instants before the first window boundary at or after ``end_s``: the time up to it
         was accounted under another cadence (the agent restarted with a new window or interval), and
         a window of this cadence that overlapped it would count its seconds twice."""
-        self.resume_s = -(-end_s // self.window_s) * self.window_s
+        self.accounted_s = max(self.accounted_s, end_s)
+        self.resume_s = -(-self.accounted_s // self.window_s) * self.window_s
 
     def flush(self) -> list[UsageWindow]:
         """Close every open window (agent shutdown)."""
@@ -199,6 +201,7 @@ class WindowAccumulator:
             "interval_s": self.interval_s,
             "next_seq": self.next_seq,
             "resume_s": self.resume_s,
+            "accounted_s": self.accounted_s,
             "gpus": {
                 uuid: {
                     "gpu_class": st.info.gpu_class,
@@ -221,7 +224,7 @@ class WindowAccumulator:
     def restore(cls, host: HostIdentity, snap: dict[str, Any]) -> WindowAccumulator:
         acc = cls(host, [], int(snap["window_s"]), int(snap["interval_s"]))
         acc.next_seq = int(snap["next_seq"])
-        acc.resume_s = int(snap.get("resume_s", 0))
+        acc.resume_s, acc.accounted_s = int(snap.get("resume_s", 0)), int(snap.get("accounted_s", 0))
         for uuid, g in snap["gpus"].items():
             st = _GpuState(DeviceInfo(uuid, g["gpu_class"]), g["window_start_s"])
             st.last_holder, st.last_energy_mj = g["last_holder"], g["last_energy_mj"]

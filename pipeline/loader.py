@@ -64,7 +64,6 @@ from pipeline.schema import (
     BATCH_CHECKS,
     GPU_WINDOW_CHECKS,
     GPU_WINDOW_REASON_PREFIX,
-    GPU_WINDOW_REJECT_PREFIX,
     SIGNER_HOST_REASON,
     WINDOW_CHECKS,
 )
@@ -689,8 +688,9 @@ def windows_loaded(counts: dict[int, int], rejected: list[tuple[bytes, str, int,
     first Avro block, so a message that writes its windows in several blocks can have more rejected
     than counted: it counts 0, never less (its extra windows are checked by the views all the same)."""
     whole = {offset for _, _, offset, rid in rejected if not rid}
+    # a GPU window's rejection is told apart by its reason, which no sender writes (a record_id it does)
     per_message = Counter(
-        offset for _, _, offset, rid in rejected if rid and not rid.startswith(GPU_WINDOW_REJECT_PREFIX)
+        offset for _, reason, offset, rid in rejected if rid and not reason.startswith(GPU_WINDOW_REASON_PREFIX)
     )
     return sum(max(0, n - per_message[offset]) for offset, n in counts.items() if offset not in whole)
 

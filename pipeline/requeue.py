@@ -27,6 +27,7 @@ from pipeline import clickhouse
 from pipeline.framing import WriterVersion, container, decode_body, shipped_versions
 from pipeline.keys import KeyRegistry
 from pipeline.loader import TransientError, check_message, headers_from_text, reason_label, refusal
+from pipeline.schema import GPU_WINDOW_REASON_PREFIX
 
 PAGE = 200  # quarantined messages read at once (each up to 1 MiB)
 REQUEUED_COLUMNS = ("kafka_partition", "kafka_offset", "digest", "outcome", "reason", "windows", "requeued_at")
@@ -130,6 +131,7 @@ def requeue(
             _record(client, database, q, "rejected", reason, 0, now)
             continue
         rejected = clickhouse.quarantined_in_range(client, database, q.partition, q.offset, q.offset, block)
+        rejected = [r for r in rejected if not r[1].startswith(GPU_WINDOW_REASON_PREFIX)]  # not usage windows
         windows = max(0, windows - len(rejected))
         report.loaded += 1
         report.windows += windows

@@ -337,9 +337,9 @@ def test_holder_rule(procs: list[tuple[int, int | None]], expected: tuple[str | 
 
 
 def test_the_utilisation_of_an_interval_several_firms_shared_is_never_the_holders() -> None:
-    """F1 (more memory) holds GPU-a while F2's process shares it at 11: the driver's 90 % is both
-    firms' use, so the interval [11, 12) is unknown for F1, never F2's use billed as F1's. Alone
-    again from 12, F1's intervals are measured again."""
+    """F1 (more memory) holds GPU-a while F2's process shares it at 11: the driver's 90 % may be
+    both firms' use, so the intervals ending and starting at 11 are unknown for F1, never F2's use
+    billed as F1's. Alone again from 12, F1's intervals are measured again."""
 
     gpu = FakeGpu("GPU-a", util=90)
     _, _, src, _ = make([gpu])
@@ -347,7 +347,7 @@ def test_the_utilisation_of_an_interval_several_firms_shared_is_never_the_holder
     for t in range(10, 23):
         gpu.procs = [(101, 2**30, NO_GI), (102, 1, NO_GI)] if t == 11 else [(101, 2**30, NO_GI)]
         utils.append(src.observe(t)[0].util_percent)
-    assert utils == [90.0, 90.0, None, *[90.0] * 10] and src.shared_samples == 1
+    assert utils == [90.0, None, None, *[90.0] * 10] and src.shared_samples == 1  # [10, 11) and [11, 12)
     gpu = FakeGpu("GPU-a", util=90)
     _, _, src, _ = make([gpu])
     sink = Collect()

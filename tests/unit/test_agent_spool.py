@@ -321,3 +321,24 @@ def test_a_new_cadence_after_a_restart_never_accounts_a_second_twice(
     restarted = json.loads((tmp_path / "checkpoint.json").read_text())
     # the old window 10 ended at +20: sampling resumed at the first new window boundary from there
     assert restarted["resume_s"] == -(-(f.start_s + 20) // window_s) * window_s
+
+
+def test_cadence_changed_back_before_a_sample_under_the_new_one_still_never_overlaps(tmp_path: Path) -> None:
+    """10 s windows, then 30 s stopped before any sample, then 10 s again: the second change must
+    still know what the first one accounted for (window 10 was closed), not start over from 0."""
+    f = fleet()
+    host = f.hosts()[0]
+    meter, spool = spooled_agent(tmp_path, f)
+    for t in range(f.start_s, f.start_s + 14):
+        meter.sample(t)
+    meter.stop()
+    for window_s in (30, 10):
+        again = Agent(f.host_source(host.host_id), host, spool, window_s=window_s, interval_s=1, checkpoint=spool)
+        again.stop()
+    again = Agent(f.host_source(host.host_id), host, spool, window_s=10, interval_s=1, checkpoint=spool)
+    for t in range(f.start_s + 14, f.start_s + 60):
+        again.sample(t)
+    keys = [(g["gpu_uuid"], g["window_start"]) for g in all_windows(spool, "gpu_windows")]
+    assert len(keys) == len(set(keys))  # no GPU window twice
+    ids = [w["record_id"] for w in all_windows(spool)]
+    assert len(ids) == len(set(ids))  # and no usage window sent twice with other contents

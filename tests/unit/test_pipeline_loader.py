@@ -310,6 +310,11 @@ def test_windows_loaded_never_go_below_zero_and_count_only_what_went_in() -> Non
     rejected = [(b"", "bad", 1, f"r{i}") for i in range(600)] + [(b"", "bad", 2, "r-x"), (b"v", "whole", 3, "")]
     assert windows_loaded(counts, rejected) == 5 + 0 + 3
     assert windows_loaded(counts, [(b"v", "refused", 0, "")]) == 300 + 4  # offset 0 rejected whole
+    # a rejected GPU window is not a rejected usage window, told by its reason; a usage window whose
+    # sender named it like one ("gw:...") still counts as rejected
+    gpu = (b"g", "GPU window: its seconds do not add up to the window's length", 0, "gw:GPU-1:60000")
+    forged = (b"w", "record_id does not match (host_id, gpu_uuid, firm_id, window_start)", 2, "gw:GPU-1:0")
+    assert windows_loaded(counts, [gpu, forged]) == 5 + 300 + 3
 
 
 def test_a_key_id_a_sender_chose_is_shown_bounded() -> None:
