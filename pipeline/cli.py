@@ -252,7 +252,7 @@ def coverage_command(ctx: click.Context, first_day: datetime, last_day: datetime
     start, end = first_day.replace(tzinfo=UTC), last_day.replace(tzinfo=UTC) + timedelta(days=1)
     db = s.clickhouse_database
     text, problems = coverage_table(
-        clickhouse.coverage(client, db, start, end), clickhouse.uncovered(client, db, start, end)
+        UsageStore(client, db).coverage(start, end), UsageStore(client, db).uncovered(start, end)
     )
     click.echo(text)
     if strict and problems:

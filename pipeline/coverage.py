@@ -15,7 +15,7 @@ COLUMNS = ("provider", "host", "gpu", "class", "windows", "capacity_h", "sold_h"
 def coverage_table(
     rows: Iterable[Sequence[Any]], uncovered: Iterable[tuple[str, str, int, int]] = ()
 ) -> tuple[str, int]:
-    """(text, problems). ``rows``: ``clickhouse.coverage``; ``uncovered``: ``clickhouse.uncovered``.
+    """(text, problems). ``rows``: ``UsageStore.coverage``; ``uncovered``: ``UsageStore.uncovered``.
 
     Capacity is the GPU windows' seconds; sold the seconds firms held (allocated); unread and
     unsampled the seconds nobody observed (the driver did not answer; the agent did not sample).

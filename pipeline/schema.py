@@ -433,7 +433,7 @@ WHERE b.gm_signer_host = '' OR b.host_id = b.gm_signer_host"""
     def gpu_windows_table(self) -> str:
         """(v4) Every delivery of a GPU window that passed GPU_WINDOW_CHECKS: per GPU and window, its
         seconds allocated, unattributed, idle, unread and unsampled (gpumeter/CONTRACT.md). A window
-        delivered again is read once (``LIMIT 1 BY``, the first delivery: ``clickhouse.coverage``)."""
+        delivered again is read once (``LIMIT 1 BY``, the first delivery: ``usage_store.first_gpu_windows_sql``)."""
         return f"""CREATE TABLE IF NOT EXISTS {self.db}.gpu_windows{self.on} (
     seq UInt64,
     provider_id LowCardinality(String),

@@ -64,6 +64,18 @@ READ_SETTINGS = {"optimize_read_in_window_order": 1}
 # (host_id, gpu_uuid, gpu_class, capacity, allocated, unattributed, idle, unread, unsampled) seconds
 CapacityRow = tuple[str, str, str, int, int, int, int, int, int]
 DAY = "toDate(window_start, {tz:String})"
+GPU_WINDOW_SECONDS = "intDiv(toUnixTimestamp64Milli(window_end) - toUnixTimestamp64Milli(window_start), 1000)"
+IN_SPAN = "window_start >= {s:DateTime64(3, 'UTC')} AND window_start < {e:DateTime64(3, 'UTC')}"
+
+
+def first_gpu_windows_sql(db: str, where: str) -> str:
+    """The first delivery of each GPU window (host, GPU, window start) matching ``where``: least
+    (ingested_at, kafka_partition, kafka_offset), as for usage windows."""
+    return f"""SELECT * FROM {db}.gpu_windows WHERE {where}
+                ORDER BY host_id, gpu_uuid, window_start, ingested_at, kafka_partition, kafka_offset
+                LIMIT 1 BY host_id, gpu_uuid, window_start"""
+
+
 MONTH = "formatDateTime(toDate(window_start, {tz:String}), '%Y-%m')"
 HOUR = "toStartOfHour(window_start)"
 
@@ -547,22 +559,71 @@ class UsageStore:
         """(host_id, gpu_uuid, gpu_class, capacity, allocated, unattributed, idle, unread, unsampled)
         seconds of a provider's GPU windows (schema v4; first deliveries) dated in ``month``: where the
         capacity went, outages (unread: the driver did not answer) and time unobserved included."""
+        where = f"provider_id = {{provider:String}} AND {MONTH} = {{month:String}}"
         rows = self.client.query(
             f"""
-            SELECT host_id, gpu_uuid, any(gpu_class),
-                   sum(intDiv(toUnixTimestamp64Milli(window_end) - toUnixTimestamp64Milli(window_start), 1000)),
+            SELECT host_id, gpu_uuid, any(gpu_class), sum({GPU_WINDOW_SECONDS}),
                    sum(allocated_seconds), sum(unattributed_seconds), sum(idle_seconds), sum(unread_seconds),
                    sum(unsampled_seconds)
-            FROM (
-                SELECT * FROM {self.db}.gpu_windows
-                WHERE provider_id = {{provider:String}} AND {MONTH} = {{month:String}}
-                ORDER BY host_id, gpu_uuid, window_start, ingested_at, kafka_partition, kafka_offset
-                LIMIT 1 BY host_id, gpu_uuid, window_start)
+            FROM ({first_gpu_windows_sql(self.db, where)})
             GROUP BY host_id, gpu_uuid ORDER BY host_id, gpu_uuid
             """,
             parameters={"tz": tz, "month": month, "provider": provider_id},
         ).result_rows
         return [(str(r[0]), str(r[1]), str(r[2]), *(int(x) for x in r[3:])) for r in rows]  # type: ignore[misc]
+
+    def coverage(self, start: datetime, end: datetime) -> list[tuple[Any, ...]]:
+        """Per GPU, its GPU windows starting in [start, end) (first deliveries) against its usage windows
+        (first deliveries, ``first_delivery_sql``): (provider_id, host_id, gpu_uuid, gpu_class, GPU
+        windows, window seconds, allocated, unattributed, idle, unread, unsampled, windows whose usage
+        windows do not add up to what the GPU window says, seconds between the start of its first GPU
+        window and the end of its last that no GPU window covers: negative when windows overlap, which
+        one agent's never do). Usage windows of a host with no GPU windows (an agent before 0.3.0) are
+        not judged here."""
+        keys = [("host_id", "host_id"), ("gpu_uuid", "gpu_uuid"), ("window_start", "window_start")]
+        usage = first_delivery_sql(self.db, keys, IN_SPAN)  # what billing reads, imports included
+        seconds = GPU_WINDOW_SECONDS.replace("window_", "gw.window_")
+        rows = self.client.query(
+            f"""
+            WITH gw AS ({first_gpu_windows_sql(self.db, IN_SPAN)}), uw AS ({usage})
+            SELECT gw.provider_id, gw.host_id, gw.gpu_uuid, any(gw.gpu_class), count(), sum({seconds}),
+                   sum(gw.allocated_seconds), sum(gw.unattributed_seconds), sum(gw.idle_seconds),
+                   sum(gw.unread_seconds), sum(gw.unsampled_seconds),
+                   countIf(gw.allocated_seconds + gw.unattributed_seconds != uw.seconds
+                           OR gw.usage_windows != uw.records),
+                   intDiv(toUnixTimestamp64Milli(max(gw.window_end)) - toUnixTimestamp64Milli(min(gw.window_start)),
+                          1000) - sum({seconds})
+            FROM gw LEFT JOIN uw ON gw.host_id = uw.host_id AND gw.gpu_uuid = uw.gpu_uuid
+                                AND gw.window_start = uw.window_start
+            GROUP BY gw.provider_id, gw.host_id, gw.gpu_uuid
+            ORDER BY gw.provider_id, gw.host_id, gw.gpu_uuid
+            SETTINGS join_use_nulls = 0
+            """,
+            parameters=_span_params(start, end),
+            settings=READ_SETTINGS,
+        ).result_rows
+        return [tuple(r) for r in rows]
+
+    def uncovered(self, start: datetime, end: datetime) -> list[tuple[str, str, int, int]]:
+        """(host_id, gpu_uuid, usage windows, allocated seconds) per GPU that has GPU windows: its usage
+        windows in [start, end) (first deliveries), from its first GPU window on (before it, its agent
+        was older than 0.3.0), that no GPU window accounts for."""
+        keys = [("host_id", "host_id"), ("gpu_uuid", "gpu_uuid"), ("window_start", "window_start")]
+        usage = first_delivery_sql(self.db, keys, IN_SPAN)  # what billing reads, imports included
+        rows = self.client.query(
+            f"""
+            SELECT u.host_id, u.gpu_uuid, sum(u.records), sum(u.seconds) FROM ({usage}) AS u
+            INNER JOIN (SELECT host_id, gpu_uuid, min(window_start) AS since FROM {self.db}.gpu_windows
+                        GROUP BY host_id, gpu_uuid) AS f ON u.host_id = f.host_id AND u.gpu_uuid = f.gpu_uuid
+            LEFT ANTI JOIN (SELECT DISTINCT host_id, gpu_uuid, window_start FROM {self.db}.gpu_windows) AS g
+                ON u.host_id = g.host_id AND u.gpu_uuid = g.gpu_uuid AND u.window_start = g.window_start
+            WHERE u.window_start >= f.since
+            GROUP BY u.host_id, u.gpu_uuid ORDER BY u.host_id, u.gpu_uuid
+            """,
+            parameters=_span_params(start, end),
+            settings=READ_SETTINGS,
+        ).result_rows
+        return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]
 
     def gpu_states(
         self, tz: str, month: str, provider_id: str, cutoff: datetime | None, store_id: str, settled_seq: int
@@ -677,3 +738,7 @@ class UsageStore:
         ]  # fmt: skip
         for i in range(0, len(data), IMPORT_ROWS_PER_INSERT):
             clickhouse.insert_raw(self.client, self.db, data[i : i + IMPORT_ROWS_PER_INSERT], f"{token}:{i}")
+
+
+def _span_params(start: datetime, end: datetime) -> dict[str, Any]:
+    return {"s": _naive_utc(start), "e": _naive_utc(end)}

@@ -179,8 +179,9 @@ def _check_coverage(
 ) -> None:
     """Every second of every GPU's month in a GPU window, adding up, and what they say was held is
     exactly the usage billed (``pipeline coverage``)."""
-    rows = clickhouse.coverage(client, db, start, end)
-    text, problems = coverage_table(rows, clickhouse.uncovered(client, db, start, end))
+    store = UsageStore(client, db)
+    rows = store.coverage(start, end)
+    text, problems = coverage_table(rows, store.uncovered(start, end))
     capacity, held = sum(int(r[5]) for r in rows), sum(int(r[6]) + int(r[7]) for r in rows)
     expected = gpus * (int(end.timestamp()) - int(start.timestamp()))  # real seconds, a DST change too
     if problems or capacity != expected or held != sold:

@@ -18,6 +18,7 @@ from gpumeter.record import GPU_WINDOW_PARTS, encode_batch
 from pipeline import clickhouse
 from pipeline.coverage import coverage_table
 from pipeline.requeue import pending
+from pipeline.usage_store import UsageStore
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +44,9 @@ def fleet(seed: int) -> SimulatedFleet:
 
 def report(ch: tuple[Any, str]) -> tuple[list[tuple[Any, ...]], str, int]:
     client, db = ch
-    rows = clickhouse.coverage(client, db, *DAY)
-    return rows, *coverage_table(rows, clickhouse.uncovered(client, db, *DAY))
+    store = UsageStore(client, db)
+    rows = store.coverage(*DAY)
+    return rows, *coverage_table(rows, store.uncovered(*DAY))
 
 
 def test_every_second_of_every_gpu_is_accounted_and_ties_to_the_usage_windows(
