@@ -9,7 +9,14 @@ from typing import Any
 from kafka import KafkaProducer
 
 from gpumeter.errors import GpumeterError
-from gpumeter.record import MAX_WINDOWS_PER_BATCH, GpuWindow, UsageWindow, encode_batch, signature_headers
+from gpumeter.record import (
+    MAX_WINDOWS_PER_BATCH,
+    GpuWindow,
+    UsageWindow,
+    encode_batch,
+    signature_headers,
+    split_for_messages,
+)
 
 MAX_WINDOWS_PER_MESSAGE = MAX_WINDOWS_PER_BATCH
 
@@ -49,9 +56,7 @@ class KafkaSink:
         gpu_windows: Sequence[GpuWindow] = (),
     ) -> None:
         """Queue windows and GPU windows, in messages of at most MAX_WINDOWS_PER_MESSAGE records."""
-        half = MAX_WINDOWS_PER_MESSAGE // 2  # of each kind, so a message holds at most the limit in all
-        for i in range(0, max(len(windows), len(gpu_windows)), half):
-            chunk, gpu_chunk = windows[i : i + half], gpu_windows[i : i + half]
+        for chunk, gpu_chunk in split_for_messages(windows, gpu_windows, MAX_WINDOWS_PER_MESSAGE):
             value = encode_batch(host_id, agent_version, chunk, gpu_windows=gpu_chunk)
             headers = signature_headers(value, *self.signing_key) if self.signing_key else []
             fut = self._producer.send(self.topic, key=host_id.encode(), value=value, headers=headers)

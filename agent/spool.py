@@ -42,7 +42,14 @@ from typing import Any
 
 from agent.windows import HostIdentity, WindowAccumulator
 from gpumeter.errors import GpumeterError
-from gpumeter.record import MAX_WINDOWS_PER_BATCH, GpuWindow, UsageWindow, encode_batch, signature_headers
+from gpumeter.record import (
+    MAX_WINDOWS_PER_BATCH,
+    GpuWindow,
+    UsageWindow,
+    encode_batch,
+    signature_headers,
+    split_for_messages,
+)
 
 log = logging.getLogger("gpumeter.agent.spool")
 
@@ -200,12 +207,8 @@ class Spool:
         if not windows and not gpu_windows:
             return
         if len(windows) + len(gpu_windows) > MAX_WINDOWS_PER_BATCH:
-            records = [*((w, False) for w in windows), *((g, True) for g in gpu_windows)]
-            records.sort(key=lambda r: int(r[0]["seq"]))  # each message a run of seqs, oldest first
-            for i in range(0, len(records), MAX_WINDOWS_PER_BATCH):
-                chunk = records[i : i + MAX_WINDOWS_PER_BATCH]
-                self.send(host_id, agent_version, [w for w, g in chunk if not g],  # type: ignore[misc]
-                          [w for w, g in chunk if g])  # type: ignore[misc]  # fmt: skip
+            for chunk, gpu_chunk in split_for_messages(windows, gpu_windows):
+                self.send(host_id, agent_version, chunk, gpu_chunk)
             return
         seqs = [int(w["seq"]) for w in (*windows, *gpu_windows)]
         first, last = min(seqs), max(seqs)

@@ -200,6 +200,24 @@ def encode_batch(
     return buf.getvalue()
 
 
+def split_for_messages(
+    windows: Sequence[UsageWindow], gpu_windows: Sequence[GpuWindow], limit: int = MAX_WINDOWS_PER_BATCH
+) -> list[tuple[list[UsageWindow], list[GpuWindow]]]:
+    """Windows and GPU windows in messages of at most ``limit`` records in all, each message a run
+    of seqs, oldest first (so each array stays inside the contract's limit)."""
+    if not windows and not gpu_windows:
+        return []
+    if len(windows) + len(gpu_windows) <= limit:
+        return [(list(windows), list(gpu_windows))]
+    records: list[tuple[int, UsageWindow | None, GpuWindow | None]] = [
+        *((int(w["seq"]), w, None) for w in windows),
+        *((int(g["seq"]), None, g) for g in gpu_windows),
+    ]
+    records.sort(key=lambda r: r[0])
+    chunks = [records[i : i + limit] for i in range(0, len(records), limit)]
+    return [([w for _, w, _ in c if w is not None], [g for _, _, g in c if g is not None]) for c in chunks]
+
+
 def decode_batch(value: bytes) -> UsageBatch:
     """Decode one message value to the current reader schema; RecordError if it is not one."""
     if len(value) < 10 or value[:2] != SOE_MAGIC:

@@ -132,3 +132,15 @@ def test_signature_verifies_and_detects_tampering() -> None:
         verify(value, signature_headers(value, "k9", b"x"), keys)
     with pytest.raises(RecordError, match="unsigned"):
         verify(value, [], keys)
+
+
+def test_windows_and_gpu_windows_split_into_runs_of_seqs_inside_the_limit() -> None:
+    from gpumeter.record import split_for_messages
+
+    windows = [window(seq=s) for s in range(0, 1200, 2)]
+    gpu = [gpu_window(seq=s) for s in range(1, 1200, 2)]
+    chunks = split_for_messages(windows, gpu)  # type: ignore[arg-type]
+    assert [len(w) + len(g) for w, g in chunks] == [500, 500, 200]
+    seqs = [[int(r["seq"]) for r in (*w, *g)] for w, g in chunks]
+    assert [sorted(s) for s in seqs] == [list(range(0, 500)), list(range(500, 1000)), list(range(1000, 1200))]
+    assert split_for_messages([], []) == [] and split_for_messages(windows[:3], []) == [(windows[:3], [])]  # type: ignore[arg-type]
