@@ -79,6 +79,7 @@ class NvmlDevice:
     use_samples: bool = True  # False once nvmlDeviceGetSamples proved unsupported
     memory_v2: bool = True  # False once nvmlDeviceGetMemoryInfo_v2 proved absent
     was_lost: bool = False  # found again by a rediscovery after it failed, not yet read since
+    several_processes: bool = False  # more than one compute process at the last read
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,9 @@ class Reading:
     energy_mj_total: int | Unavailable
     processes: tuple[GpuProcess, ...] | Unavailable
     failed: str | None = None
+    # per process, its SM utilisation (%) over the same interval as ``util_percent``; read only when
+    # several processes ran at either end of it (``None``: not read), a process absent used none
+    process_util: dict[int, int] | Unavailable | None = None
 
 
 @dataclass
@@ -235,10 +239,14 @@ class Nvml:
         )
 
     def _keep(self, dev: NvmlDevice) -> None:
-        """A rediscovered device is tried again; it is back once a read succeeds (``read``)."""
+        """A rediscovered device is tried again; it is back once a read succeeds (``read``). What its
+        earlier reads learnt carries over: the last sample seen (so the next interval starts where the
+        last ended), the functions it lacks, whether several processes ran at the last read."""
         old = self.devices.get(dev.uuid)
         if old is not None:
             dev.was_lost = old.was_lost or old.failed is not None
+            dev.last_sample_us, dev.use_samples, dev.memory_v2 = old.last_sample_us, old.use_samples, old.memory_v2
+            dev.several_processes = old.several_processes
         self.devices[dev.uuid] = dev
 
     # --- readings -----------------------------------------------------------
@@ -278,19 +286,33 @@ class Nvml:
         mem = self._memory(dev.handle, dev)
         power = self.query("nvmlDeviceGetPowerUsage", dev.handle)
         energy = self.query("nvmlDeviceGetTotalEnergyConsumption", dev.handle)
+        since = dev.last_sample_us if dev.last_sample_us is not None else now_us - interval_us
+        several = not isinstance(procs, Unavailable) and len(procs) > 1
+        shared_interval, dev.several_processes = several or dev.several_processes, several
         return Reading(
             uuid=dev.uuid,
-            util_percent=self._utilisation(dev, now_us, interval_us),
+            util_percent=self._utilisation(dev, since),
             memory_used_bytes=mem if isinstance(mem, Unavailable) else int(mem.used),
             power_mw=power if isinstance(power, Unavailable) else int(power),
             energy_mj_total=energy if isinstance(energy, Unavailable) else int(energy),
             processes=procs,
+            process_util=self._process_utilisation(dev, since) if shared_interval else None,
         )
 
-    def _utilisation(self, dev: NvmlDevice, now_us: int, interval_us: int) -> float | Unavailable:
+    def _process_utilisation(self, dev: NvmlDevice, since: int) -> dict[int, int] | Unavailable:
+        """Per process, the mean SM utilisation of the driver's samples after ``since`` (the same
+        interval as the GPU's ``_utilisation``); the driver lists only processes that used the GPU,
+        and "not found" when none did. A MIG instance has no per-process figures (not supported)."""
+        if dev.parent_uuid is not None:
+            return Unavailable("not supported on a MIG instance")
+        got = self.query("nvmlDeviceGetProcessUtilization", dev.handle, since)
+        if isinstance(got, Unavailable):
+            return {} if got.reason == "not found" else got
+        return {int(s.pid): int(s.smUtil) for s in got if int(s.timeStamp) > since and int(s.pid) > 0}
+
+    def _utilisation(self, dev: NvmlDevice, since: int) -> float | Unavailable:
         """Mean of the driver's samples since the last one seen (gap-free); else the current rate."""
         if dev.use_samples:
-            since = dev.last_sample_us if dev.last_sample_us is not None else now_us - interval_us
             got = self.query("nvmlDeviceGetSamples", dev.handle, self.lib.NVML_GPU_UTILIZATION_SAMPLES, since)
             if not isinstance(got, Unavailable):
                 value_type, samples = got

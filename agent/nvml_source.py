@@ -6,22 +6,25 @@ chain (unresolved -> ``unattributed``); no process -> idle. If several firms sha
 one GPU at one instant, the one using the most GPU memory holds it for that
 sample (ties: lowest firm id) and ``shared_samples`` counts it, so a GPU-second
 is never billed twice. The driver's utilisation is the GPU's, all firms' use
-together: for an interval shared at either end, it is not the holder's, so that
-interval's utilisation is unknown (``None``), never another firm's use credited
-to the holder. A device that cannot be read (GPU lost, NVML down,
+together: for an interval shared at either end it is not the holder's. There the
+holder's utilisation is its own processes' use, from the driver's per-process
+figures over the same interval (``nvmlDeviceGetProcessUtilization``), when the
+holder ran the same processes at both ends of the interval (a process that came
+or went inside it would be averaged over a span we cannot tell); otherwise, or
+where the driver has no per-process figures (MIG, older GPUs), it is unknown
+(``None``): never another firm's use credited to the holder. A device that cannot be read (GPU lost, NVML down,
 processes unavailable) gives a *missed* sample: nobody is billed for it.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import time
 from collections.abc import Callable, Mapping
 
 from agent.devices import DeviceInfo, Observation
-from agent.nvml import GpuLost, GpuProcess, Nvml, NvmlDevice, NvmlDown, Unavailable
+from agent.nvml import GpuLost, GpuProcess, Nvml, NvmlDevice, NvmlDown, Reading, Unavailable
 
 log = logging.getLogger("gpumeter.agent.nvml")
 
@@ -86,6 +89,7 @@ class NvmlSource:
         self.samples_missed = 0
         self.shared_samples = 0
         self._shared: set[str] = set()  # GPUs several firms shared at the previous sample
+        self._held: dict[str, tuple[str, frozenset[int]]] = {}  # GPU -> (holder, its pids) at the previous sample
         self.nvml.ensure()
         self._refresh_infos()
 
@@ -113,16 +117,20 @@ class NvmlSource:
             r = seen.get(uuid)
             began_shared = uuid in self._shared  # the interval this reading measures
             self._shared.discard(uuid)
+            held = self._held.pop(uuid, None)  # the interval's holder and its processes
             if r is None or r.failed or isinstance(r.processes, Unavailable):
                 self.samples_missed += 1
                 out.append(Observation(uuid, None, None, None, missed=True))
                 continue
-            firm, shared = holder(r.processes, functools.partial(_firm_of, self.resolve, uuid))
+            firms = {p.pid: self.resolve(p.pid, uuid) for p in r.processes}
+            firm, shared = holder(r.processes, firms.__getitem__)
             self.shared_samples += shared
             if shared:
                 self._shared.add(uuid)
+            if firm is not None:
+                self._held[uuid] = (firm, frozenset(pid for pid, f in firms.items() if f == firm))
             # shared at either end of the interval: another firm's process may have run in it
-            util = None if began_shared or shared else _num(r.util_percent)
+            util = _own_use(r, held, firms) if began_shared or shared else _num(r.util_percent)
             out.append(Observation(uuid, firm, util, self._energy(uuid, r.energy_mj_total)))
         return out
 
@@ -158,8 +166,21 @@ class NvmlSource:
         return self.gpu_classes.get(dev.uuid) or gpu_class_for(dev.name, dev.memory_total_bytes, self.gpu_classes)
 
 
-def _firm_of(resolve: Callable[[int, str], str], gpu_uuid: str, pid: int) -> str:
-    return resolve(pid, gpu_uuid)
+def _own_use(r: Reading, held: tuple[str, frozenset[int]] | None, firms: Mapping[int, str]) -> float | None:
+    """The utilisation of an interval several firms shared, that its holder's own processes made:
+    the sum of their per-process figures, at most the GPU's; ``None`` when the driver has no such
+    figures, the holder's processes changed inside the interval, or the figures contradict the
+    GPU's (it was busy, no process used it)."""
+    if held is None or not isinstance(r.process_util, dict):
+        return None
+    firm, pids = held
+    if frozenset(pid for pid, f in firms.items() if f == firm) != pids:
+        return None
+    gpu = _num(r.util_percent)
+    if gpu is not None and gpu > 0 and not r.process_util:
+        return None
+    own = float(min(100, sum(r.process_util.get(pid, 0) for pid in pids)))
+    return own if gpu is None else min(own, gpu)
 
 
 def _num(value: float | Unavailable) -> float | None:

@@ -8,10 +8,15 @@
  *
  * Scenario mode (a test's ground truth): once the caller sets the driver's clock
  * with fakeNvmlSetTime(us), GPU 0 runs the jobs given by fakeNvmlAddJob(start_us,
- * end_us, pid, util): its process list at time t is the job with start <= t < end
- * (none: idle), and nvmlDeviceGetSamples returns the driver's utilisation samples,
- * six a second at k * 1e6 / 6 us, each the utilisation of the period before it,
- * [ts(k-1), ts(k)), from a buffer of the last 20 s, as a real driver keeps;
+ * end_us, pid, util) (3 GiB each, fakeNvmlSetJobMemory(job, bytes) to change it):
+ * its process list at time t is every job with start <= t < end (none: idle), and
+ * nvmlDeviceGetSamples returns the driver's utilisation samples, six a second at
+ * k * 1e6 / 6 us, each the utilisation of the period before it, [ts(k-1), ts(k)):
+ * the running jobs' sum, at most 100, from a buffer of the last 20 s, as a real
+ * driver keeps; nvmlDeviceGetProcessUtilization returns, per process that used the
+ * GPU in the samples after lastSeenTimeStamp, its mean over those samples ("read
+ * utilization since the previous query", NVML's documentation) and the latest
+ * sample's timestamp; "not found" when no process used it;
  * fakeNvmlSetLost(1) makes GPU 0 "lost" until fakeNvmlSetLost(0); fakeNvmlResetEnergy()
  * sets GPU 0's energy counter back to zero, as a driver reload does.
  * Build: gcc -shared -fPIC -o libnvidia-ml.so.1 fake_nvml.c
@@ -37,16 +42,18 @@ typedef struct { unsigned int gpu, memory; } nvmlUtilization_t;
 typedef union { double d; unsigned int ui; unsigned long ul; unsigned long long ull; long long sll; int si; unsigned short us; } nvmlValue_t;
 typedef struct { unsigned long long timeStamp; nvmlValue_t sampleValue; } nvmlSample_t;
 typedef struct { unsigned int pid; unsigned long long usedGpuMemory; unsigned int gpuInstanceId, computeInstanceId; } nvmlProcessInfo_t;
+typedef struct { unsigned int pid; unsigned long long timeStamp; unsigned int smUtil, memUtil, encUtil, decUtil; } nvmlProcessUtilizationSample_t;
 
 _Static_assert(sizeof(nvmlProcessInfo_t) == 24, "nvmlProcessInfo_t must be 24 bytes");
 _Static_assert(sizeof(nvmlSample_t) == 16, "nvmlSample_t must be 16 bytes");
+_Static_assert(sizeof(nvmlProcessUtilizationSample_t) == 32, "nvmlProcessUtilizationSample_t must be 32 bytes");
 
 #define CHECK_INIT if (!initialised) return UNINIT
 #define CHECK_DEV(d) if ((d) != &devices[0] && (d) != &devices[1]) return INVALID
 
 static int scenario = 0;
 static unsigned long long virtual_us = 0;
-struct job { unsigned long long start_us, end_us; unsigned int pid, util; };
+struct job { unsigned long long start_us, end_us, memory; unsigned int pid, util; };
 static struct job jobs[64];
 static int njobs = 0;
 
@@ -61,11 +68,18 @@ void fakeNvmlSetTime(unsigned long long us) { scenario = 1; virtual_us = us; }
 int fakeNvmlAddJob(unsigned long long start_us, unsigned long long end_us, unsigned int pid, unsigned int util) {
     if (njobs == 64) return -1;
     jobs[njobs].start_us = start_us; jobs[njobs].end_us = end_us; jobs[njobs].pid = pid; jobs[njobs].util = util;
+    jobs[njobs].memory = 3ULL << 30;
     return njobs++;
 }
-static const struct job *job_at(unsigned long long t) {
-    for (int i = 0; i < njobs; i++) if (jobs[i].start_us <= t && t < jobs[i].end_us) return &jobs[i];
-    return NULL;
+int fakeNvmlSetJobMemory(int job, unsigned long long bytes) {
+    if (job < 0 || job >= njobs) return -1;
+    jobs[job].memory = bytes; return 0;
+}
+static int running(const struct job *j, unsigned long long t) { return j->start_us <= t && t < j->end_us; }
+static unsigned int util_at(unsigned long long t) {  /* the GPU's: every running job's, at most 100 */
+    unsigned int u = 0;
+    for (int i = 0; i < njobs; i++) if (running(&jobs[i], t)) u += jobs[i].util;
+    return u > 100 ? 100 : u;
 }
 static unsigned long long sample_ts(unsigned long long k) { return k * 1000000ULL / 6; }
 static int gpu0_lost = 0;
@@ -125,8 +139,7 @@ nvmlReturn_t nvmlDeviceGetSamples(nvmlDevice_t d, int type, unsigned long long l
             unsigned long long ts = sample_ts(k);
             if (ts <= from || k == 0) continue;
             if (samples != NULL && n < cap) {
-                const struct job *j = job_at(sample_ts(k - 1));
-                samples[n].timeStamp = ts; samples[n].sampleValue.ull = 0; samples[n].sampleValue.ui = j ? j->util : 0;
+                samples[n].timeStamp = ts; samples[n].sampleValue.ull = 0; samples[n].sampleValue.ui = util_at(sample_ts(k - 1));
             }
             n++;
         }
@@ -153,16 +166,45 @@ nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned in
     if (d->index == 1) return LOST;
     if (scenario) {
         if (gpu0_lost) return LOST;
-        const struct job *j = job_at(now_us());
-        if (j == NULL) { *count = 0; return OK; }
-        if (p == NULL || *count < 1) { *count = 1; return INSUFFICIENT; }
-        p[0].pid = j->pid; p[0].usedGpuMemory = 3ULL << 30;
-        p[0].gpuInstanceId = 0xFFFFFFFFu; p[0].computeInstanceId = 0xFFFFFFFFu;
-        *count = 1; return OK;
+        unsigned int n = 0, t = 0;
+        for (int i = 0; i < njobs; i++) n += running(&jobs[i], now_us());
+        if (n > 0 && (p == NULL || *count < n)) { *count = n; return INSUFFICIENT; }
+        for (int i = 0; i < njobs; i++) if (running(&jobs[i], now_us())) {
+            p[t].pid = jobs[i].pid; p[t].usedGpuMemory = jobs[i].memory;
+            p[t].gpuInstanceId = 0xFFFFFFFFu; p[t].computeInstanceId = 0xFFFFFFFFu; t++;
+        }
+        *count = n; return OK;
     }
     if (p == NULL || *count < 1) { *count = 1; return INSUFFICIENT; }
     const char *pid = getenv("FAKE_NVML_PID");
     p[0].pid = pid ? (unsigned int)atoi(pid) : (unsigned int)getpid();
     p[0].usedGpuMemory = 3ULL << 30; p[0].gpuInstanceId = 0xFFFFFFFFu; p[0].computeInstanceId = 0xFFFFFFFFu;
     *count = 1; return OK;
+}
+nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t d, nvmlProcessUtilizationSample_t *out, unsigned int *count,
+                                             unsigned long long last) {
+    CHECK_INIT; CHECK_DEV(d);
+    if (!scenario || d->index == 1) return NOT_SUPPORTED;
+    unsigned long long now = now_us(), oldest = now > 20000000ULL ? now - 20000000ULL : 0;
+    unsigned long long from = last > oldest ? last : oldest, first = from * 6 / 1000000ULL + 1, latest = 0;
+    unsigned int nsamples = 0, n = 0, cap = out == NULL ? 0 : *count;
+    unsigned int pids[64], sums[64];
+    for (unsigned long long k = first; sample_ts(k) <= now; k++) {
+        if (sample_ts(k) <= from) continue;
+        nsamples++; latest = sample_ts(k);
+        for (int i = 0; i < njobs; i++) {
+            if (!running(&jobs[i], sample_ts(k - 1)) || jobs[i].util == 0) continue;
+            unsigned int at = 0;
+            while (at < n && pids[at] != jobs[i].pid) at++;
+            if (at == n) { pids[n] = jobs[i].pid; sums[n] = 0; n++; }
+            sums[at] += jobs[i].util;
+        }
+    }
+    if (n == 0) return NOT_FOUND;
+    if (out == NULL || cap < n) { *count = n; return INSUFFICIENT; }
+    for (unsigned int i = 0; i < n; i++) {
+        out[i].pid = pids[i]; out[i].timeStamp = latest; out[i].smUtil = sums[i] / nsamples;
+        out[i].memUtil = out[i].encUtil = out[i].decUtil = 0;
+    }
+    *count = n; return OK;
 }

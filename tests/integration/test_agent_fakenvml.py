@@ -103,20 +103,31 @@ def test_agent_check_lists_the_gpus_through_nvml(fake_lib: Path, tmp_path: Path)
     assert proc.returncode == 1
 
 
-SCENARIO = """
+# the stand-in driver's scenario controls, for the child scripts below
+DRIVER = """
 import ctypes, json, sys
+lib = ctypes.CDLL("libnvidia-ml.so.1")  # the library pynvml loads: the same handle
+lib.fakeNvmlSetTime.argtypes = [ctypes.c_ulonglong]
+lib.fakeNvmlSetLost.argtypes = [ctypes.c_int]
+lib.fakeNvmlAddJob.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_uint]
+lib.fakeNvmlSetJobMemory.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
+def add_jobs(t0, jobs):  # (start s, end s, pid, util %[, memory GiB])
+    lib.fakeNvmlSetTime(t0 * 1_000_000)
+    for start, end, pid, util, *memory in jobs:
+        job = lib.fakeNvmlAddJob(start * 1_000_000, end * 1_000_000, pid, util)
+        if memory:
+            lib.fakeNvmlSetJobMemory(job, memory[0] << 30)
+"""
+
+SCENARIO = (
+    DRIVER
+    + """
 from agent.nvml import Nvml
 from agent.nvml_source import NvmlSource
 from agent.runner import Agent
 from agent.windows import HostIdentity
 jobs, firms, t0, t1, lost = json.loads(sys.argv[1])
-lib = ctypes.CDLL("libnvidia-ml.so.1")  # the library pynvml loads: the same handle
-lib.fakeNvmlSetTime.argtypes = [ctypes.c_ulonglong]
-lib.fakeNvmlSetLost.argtypes = [ctypes.c_int]
-lib.fakeNvmlAddJob.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_uint]
-lib.fakeNvmlSetTime(t0 * 1_000_000)
-for start, end, pid, util in jobs:
-    lib.fakeNvmlAddJob(start * 1_000_000, end * 1_000_000, pid, util)
+add_jobs(t0, jobs)
 class Sink:
     windows = []
     gpu_windows = []
@@ -133,6 +144,7 @@ parts = ("allocated_seconds", "unattributed_seconds", "idle_seconds", "unread_se
 gpu = [[g["gpu_uuid"][-1], g["window_start"] // 1000 - t0, *(g[k] for k in parts)] for g in Sink.gpu_windows]
 print(json.dumps([[w for w in Sink.windows if w["gpu_uuid"].endswith("0")], gpu]))
 """
+)
 
 
 def gpu_windows_truth(t0: int, t1: int, held: Callable[[int], bool], lost: tuple[int, int]) -> list[list[Any]]:
@@ -178,6 +190,24 @@ def test_busy_seconds_through_the_real_pynvml_path_are_exact_at_a_handover(fake_
     assert got == truth
 
 
+def test_on_a_gpu_two_firms_share_the_holder_is_credited_its_own_use(fake_lib: Path) -> None:
+    """F1's job (8 GiB) runs [0, 30) at 60 % on GPU 0; F2's (2 GiB) shares the GPU [12, 18) at 30 %,
+    so the GPU is 90 % busy then. F1 holds every second (more memory); F2 holds none, and its use is
+    not F1's: through the driver's per-process figures, F1's busy seconds are its own 60 % in every
+    window - where before the shared window's were unknown - and every second is F1's allocation."""
+    t0 = 1_772_323_200
+    jobs = [(t0, t0 + 30, 101, 60, 8), (t0 + 12, t0 + 18, 102, 30, 2)]
+    args = json.dumps([jobs, {"101": "F1", "102": "F2"}, t0, t0 + 31, [0, 0]])
+    proc = subprocess.run([sys.executable, "-c", SCENARIO, args], env=child_env(fake_lib), capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    windows, gpu_windows = json.loads(proc.stdout)
+    got = [(w["window_start"] // 1000 - t0, w["firm_id"], w["allocated_seconds"], w["busy_seconds"])
+           for w in windows]  # fmt: skip
+    assert got == [(0, "F1", 10, 6.0), (10, "F1", 10, 6.0), (20, "F1", 10, 6.0)]
+    assert [r for r in gpu_windows if r[0] == "0"] == [["0", w, 10, 0, 0, 0, 0] for w in (0, 10, 20)]
+
+
 def test_a_gpu_lost_while_sampling_bills_nothing_for_the_lost_seconds_and_says_so(fake_lib: Path) -> None:
     """F1's job runs [0, 30) at 80 %; GPU 0 is lost for [5, 15). The lost seconds are missed samples,
     billed to nobody; the interval before the loss was never read, so that window's busy is null;
@@ -201,8 +231,9 @@ def test_a_gpu_lost_while_sampling_bills_nothing_for_the_lost_seconds_and_says_s
     assert sorted(gpu_windows, key=lambda r: (r[1], r[0])) == truth
 
 
-RESTARTS = """
-import ctypes, json, sys
+RESTARTS = (
+    DRIVER
+    + """
 from pathlib import Path
 from agent.nvml import Nvml
 from agent.nvml_source import NvmlSource
@@ -211,13 +242,7 @@ from agent.spool import Spool
 from agent.windows import HostIdentity
 from gpumeter.record import decode_batch
 jobs, firms, t0, runs, lost, reset, spool_dir = json.loads(sys.argv[1])
-lib = ctypes.CDLL("libnvidia-ml.so.1")
-lib.fakeNvmlSetTime.argtypes = [ctypes.c_ulonglong]
-lib.fakeNvmlSetLost.argtypes = [ctypes.c_int]
-lib.fakeNvmlAddJob.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_uint]
-lib.fakeNvmlSetTime(t0 * 1_000_000)
-for start, end, pid, util in jobs:
-    lib.fakeNvmlAddJob(start * 1_000_000, end * 1_000_000, pid, util)
+add_jobs(t0, jobs)
 spool = Spool(Path(spool_dir))
 for a, b in runs:  # each run a new agent on the same spool: stopped (open windows saved), then started again
     lib.fakeNvmlSetTime(a * 1_000_000)
@@ -240,6 +265,7 @@ for e in spool.pending(10_000):
     gpu += [[g["gpu_uuid"][-1], g["window_start"] // 1000 - t0, *(g[k] for k in parts)] for g in batch["gpu_windows"]]
 print(json.dumps([sorted(windows), sorted(gpu, key=lambda r: (r[1], r[0]))]))
 """
+)
 
 
 def run_restarts(fake_lib: Path, tmp_path: Path, *args: Any) -> tuple[list[list[Any]], list[list[Any]]]:

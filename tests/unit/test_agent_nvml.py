@@ -34,6 +34,7 @@ class FakeGpu:
     procs: list[tuple[int, int | None, int]] = field(default_factory=list)  # (pid, bytes, gpu instance)
     mig: list[FakeGpu] | None = None
     gi: int | None = None
+    proc_util: dict[int, int] | None = None  # per pid SM % over the interval; None: no per-process figures
 
 
 class FakePynvml:
@@ -132,6 +133,15 @@ class FakePynvml:
         if not fresh:
             raise pynvml.NVMLError(NOT_FOUND)  # what the driver says when nothing is new
         return 1, [SimpleNamespace(timeStamp=t, sampleValue=SimpleNamespace(uiVal=v)) for t, v in fresh]
+
+    def nvmlDeviceGetProcessUtilization(self, h: FakeGpu, since_us: int) -> list[Any]:
+        self._check("nvmlDeviceGetProcessUtilization", h)
+        if h.proc_util is None:
+            raise pynvml.NVMLError(NOT_SUPPORTED)
+        used = {pid: u for pid, u in h.proc_util.items() if u > 0}  # the driver lists only processes that ran
+        if not used:
+            raise pynvml.NVMLError(NOT_FOUND)
+        return [SimpleNamespace(pid=pid, timeStamp=since_us + 1, smUtil=u) for pid, u in used.items()]
 
     def nvmlDeviceGetComputeRunningProcesses(self, h: FakeGpu) -> list[Any]:
         self._check("nvmlDeviceGetComputeRunningProcesses", h)
@@ -358,6 +368,43 @@ def test_the_utilisation_of_an_interval_several_firms_shared_is_never_the_holder
     busy = {w["window_start"] // 1000: w["busy_seconds"] for w in sink.windows}
     # window 10 measured through (10 x 0.9); window 20, closed by the sample at 30, holds the shared interval
     assert busy == {10: 9.0, 20: None}
+
+
+def test_a_shared_interval_is_credited_the_holders_own_use_from_per_process_figures() -> None:
+    """F1 (more memory) holds GPU-a and F2's process shares it from 11 to 14; the GPU is 90 % busy,
+    F1's processes 101 and 103 used 40 % and 25 % of it. Where F1's processes are the same at both
+    ends of an interval, F1 is credited its own 65 %, not the GPU's 90 %; where one of F1's processes
+    came or went inside the interval, the per-process figures cover a span we cannot tell: unknown.
+    A process of another firm coming and going does not matter. Read only while several processes run."""
+    gpu = FakeGpu("GPU-a", util=90)
+    lib, _, src, _ = make([gpu])
+    f1 = [(101, 2**30, NO_GI), (103, 2**30, NO_GI)]
+    utils = []
+    for t in range(10, 18):
+        gpu.procs = [*f1, (102, 1, NO_GI)] if 11 <= t < 14 else f1 if t != 16 else f1[:1]
+        gpu.proc_util = {101: 40, 103: 25, 102: 30} if 11 <= t <= 14 else {101: 40, 103: 25}
+        utils.append(src.observe(t)[0].util_percent)  # at t: the interval [t - 1, t)
+    # shared at either end: [10, 11) .. [13, 14), F1's own 65; alone at both ends: the GPU's 90, even
+    # where F1's 103 went away ([15, 16), [16, 17)): no other firm ran, all of it was F1's
+    assert utils == [90.0, 65.0, 65.0, 65.0, 65.0, 90.0, 90.0, 90.0]
+    # per-process figures are read only for intervals with several processes at either end
+    assert lib.calls["nvmlDeviceGetProcessUtilization"] == 8  # f1 has two processes throughout
+
+    gpu = FakeGpu("GPU-b", util=90, proc_util={101: 40, 102: 30})
+    _, _, src, _ = make([gpu])
+    utils = []
+    for t in range(10, 15):
+        # F1's 101 throughout; F1's 103 only at 12: the intervals [11, 12) and [12, 13) change F1's processes
+        gpu.procs = [(101, 2**30, NO_GI), (102, 1, NO_GI)] + ([(103, 1, NO_GI)] if t == 12 else [])
+        utils.append(src.observe(t)[0].util_percent)
+    assert utils == [None, 40.0, None, None, 40.0]
+
+    gpu = FakeGpu("GPU-c", util=90, proc_util={})  # busy, yet no process used it: the figures disagree
+    _, _, src, _ = make([gpu])
+    gpu.procs = [(101, 2**30, NO_GI), (102, 1, NO_GI)]
+    assert [src.observe(t)[0].util_percent for t in (10, 11)] == [None, None]
+    gpu.util = 0  # idle, and no process used it: F1's own use is 0
+    assert src.observe(12)[0].util_percent == 0.0
 
 
 def test_mig_instances_are_devices_of_their_own_with_processes_split_by_instance() -> None:
