@@ -27,6 +27,9 @@ class Observation:
     util_percent: float | None  # mean utilisation over the interval since the previous sample (as NVML measures)
     energy_mj_total: int | None  # the device's cumulative energy counter (mJ since driver load)
     missed: bool = False  # the device could not be read at all: nobody is billed for this sample
+    # the firm whose use ``util_percent`` is, as the source saw the interval's start ("" nobody, "*" not
+    # said): the integrator credits it only to that firm, so a sample it refused cannot misdirect it
+    util_for: str = "*"
 
 
 class DeviceSource(Protocol):

@@ -78,6 +78,8 @@ class NvmlDevice:
     last_sample_us: int | None = None  # newest utilisation sample seen (gap-free sampling)
     use_samples: bool = True  # False once nvmlDeviceGetSamples proved unsupported
     memory_v2: bool = True  # False once nvmlDeviceGetMemoryInfo_v2 proved absent
+    process_util: bool = True  # False once nvmlDeviceGetProcessUtilization proved unsupported
+    generation: int = 0  # the NVML session that found it: what it lacks is retried after a re-init
     was_lost: bool = False  # found again by a rediscovery after it failed, not yet read since
     several_processes: bool = False  # more than one compute process at the last read
 
@@ -236,17 +238,20 @@ class Nvml:
             memory_total_bytes=None if isinstance(mem, Unavailable) else int(mem.total),
             parent_uuid=parent_uuid,
             gpu_instance_id=gi,
+            generation=self.generation,
         )
 
     def _keep(self, dev: NvmlDevice) -> None:
         """A rediscovered device is tried again; it is back once a read succeeds (``read``). What its
         earlier reads learnt carries over: the last sample seen (so the next interval starts where the
-        last ended), the functions it lacks, whether several processes ran at the last read."""
+        last ended), whether several processes ran at the last read, and - in the same NVML session
+        only (a re-init may follow a driver upgrade) - the functions it lacks."""
         old = self.devices.get(dev.uuid)
         if old is not None:
             dev.was_lost = old.was_lost or old.failed is not None
-            dev.last_sample_us, dev.use_samples, dev.memory_v2 = old.last_sample_us, old.use_samples, old.memory_v2
-            dev.several_processes = old.several_processes
+            dev.last_sample_us, dev.several_processes = old.last_sample_us, old.several_processes
+            if old.generation == dev.generation:
+                dev.use_samples, dev.memory_v2, dev.process_util = old.use_samples, old.memory_v2, old.process_util
         self.devices[dev.uuid] = dev
 
     # --- readings -----------------------------------------------------------
@@ -286,9 +291,12 @@ class Nvml:
         mem = self._memory(dev.handle, dev)
         power = self.query("nvmlDeviceGetPowerUsage", dev.handle)
         energy = self.query("nvmlDeviceGetTotalEnergyConsumption", dev.handle)
-        since = dev.last_sample_us if dev.last_sample_us is not None else now_us - interval_us
+        # the interval this reading measures: from the last driver sample seen, when that is the previous
+        # reading's (never one older than a gap, nor one ahead of the clock), else the last interval
+        last = dev.last_sample_us if dev.use_samples else None
+        since = last if last is not None and now_us - 2 * interval_us <= last <= now_us else now_us - interval_us
         several = not isinstance(procs, Unavailable) and len(procs) > 1
-        shared_interval, dev.several_processes = several or dev.several_processes, several
+        shared_interval, dev.several_processes = (several or dev.several_processes) and dev.process_util, several
         return Reading(
             uuid=dev.uuid,
             util_percent=self._utilisation(dev, since),
@@ -307,8 +315,17 @@ class Nvml:
             return Unavailable("not supported on a MIG instance")
         got = self.query("nvmlDeviceGetProcessUtilization", dev.handle, since)
         if isinstance(got, Unavailable):
+            if got.reason == "not supported" or got.reason.startswith("function not found"):
+                dev.process_util = False  # not on this device: not asked again (until a re-init)
             return {} if got.reason == "not found" else got
-        return {int(s.pid): int(s.smUtil) for s in got if int(s.timeStamp) > since and int(s.pid) > 0}
+        newest: dict[int, tuple[int, int]] = {}  # pid -> (timestamp, SM %): a pid listed twice, its newest
+        for entry in got:
+            pid, stamp, util = int(entry.pid), int(entry.timeStamp), int(entry.smUtil)
+            if util > 100:  # a driver returning garbage (seen in the field): none of it is evidence
+                return Unavailable(f"per-process utilisation {util} % is not a percentage")
+            if pid > 0 and stamp > since and stamp >= newest.get(pid, (0, 0))[0]:
+                newest[pid] = (stamp, util)
+        return {pid: util for pid, (_, util) in newest.items()}
 
     def _utilisation(self, dev: NvmlDevice, since: int) -> float | Unavailable:
         """Mean of the driver's samples since the last one seen (gap-free); else the current rate."""
@@ -321,8 +338,9 @@ class Nvml:
                     dev.last_sample_us = max(s.timeStamp for s in fresh)
                     attr = VALUE_FIELDS[value_type] if 0 <= value_type < len(VALUE_FIELDS) else "uiVal"
                     return sum(float(getattr(s.sampleValue, attr)) for s in fresh) / len(fresh)
-            elif got.reason != "not found":
-                dev.use_samples = False  # not supported here: use the rate from now on
+            elif got.reason == "not supported" or got.reason.startswith("function not found"):
+                dev.use_samples = False  # not on this device: the rate from now on (until a re-init)
+                dev.last_sample_us = None
         rates = self.query("nvmlDeviceGetUtilizationRates", dev.handle)
         return rates if isinstance(rates, Unavailable) else float(rates.gpu)
 

@@ -131,7 +131,10 @@ class NvmlSource:
                 self._held[uuid] = (firm, frozenset(pid for pid, f in firms.items() if f == firm))
             # shared at either end of the interval: another firm's process may have run in it
             util = _own_use(r, held, firms) if began_shared or shared else _num(r.util_percent)
-            out.append(Observation(uuid, firm, util, self._energy(uuid, r.energy_mj_total)))
+            # for whom: the holder this source saw at the interval's start ("" none: after a restart, the
+            # integrator's restored holder is not credited an interval whose start nobody saw)
+            energy = self._energy(uuid, r.energy_mj_total)
+            out.append(Observation(uuid, firm, util, energy, util_for=held[0] if held else ""))
         return out
 
     def _energy(self, uuid: str, value: int | Unavailable) -> int | None:
@@ -169,15 +172,16 @@ class NvmlSource:
 def _own_use(r: Reading, held: tuple[str, frozenset[int]] | None, firms: Mapping[int, str]) -> float | None:
     """The utilisation of an interval several firms shared, that its holder's own processes made:
     the sum of their per-process figures, at most the GPU's; ``None`` when the driver has no such
-    figures, the holder's processes changed inside the interval, or the figures contradict the
-    GPU's (it was busy, no process used it)."""
+    figures, the holder's processes differ between the interval's two ends, or "no process used
+    the GPU" is not confirmed by the GPU's own figure. A holder's process the driver does not list
+    counts 0 (NVML lists only processes that used the GPU in the interval)."""
     if held is None or not isinstance(r.process_util, dict):
         return None
     firm, pids = held
     if frozenset(pid for pid, f in firms.items() if f == firm) != pids:
         return None
     gpu = _num(r.util_percent)
-    if gpu is not None and gpu > 0 and not r.process_util:
+    if not r.process_util and (gpu is None or gpu > 0):  # "none used it": only evidence if the GPU agrees
         return None
     own = float(min(100, sum(r.process_util.get(pid, 0) for pid in pids)))
     return own if gpu is None else min(own, gpu)

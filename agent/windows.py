@@ -129,7 +129,8 @@ class WindowAccumulator:
                     totals.energy_joules = None
                 elif totals.energy_joules is not None:
                     totals.energy_joules += (now_mj - last_mj) / 1000.0
-                if gap or obs.util_percent is None or totals.busy_seconds is None:
+                measured_for_other = obs.util_for not in ("*", st.last_holder)
+                if gap or obs.util_percent is None or totals.busy_seconds is None or measured_for_other:
                     totals.busy_seconds = None  # the interval's use is not known: never a guess
                 else:
                     totals.busy_seconds += obs.util_percent * self.interval_s / 100.0

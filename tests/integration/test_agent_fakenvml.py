@@ -191,12 +191,13 @@ def test_busy_seconds_through_the_real_pynvml_path_are_exact_at_a_handover(fake_
 
 
 def test_on_a_gpu_two_firms_share_the_holder_is_credited_its_own_use(fake_lib: Path) -> None:
-    """F1's job (8 GiB) runs [0, 30) at 60 % on GPU 0; F2's (2 GiB) shares the GPU [12, 18) at 30 %,
-    so the GPU is 90 % busy then. F1 holds every second (more memory); F2 holds none, and its use is
-    not F1's: through the driver's per-process figures, F1's busy seconds are its own 60 % in every
-    window - where before the shared window's were unknown - and every second is F1's allocation."""
+    """F1's process 101 (8 GiB) runs [0, 30), at 60 % until 15 and 20 % after; F2's (2 GiB) shares the
+    GPU [12, 18) at 30 %, so the GPU is 90 % then 50 % busy. F1 holds every second (more memory); F2
+    holds none, and its use is not F1's: through the driver's per-process figures, F1's busy seconds
+    are exactly its own in every window - where before the shared window's were unknown - and every
+    second is F1's allocation."""
     t0 = 1_772_323_200
-    jobs = [(t0, t0 + 30, 101, 60, 8), (t0 + 12, t0 + 18, 102, 30, 2)]
+    jobs = [(t0, t0 + 15, 101, 60, 8), (t0 + 15, t0 + 30, 101, 20, 8), (t0 + 12, t0 + 18, 102, 30, 2)]
     args = json.dumps([jobs, {"101": "F1", "102": "F2"}, t0, t0 + 31, [0, 0]])
     proc = subprocess.run([sys.executable, "-c", SCENARIO, args], env=child_env(fake_lib), capture_output=True,
                           text=True, timeout=60, cwd=ROOT)  # fmt: skip
@@ -204,7 +205,8 @@ def test_on_a_gpu_two_firms_share_the_holder_is_credited_its_own_use(fake_lib: P
     windows, gpu_windows = json.loads(proc.stdout)
     got = [(w["window_start"] // 1000 - t0, w["firm_id"], w["allocated_seconds"], w["busy_seconds"])
            for w in windows]  # fmt: skip
-    assert got == [(0, "F1", 10, 6.0), (10, "F1", 10, 6.0), (20, "F1", 10, 6.0)]
+    # window 10: [10, 15) at 60 %, [15, 20) at 20 %; window 20 at 20 %
+    assert got == [(0, "F1", 10, 6.0), (10, "F1", 10, 4.0), (20, "F1", 10, 2.0)]
     assert [r for r in gpu_windows if r[0] == "0"] == [["0", w, 10, 0, 0, 0, 0] for w in (0, 10, 20)]
 
 

@@ -52,6 +52,7 @@ class FakePynvml:
         self.mismatch: set[str] = set()
         self.initialised = False
         self.calls: Counter[str] = Counter()
+        self.process_since: list[int] = []  # lastSeenTimeStamp of each per-process utilisation call
 
     def _check(self, func: str, gpu: FakeGpu | None = None) -> None:
         self.calls[func] += 1
@@ -136,6 +137,7 @@ class FakePynvml:
 
     def nvmlDeviceGetProcessUtilization(self, h: FakeGpu, since_us: int) -> list[Any]:
         self._check("nvmlDeviceGetProcessUtilization", h)
+        self.process_since.append(since_us)
         if h.proc_util is None:
             raise pynvml.NVMLError(NOT_SUPPORTED)
         used = {pid: u for pid, u in h.proc_util.items() if u > 0}  # the driver lists only processes that ran
@@ -399,12 +401,46 @@ def test_a_shared_interval_is_credited_the_holders_own_use_from_per_process_figu
         utils.append(src.observe(t)[0].util_percent)
     assert utils == [None, 40.0, None, None, 40.0]
 
+    gpu = FakeGpu("GPU-d", util=90, proc_util={101: 70, 103: 60})  # F1's own 130 %: at most the GPU's 90
+    _, _, src, _ = make([gpu])
+    gpu.procs = [(101, 2**30, NO_GI), (102, 1, NO_GI), (103, 2**30, NO_GI)]
+    assert [src.observe(t)[0].util_percent for t in (10, 11)] == [None, 90.0]
+    gpu.proc_util = {101: 170}  # garbage from the driver: none of it is evidence
+    assert src.observe(12)[0].util_percent is None
+
     gpu = FakeGpu("GPU-c", util=90, proc_util={})  # busy, yet no process used it: the figures disagree
     _, _, src, _ = make([gpu])
     gpu.procs = [(101, 2**30, NO_GI), (102, 1, NO_GI)]
     assert [src.observe(t)[0].util_percent for t in (10, 11)] == [None, None]
     gpu.util = 0  # idle, and no process used it: F1's own use is 0
     assert src.observe(12)[0].util_percent == 0.0
+
+
+def test_per_process_figures_cover_the_interval_of_the_gpus_and_are_read_only_when_shared() -> None:
+    """The per-process call asks for the samples after the same driver sample as the GPU's figure;
+    a GetSamples error that is not "not supported" does not freeze that timestamp; with one process
+    at both ends of an interval nothing per process is read; a GPU that has no per-process figures
+    is not asked again."""
+    gpu = FakeGpu("GPU-a", util=50, proc_util={101: 20, 102: 30})
+    lib, _, src, _ = make([gpu])
+    for t in range(10, 20):
+        gpu.samples = [(t * 1_000_000 - 500_000, 50), (t * 1_000_000 - 100_000, 50)]
+        gpu.procs = [(101, 2**30, NO_GI), (102, 1, NO_GI)] if 12 <= t < 15 else [(101, 2**30, NO_GI)]
+        if t == 16:
+            lib.fail[("nvmlDeviceGetSamples", "GPU-a")] = 999  # a one-off error: the rate this time
+        src.observe(t)
+        lib.fail.clear()
+    # read at 12, 13, 14 (several now) and 15 (several at the interval's start); never at 16-19
+    assert lib.process_since == [t * 1_000_000 - 1_100_000 for t in (12, 13, 14, 15)]
+    gpu.procs = [(101, 2**30, NO_GI), (102, 1, NO_GI)]
+    for t in (20, 21):
+        gpu.samples = [(t * 1_000_000 - 500_000, 50), (t * 1_000_000 - 100_000, 50)]
+        src.observe(t)
+    assert lib.process_since[-2:] == [20 * 1_000_000 - 1_100_000, 21 * 1_000_000 - 1_100_000]  # not frozen at 16
+    gpu.proc_util = None  # this GPU has none: not supported, asked once more, then never
+    for t in (22, 23, 24):
+        src.observe(t)
+    assert lib.calls["nvmlDeviceGetProcessUtilization"] == 7
 
 
 def test_mig_instances_are_devices_of_their_own_with_processes_split_by_instance() -> None:

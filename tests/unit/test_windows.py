@@ -172,6 +172,26 @@ def test_busy_is_unknown_when_its_interval_was_not_measured() -> None:
     assert [(w["allocated_seconds"], w["busy_seconds"]) for w in closed] == [(1, None)]
 
 
+def test_utilisation_measured_for_another_firm_is_never_credited() -> None:
+    """The source says whose use its figure is (the holder it saw at the interval's start). Where
+    that is not the integrator's holder - a sample the integrator refused (clock stepped back) in
+    between, or a restart with no gap, whose first interval the new source never saw begin - the
+    interval's use is unknown, never credited to the other firm."""
+    acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 60, 1)
+    acc.add(10, [Observation("GPU-a", "F2", 0.0, None, util_for="")])
+    acc.add(10, [Observation("GPU-a", "F1", 0.0, None, util_for="F2")])  # refused: 10 is counted already
+    acc.add(11, [Observation("GPU-a", "F1", 80.0, None, util_for="F1")])  # the source thinks F1 held [10, 11)
+    acc.add(12, [Observation("GPU-a", "F1", 80.0, None, util_for="F1")])
+    got = {w["firm_id"]: w["busy_seconds"] for w in acc.flush()}
+    assert acc.samples_rejected == 1 and got == {"F2": None, "F1": None}  # F1's [11, 12) read; [12, 13) not
+    acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 60, 1)
+    acc.add(10, [Observation("GPU-a", "F1", 0.0, None)])
+    restarted = WindowAccumulator.restore(HOST, json.loads(json.dumps(acc.snapshot())))
+    restarted.add(11, [Observation("GPU-a", "F1", 90.0, None, util_for="")])  # a new source: start unseen
+    restarted.add(12, [Observation("GPU-a", "F1", 20.0, None, util_for="F1")])
+    assert [w["busy_seconds"] for w in restarted.flush()] == [None]
+
+
 def test_a_checkpoint_keeps_whether_the_last_interval_was_measured() -> None:
     acc = WindowAccumulator(HOST, [DeviceInfo("GPU-a", "H100-80G")], 60, 1)
     acc.add(0, [Observation("GPU-a", "F1", 0.0, None)])
