@@ -25,7 +25,7 @@ from billing.app.reports import provider_statement as provider_month
 from billing.app.settle import settle_month
 from billing.app.statements import write_statements
 from billing.core.ledger import AGING_BUCKETS, Payment
-from billing.core.model import BillingError, month_of, parse_month
+from billing.core.model import BillingError, parse_month
 from billing.core.money import format_money, parse_money
 from gpumeter.cli import settings_from
 from gpumeter.settings import Settings
@@ -125,8 +125,10 @@ def load(
 def settle(ctx: click.Context, month: str) -> None:
     """Settle a month: price usage, net vouchers, issue invoices, close the month.
 
-    Months settle in calendar order. Settling a closed month again changes
-    nothing and shows the stored result. Usage that arrives later for a closed
+    Months settle in calendar order, each once it has ended in the billing time
+    zone, and only once a rate card is loaded (it sets that zone): settling
+    closes the month and every earlier one for good. Settling a closed month
+    again changes nothing and shows the stored result. Usage that arrives later for a closed
     month is billed with the next settlement, on adjustment lines. Any unpriced
     usage stops the settlement with a list of what lacks a price; nothing is written.
 
@@ -135,8 +137,6 @@ def settle(ctx: click.Context, month: str) -> None:
       gpumeter billing settle --month 2026-03
     """
     s = settings_from(ctx)
-    if month >= month_of(datetime.now(UTC).date()):
-        click.echo(f"Warning: {month} has not ended yet; usage after now will be billed as adjustments.", err=True)
     click.echo(f"settling {month}: reading usage from ClickHouse ...", err=True)
 
     def to_stderr(line: str) -> None:
@@ -570,3 +570,5 @@ def statement(
     files = write_statements(_store(s), month, list(firm_ids), fmt, out, _day(as_of, "--as-of"), each)
     for path in files:
         click.echo(str(path))
+    if not files:
+        click.echo(f"{month} is settled and invoiced nobody: no statement to write", err=True)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +114,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        if isinstance(exc, OSError) or any(c.__name__ == "OperationalError" for c in type(exc).__mro__):
+            # the machine or a database said no (a file not readable, a server away, a store locked)
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        # a bug: said plainly; the traceback goes to a file, and to the terminal with -vv
+        fd, crash = tempfile.mkstemp(prefix="gpumeter-crash-", suffix=".txt")
+        with os.fdopen(fd, "w") as out:
+            traceback.print_exc(file=out)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            traceback.print_exc()
+        click.echo(
+            f"Error: unexpected {type(exc).__name__}: {exc}\n"
+            f"This is a bug in gpumeter; please report it with the traceback saved in {crash}",
+            err=True,
+        )
+        sys.exit(70)  # EX_SOFTWARE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,8 +1,10 @@
-"""Files people write, read and validated whole: every bad row reported as ``FILE:LINE: reason``.
+"""Files people write, read and validated whole: every problem reported as ``FILE:LINE: reason``.
 
-A reader collects the problems of every row and raises one ``InputFileError`` listing them;
-a file with one bad row is refused whole, so the caller writes nothing. The field parsers
-raise ``RowError`` with the reason; the CSV reader adds the line.
+A reader collects the problems of every row (``parse_csv_rows``), the caller adds what it
+finds checking the good rows further, and one ``InputFileError`` (``InputFilesError`` for
+several files, ``refuse``) lists them all; a file with one problem is refused whole, so the
+caller writes nothing. The field parsers raise ``RowError`` with the reason; the CSV reader
+adds the line.
 """
 
 from __future__ import annotations
@@ -33,6 +35,25 @@ class InputFileError(GpumeterError):
         if more > 0:
             shown.append(f"... and {more} more problem(s)")
         super().__init__(f"{path} refused, nothing written:\n" + "\n".join(shown))
+
+
+class InputFilesError(GpumeterError):
+    """Problems in several input files at once (each listed as ``InputFileError`` does); nothing was written."""
+
+    code = "bad_input_file"
+
+    def __init__(self, errors: list[InputFileError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+def refuse(problems: dict[Path, list[tuple[int, str]]]) -> None:
+    """Raise one error naming every problem of every file (by line), if there is any."""
+    errors = [InputFileError(path, sorted(found)) for path, found in problems.items() if found]
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise InputFilesError(errors)
 
 
 class RowError(ValueError):
@@ -87,6 +108,8 @@ def csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[s
         raise InputFileError(path, [(0, "is a folder, not a file")]) from None
     except UnicodeDecodeError as exc:
         raise InputFileError(path, [(0, f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+    except OSError as exc:  # not readable (permissions, an I/O error)
+        raise InputFileError(path, [(0, f"cannot be read: {exc.strerror or exc}")]) from None
     reader = csv.reader(text.splitlines())
     try:
         header = [h.strip() for h in next(reader)]

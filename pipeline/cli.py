@@ -10,6 +10,7 @@ import click
 
 from gpumeter.cli import settings_from
 from gpumeter.errors import GpumeterError
+from gpumeter.kafkalog import until_connected
 from gpumeter.metrics import render, serve, write_textfile
 from gpumeter.signals import stop_requested
 from pipeline import clickhouse
@@ -138,10 +139,23 @@ def run(
         click.echo(UNCHECKED, err=True)
     client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
     clickhouse.ensure_schema(client, s.clickhouse_database, cluster=cluster)
-    consumer = make_consumer(s.kafka_bootstrap, s.topic, group_id, rebalance_timeout_s=rebalance_timeout)
-    dlq_topic = dead_letter_topic or f"{s.topic}.dead-letter"
-    dead_letter = DeadLetter(s.kafka_bootstrap, dlq_topic) if dlq_topic != "-" else None
     should_stop = stop_requested()
+    consumer = until_connected(
+        lambda: make_consumer(s.kafka_bootstrap, s.topic, group_id, rebalance_timeout_s=rebalance_timeout),
+        s.kafka_bootstrap,
+        should_stop,
+    )
+    dlq_topic = dead_letter_topic or f"{s.topic}.dead-letter"
+    dead_letter = (
+        until_connected(lambda: DeadLetter(s.kafka_bootstrap, dlq_topic), s.kafka_bootstrap, should_stop)
+        if dlq_topic != "-" and consumer is not None
+        else None
+    )
+    if consumer is None or (dead_letter is None and dlq_topic != "-"):
+        click.echo("stopped before Kafka could be reached; nothing consumed", err=True)
+        if consumer is not None:
+            consumer.close(autocommit=False)
+        return
     loader = Loader(consumer, client, s.clickhouse_database, s.topic, keys=keys, dead_letter=dead_letter)
 
     def body() -> str:

@@ -167,7 +167,7 @@ def topic_message_limit(bootstrap: str, topic: str) -> int:
     level = kafka_log.level
     kafka_log.setLevel(logging.CRITICAL)  # a broker that drops the request makes kafka-python log errors
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, bootstrap_timeout_ms=5000)
         try:
             resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs=["max.message.bytes"])
             limit = message_limit(admin.describe_configs([resource], config_filter="all"), topic)
@@ -192,7 +192,11 @@ class DeadLetter:
         self.topic = topic
         self.max_bytes = max_bytes or topic_message_limit(bootstrap, topic)
         self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=self.max_bytes
+            bootstrap_servers=bootstrap,
+            acks="all",
+            linger_ms=5,
+            max_request_size=self.max_bytes,
+            bootstrap_timeout_ms=5000,
         )
 
     def send_and_wait(self, source_topic: str, partition: int, items: list[tuple[bytes, str, int, str]]) -> None:
@@ -285,6 +289,7 @@ def consumer_config(group_id: str, fast_rebalance: bool = False, rebalance_timeo
         "max_poll_records": 4000,
         "fetch_max_bytes": 64 * 1024 * 1024,
         "max_partition_fetch_bytes": 16 * 1024 * 1024,
+        "bootstrap_timeout_ms": 5_000,  # then ``until_connected`` says so plainly and tries again
     }
     # Kafka's record-batch CRCs are always checked. The crc32c package (a base dependency)
     # makes that cheap; kafka-python's pure-Python fallback checks only ~10 MB/s.

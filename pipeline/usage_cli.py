@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
 from gpumeter.cli import settings_from
 from gpumeter.inputfiles import InputFileError
 from gpumeter.settings import Settings
+from gpumeter.storemeta import peek_meta
 from pipeline import clickhouse
 from pipeline.report import gpu_hours_table
 from pipeline.usage_csv import read_usage
@@ -23,6 +25,11 @@ def _store(s: Settings) -> UsageStore:
     return UsageStore(client, s.clickhouse_database)
 
 
+def _billing_timezone(s: Settings) -> str | None:
+    """The billing store's time zone, if it has one (read only; ``gpumeter.storemeta``)."""
+    return peek_meta(s.billing_db_resolved, "timezone")
+
+
 @click.group()
 def usage() -> None:
     """Inspect and import usage in ClickHouse."""
@@ -31,7 +38,9 @@ def usage() -> None:
 @usage.command("summary")
 @click.option("--from", "first_day", type=click.DateTime(["%Y-%m-%d"]), help="First day (inclusive).")
 @click.option("--to", "last_day", type=click.DateTime(["%Y-%m-%d"]), help="Last day (inclusive).")
-@click.option("--timezone", "tz", default="UTC", show_default=True, help="Billing time zone that defines days.")
+@click.option(
+    "--timezone", "tz", default=None, help="Time zone that defines days. Default: the billing time zone (else UTC)."
+)
 @click.option(
     "--by",
     type=click.Choice(["firm-class", "firm-day-provider-class"]),
@@ -40,14 +49,31 @@ def usage() -> None:
     help="Grouping of the table.",
 )
 @click.pass_context
-def summary(ctx: click.Context, first_day: datetime | None, last_day: datetime | None, tz: str, by: str) -> None:
+def summary(ctx: click.Context, first_day: datetime | None, last_day: datetime | None, tz: str | None, by: str) -> None:
     """GPU-hours from deduplicated usage (each record_id once, its first delivery).
+
+    Days are those of the billing time zone (the rate card's), as on invoices, so
+    the hours match the invoiced hours; without a billing store, UTC.
 
     \b
     Example:
+      gpumeter usage summary --from 2026-03-01 --to 2026-03-31
       gpumeter usage summary --from 2026-03-01 --to 2026-03-31 --timezone Asia/Shanghai
     """
-    rows = _store(settings_from(ctx)).gpu_seconds_by_day(
+    s = settings_from(ctx)
+    if tz is None:
+        billing_tz = _billing_timezone(s)
+        tz = billing_tz or "UTC"
+        click.echo(f"days in {tz}" + (" (the billing time zone)" if billing_tz else " (no billing time zone loaded)"),
+                   err=True)  # fmt: skip
+    else:
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise click.BadParameter(
+                f"{tz!r} is not an IANA time zone such as Asia/Shanghai", param_hint="--timezone"
+            ) from None
+    rows = _store(s).gpu_seconds_by_day(
         tz, first_day.date() if first_day else None, last_day.date() if last_day else None
     )
     click.echo(gpu_hours_table(rows, detailed=(by != "firm-class")))
@@ -69,9 +95,11 @@ def import_csv(ctx: click.Context, csv_file: Path) -> None:
 
     The file is checked whole, by the same rules the Kafka loader applies to every
     window (record id, length, seconds, energy, time); a bad row refuses it
-    (FILE:LINE: reason) and nothing is written. Records are deduplicated by
-    record_id: one already known is not billed again, and a record_id delivered
-    again with different content is reported at settlement and never billed twice.
+    (FILE:LINE: reason) and nothing is written, as do two rows of the file with
+    one record_id and different content (both lines named). Records are
+    deduplicated by record_id: one already known is not billed again, and a
+    record_id delivered again later with different content is reported at
+    settlement and never billed twice.
     Importing the same file again changes nothing.
 
     \b

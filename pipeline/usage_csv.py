@@ -8,6 +8,7 @@ the same rules the Kafka loader applies (``schema.WINDOW_CHECKS``), which
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import datetime
 from pathlib import Path
@@ -41,8 +42,9 @@ def _optional_number(value: str, name: str) -> float | None:
 
 
 def read_usage(path: Path) -> tuple[list[ImportWindow], list[tuple[int, str]]]:
-    """(every well-formed window of ``path``, (line, reason) of every row that is not); a bad header
-    or an unreadable file raises InputFileError."""
+    """(every well-formed window of ``path``, (line, reason) of every row that is not, and of every
+    row whose record_id an earlier row has with different content); a bad header or an unreadable
+    file raises InputFileError. A row repeated exactly counts once."""
 
     def parse(line: int, r: dict[str, str]) -> ImportWindow:
         return ImportWindow(
@@ -60,4 +62,15 @@ def read_usage(path: Path) -> tuple[list[ImportWindow], list[tuple[int, str]]]:
             energy_joules=_optional_number(r["energy_joules"], "energy_joules"),
         )
 
-    return parse_csv_rows(path, USAGE_COLUMNS, parse)
+    windows, problems = parse_csv_rows(path, USAGE_COLUMNS, parse)
+    first: dict[str, ImportWindow] = {}
+    for w in windows:
+        seen = first.setdefault(w.record_id, w)
+        if seen is not w and dataclasses.replace(seen, line=w.line) != w:
+            problems.append(
+                (w.line, f"record_id {w.record_id} is also on line {seen.line} with different content: "
+                         "one window cannot have two accounts; keep the right row")
+            )  # fmt: skip
+    if not windows and not problems:
+        problems.append((1, "no rows: a file that imports nothing is refused"))
+    return windows, problems

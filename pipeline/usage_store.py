@@ -555,6 +555,14 @@ class UsageStore:
         rows = self.totals([("gpu_class", "gpu_class"), ("host_id", "host_id")], where, params, (0, 1))[0]
         return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]
 
+    def knows_provider(self, provider_id: str) -> bool:
+        """Whether ``provider_id`` is in the fleet registry or sent any usage or GPU window, ever."""
+        tables = ("fleet_devices", "usage_raw", "gpu_windows")
+        sql = " UNION ALL ".join(
+            f"SELECT 1 FROM (SELECT 1 FROM {self.db}.{t} WHERE provider_id = {{p:String}} LIMIT 1)" for t in tables
+        )
+        return bool(self.client.query(sql, parameters={"p": provider_id}).result_rows)
+
     def capacity(self, tz: str, month: str, provider_id: str) -> list[CapacityRow]:
         """(host_id, gpu_uuid, gpu_class, capacity, allocated, unattributed, idle, unread, unsampled)
         seconds of a provider's GPU windows (schema v4; first deliveries) dated in ``month``: where the

@@ -152,3 +152,6 @@ class ClickHouseUsage:
 
     def capacity(self, tz: str, month: str, provider_id: str) -> list[CapacityRow]:
         return self.store.capacity(tz, month, provider_id)
+
+    def knows_provider(self, provider_id: str) -> bool:
+        return self.store.knows_provider(provider_id)

@@ -1,8 +1,11 @@
 """Billing's input files (docs/file-formats.md): rate card, programs, vouchers, firms, validated whole.
 
-Each reader returns plain model objects, or raises ``InputFileError`` listing every
-bad row as ``FILE:LINE: reason`` - a file with one bad row is refused whole, so the
-caller writes nothing. Readers never write anything themselves.
+Each reader returns the rows that parsed and, as (line, reason), every problem of the
+file found in one pass: each bad row, each id defined twice differently, a file with no
+rows. A file that cannot be read at all (missing, not UTF-8, not TOML, a wrong CSV
+header) raises ``InputFileError``. The caller checks the good rows against the store,
+reports everything at once (``FILE:LINE: reason``) and, with one problem anywhere,
+writes nothing. Readers never write anything themselves.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from billing.core.model import AutoGrant, BillingError, Firm, Program, Rate, Voucher
 from billing.core.money import parse_money, parse_price, parse_subsidy_rate
-from gpumeter.inputfiles import InputFileError, RowError, parse_csv, text_field, whole_number
+from gpumeter.inputfiles import InputFileError, RowError, parse_csv_rows, text_field, whole_number
 
 T = TypeVar("T")
+Problems = list[tuple[int, str]]
+NO_ROWS = "no rows: a file that loads nothing is refused (leave its option out instead)"
 
 VOUCHER_COLUMNS = (
     "voucher_id", "program_id", "firm_id", "face_value", "subsidy_rate",
@@ -82,7 +87,7 @@ def _day(value: object, name: str) -> date:
 # ---------------------------------------------------------------- CSV
 
 
-def read_vouchers(path: Path) -> list[tuple[int, Voucher]]:
+def read_vouchers(path: Path) -> tuple[list[tuple[int, Voucher]], Problems]:
     def parse(line: int, r: dict[str, str]) -> Voucher:
         voucher_id = text_field(r["voucher_id"], "voucher_id")
         try:
@@ -99,10 +104,10 @@ def read_vouchers(path: Path) -> list[tuple[int, Voucher]]:
         except BillingError as exc:
             raise RowError(str(exc)) from None
 
-    return _unique(path, parse_csv(path, VOUCHER_COLUMNS, _with_line(parse)), lambda v: v.voucher_id, "voucher_id")
+    return _unique(*parse_csv_rows(path, VOUCHER_COLUMNS, _with_line(parse)), lambda v: v.voucher_id, "voucher_id")
 
 
-def read_firms(path: Path) -> list[tuple[int, Firm]]:
+def read_firms(path: Path) -> tuple[list[tuple[int, Firm]], Problems]:
     def parse(line: int, r: dict[str, str]) -> Firm:
         terms = r["payment_terms_days"].strip()
         try:
@@ -114,25 +119,28 @@ def read_firms(path: Path) -> list[tuple[int, Firm]]:
         except BillingError as exc:
             raise RowError(str(exc)) from None
 
-    return _unique(path, parse_csv(path, FIRM_COLUMNS, _with_line(parse)), lambda f: f.firm_id, "firm_id")
+    return _unique(*parse_csv_rows(path, FIRM_COLUMNS, _with_line(parse)), lambda f: f.firm_id, "firm_id")
 
 
 def _with_line(parse: Callable[[int, dict[str, str]], T]) -> Callable[[int, dict[str, str]], tuple[int, T]]:
     return lambda line, row: (line, parse(line, row))
 
 
-def _unique(path: Path, rows: list[tuple[int, T]], key: Callable[[T], str], name: str) -> list[tuple[int, T]]:
-    """(line, object) per id; two different rows with one id are refused, identical repeats are harmless."""
+def _unique(
+    rows: list[tuple[int, T]], problems: Problems, key: Callable[[T], str], name: str
+) -> tuple[list[tuple[int, T]], Problems]:
+    """(line, object) per id, and the problems with one more per id that two different rows define
+    (identical repeats are harmless), or for a file with no rows at all."""
     first: dict[str, tuple[int, T]] = {}
-    problems = []
+    problems = list(problems)
     for line, obj in rows:
         k = key(obj)
         if k in first and first[k][1] != obj:
             problems.append((line, f"{name} {k} already defined differently on line {first[k][0]}"))
         first.setdefault(k, (line, obj))
-    if problems:
-        raise InputFileError(path, problems)
-    return list(first.values())
+    if not rows and not problems:
+        problems.append((1, NO_ROWS))
+    return list(first.values()), problems
 
 
 # ---------------------------------------------------------------- TOML
@@ -143,6 +151,13 @@ def _load_toml(path: Path) -> tuple[dict[str, Any], str]:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputFileError(path, [(0, "file not found")]) from None
+    except IsADirectoryError:
+        raise InputFileError(path, [(0, "is a folder, not a file")]) from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise InputFileError(path, [(line, f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+    except OSError as exc:  # not readable (permissions, an I/O error)
+        raise InputFileError(path, [(0, f"cannot be read: {exc.strerror or exc}")]) from None
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
@@ -156,13 +171,20 @@ def _table_lines(text: str, name: str) -> list[int]:
     return [n for n, line in enumerate(text.splitlines(), start=1) if pattern.match(line)]
 
 
-def _tables(path: Path, data: dict[str, Any], text: str, name: str, allowed_top: set[str]) -> list[tuple[int, Any]]:
+def _tables(
+    data: dict[str, Any], text: str, name: str, allowed_top: set[str], problems: Problems
+) -> list[tuple[int, Any]]:
+    """(line, table) of each ``[[name]]``; a problem for unknown top-level keys, a ``name`` that is
+    not an array of tables, or none at all."""
     unknown = sorted(set(data) - allowed_top - {name})
     if unknown:
-        raise InputFileError(path, [(1, f"unknown top-level key(s) {', '.join(unknown)}")])
+        problems.append((1, f"unknown top-level key(s) {', '.join(unknown)}"))
     tables = data.get(name, [])
     if not isinstance(tables, list):
-        raise InputFileError(path, [(1, f"'{name}' must be an array of tables: [[{name}]]")])
+        problems.append((1, f"'{name}' must be an array of tables: [[{name}]]"))
+        return []
+    if not tables:
+        problems.append((1, f"no [[{name}]] tables: " + NO_ROWS.removeprefix("no rows: ")))
     lines = _table_lines(text, name)
     return [(lines[i] if i < len(lines) else 0, t) for i, t in enumerate(tables)]
 
@@ -178,7 +200,7 @@ def _check_keys(table: Any, required: set[str], optional: set[str]) -> None:
         raise RowError(f"unknown key(s) {', '.join(unknown)}")
 
 
-def read_rate_card(path: Path) -> RateCardFile:
+def read_rate_card(path: Path) -> tuple[RateCardFile, Problems]:
     data, text = _load_toml(path)
     problems: list[tuple[int, str]] = []
     currency = data.get("currency", "CNY")
@@ -193,7 +215,7 @@ def read_rate_card(path: Path) -> RateCardFile:
     if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= 3660):
         problems.append((1, f"usage_horizon_days must be a whole number of days from 1 to 3660, got {horizon!r}"))
     rates: list[tuple[int, Rate]] = []
-    for line, table in _tables(path, data, text, "rate", {"currency", "timezone", "usage_horizon_days"}):
+    for line, table in _tables(data, text, "rate", {"currency", "timezone", "usage_horizon_days"}, problems):
         try:
             _check_keys(table, {"gpu_class", "provider", "price_per_gpu_hour", "effective_from"}, set())
             price_text = table["price_per_gpu_hour"]
@@ -215,21 +237,19 @@ def read_rate_card(path: Path) -> RateCardFile:
             problems.append((line, f"[[rate]]: a different price for the same gpu_class, provider and "
                                    f"effective_from is on line {seen[key][0]}"))  # fmt: skip
         seen.setdefault(key, (line, rate.price_per_gpu_hour))
-    if problems:
-        raise InputFileError(path, sorted(problems))
     unique = {(r.gpu_class, r.provider, r.effective_from): r for _, r in rates}
     lines = {k: line for k, (line, _) in seen.items()}
     return RateCardFile(
         str(currency), str(timezone), tuple(unique[k] for k in sorted(unique)), lines,
-        horizon if isinstance(horizon, int) else None,
-    )  # fmt: skip
+        horizon if isinstance(horizon, int) and not isinstance(horizon, bool) else None,
+    ), sorted(problems)  # fmt: skip
 
 
-def read_programs(path: Path) -> list[tuple[int, Program]]:
+def read_programs(path: Path) -> tuple[list[tuple[int, Program]], Problems]:
     data, text = _load_toml(path)
     problems: list[tuple[int, str]] = []
     programs: list[tuple[int, Program]] = []
-    for line, table in _tables(path, data, text, "program", set()):
+    for line, table in _tables(data, text, "program", set(), problems):
         try:
             _check_keys(table, {"id", "year", "category", "budget", "firm_cap"}, {"auto_grant"})
             grant = None
@@ -259,6 +279,4 @@ def read_programs(path: Path) -> list[tuple[int, Program]]:
             )
         except (RowError, BillingError) as exc:
             problems.append((line, f"[[program]]: {exc}"))
-    if problems:
-        raise InputFileError(path, problems)
-    return _unique(path, programs, lambda p: p.program_id, "program id")
+    return _unique(programs, problems, lambda p: p.program_id, "program id")

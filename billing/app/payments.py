@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 from billing.adapters import state
 from billing.adapters.store import Store
@@ -25,14 +26,20 @@ class PaymentRecorded:
 def record_payment(store: Store, payment: Payment, now: datetime) -> PaymentRecorded:
     """Record ``payment`` unless the same one is recorded already, then replay the firm's ledger.
 
-    Refused: an unknown firm; a reference already recorded for the firm with another amount or
-    date (a reference is unique per firm). The ledger is replayed as of the later of the payment
-    date and today, so the answer shows where this payment went.
+    Refused: an unknown firm; a date after today (in the billing time zone); a reference already
+    recorded for the firm with another amount or date (a reference is unique per firm). The ledger
+    is replayed as of today, so the answer shows where this payment went.
     """
     with store.transaction() as tx:
         known = state.firms(tx).keys() | {i.firm_id for i in state.invoices(tx)}
         if payment.firm_id not in known:
             raise BillingError(f"unknown firm {payment.firm_id!r}: load it with 'gpumeter billing load --firms'")
+        today = now.astimezone(ZoneInfo(state.get_meta(tx, "timezone", state.DEFAULT_TIMEZONE))).date()
+        if payment.paid_on > today:
+            raise BillingError(
+                f"payment date {payment.paid_on} is after today ({today} in the billing time zone): record a "
+                "payment on or after the day the money arrived, with the day it arrived"
+            )
         existing = {(p.firm_id, p.reference): p for p in state.payments(tx)}
         old = existing.get((payment.firm_id, payment.reference))
         if old is not None and old != payment:
@@ -43,7 +50,7 @@ def record_payment(store: Store, payment: Payment, now: datetime) -> PaymentReco
         if old is None:
             state.put_payment(tx, payment, now)
         ledger = apply_payments(
-            state.invoices(tx, firm_id=payment.firm_id), state.payments(tx), max(payment.paid_on, now.date())
+            state.invoices(tx, firm_id=payment.firm_id), state.payments(tx), max(payment.paid_on, today)
         )
     mine = tuple(a for a in ledger.allocations if a.reference == payment.reference and a.firm_id == payment.firm_id)
     return PaymentRecorded(payment, old is not None, mine, ledger.credit_balances.get(payment.firm_id, ZERO))

@@ -128,6 +128,10 @@ class UsageTotals(Protocol):
         seconds of a provider's GPU windows dated in ``month`` (agents from 0.3.0 on)."""
         ...
 
+    def knows_provider(self, provider_id: str) -> bool:
+        """Whether the provider is in the fleet registry or sent any usage, ever."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class HeldRecord:

@@ -114,6 +114,11 @@ def provider_statement(
         billed = state.billed_by_class(tx, provider_id, month)
         done = state.settlements(tx)
         store_id = state.store_id(tx)
+    if not billed and not usage.knows_provider(provider_id):
+        raise BillingError(
+            f"unknown provider {provider_id!r}: it is not in the fleet registry, sent no usage and was never "
+            "billed (a provider id is the agents' provider_id, e.g. P01)"
+        )
     delivered = usage.hours_by_host(tz, month, provider_id)
     capacity = tuple(usage.capacity(tz, month, provider_id))
     seq, cutoff = (done[-1].seq, done[-1].usage_cutoff) if done else (0, None)

@@ -4,7 +4,8 @@ One transaction per settlement, holding the store's write lock from the first
 read to the last write:
 
 1. if the month is already settled: report the stored result, change nothing;
-2. check the month order (calendar order, the month right after the last one;
+2. check the month can be settled: a rate card is loaded, the month has ended in the
+   billing time zone, months in calendar order (the month right after the last one;
    the first settlement refuses while earlier months have usage);
 3. read the usage this settlement bills through the usage port (``ports.UsageReader``);
 4. price, net, build invoices (pure functions; an unpriced item stops here);
@@ -18,6 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
+from zoneinfo import ZoneInfo
 
 from billing.adapters import state
 from billing.adapters.store import Store
@@ -42,6 +45,12 @@ DEFAULT_HORIZON_DAYS = 92
 
 class MonthOrderError(BillingError):
     code = "month_order"
+
+
+class NotReadyError(BillingError):
+    """A settlement asked for too early: the month has not ended, or there is no rate card."""
+
+    code = "not_ready"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +102,20 @@ def settle_month(
                 f"months settle in calendar order: the last settled month is {last.month}, "
                 f"so the next one to settle is {next_month(last.month)}, not {month}"
             )
+        if not state.rates(tx):
+            raise NotReadyError(
+                f"cannot settle {month}: no rate card is loaded, so nothing has a price and the billing time "
+                "zone is not set; load one first: gpumeter billing load --ratecard FILE"
+            )
         tz = state.get_meta(tx, "timezone", state.DEFAULT_TIMEZONE)
         currency = state.get_meta(tx, "currency", DEFAULT_CURRENCY)
         cutoff = clock()
+        ends = datetime.combine(first_day_of_next_month(month), dt_time(0), ZoneInfo(tz))
+        if cutoff < ends:
+            raise NotReadyError(
+                f"cannot settle {month}: it has not ended yet (it ends at {ends.isoformat()}, {tz}); settling "
+                "closes it for good, so settle it after it ends"
+            )
         firms = state.firms(tx)
         context = CheckContext(
             firms=tuple(sorted(firms)),

@@ -41,10 +41,19 @@ def write_statements(
     """Write (and check) the statements of ``firms`` (default: every firm invoiced for ``month``) as
     ``html`` or ``csv`` files in ``out``; returns the files written. ``each`` walks the firm ids
     (the CLI passes a progress bar)."""
-    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     with store.transaction() as tx:
+        settled = [s.month for s in state.settlements(tx)]
+        if month not in settled and (not settled or month > settled[0]):
+            latest = f"; the latest settled month is {settled[-1]}" if settled else "; no month is settled yet"
+            raise BillingError(
+                f"{month} is not settled, so it has no invoices to state{latest} "
+                f"(settle it with: gpumeter billing settle --month {month})"
+            )
         targets = firms if firms else [i.firm_id for i in state.invoices(tx, month=month)]
+        if not targets:
+            return []  # a settled (or closed) month that invoiced nobody
+        out.mkdir(parents=True, exist_ok=True)
         for firm_id in each(targets):
             st = firm_statement(tx, firm_id, month, as_of)
             check_statement(st)

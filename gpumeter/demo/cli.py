@@ -7,12 +7,14 @@ against the simulator's ground truth.
 
 from __future__ import annotations
 
+import fcntl
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from zoneinfo import ZoneInfo
 
 import click
@@ -38,14 +40,39 @@ class DemoMismatch(GpumeterError):
     code = "demo_mismatch"
 
 
-def _fresh_dir(path: Path) -> Path:
+def _fresh_dir(path: Path) -> tuple[Path, IO[str]]:
+    """An empty demo folder at ``path``, and the open lock file that keeps another demo out of it
+    while this process runs (hold it). The old folder, if any, is renamed away before it is deleted,
+    so a run killed half-way leaves nothing that looks like anything but a demo folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = (path.parent / f".{path.name}.lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise GpumeterError(
+            f"another gpumeter demo is running in {path}; wait for it to finish, or give this one another --workdir"
+        ) from None
+    if path.is_symlink() or (path.exists() and not (path / MARKER).exists()):
+        lock.close()
+        raise GpumeterError(f"{path} exists and is not a gpumeter demo folder; choose another --workdir")
     if path.exists():
-        if not (path / MARKER).exists():
-            raise GpumeterError(f"{path} exists and is not a gpumeter demo folder; choose another --workdir")
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+        path.rename(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    for old in path.parent.glob(f".{path.name}.old-*"):  # this run's, and any a killed run left
+        if old.is_dir() and not old.is_symlink() and (old / MARKER).exists():
+            _remove_demo_folder(old)
+    path.mkdir()
     (path / MARKER).write_text("created by gpumeter demo; safe to delete\n")
-    return path
+    return path, lock
+
+
+def _remove_demo_folder(path: Path) -> None:
+    """Delete a demo folder, its marker last: one interrupted half-way is still known as a demo's."""
+    for child in path.iterdir():
+        if child.name != MARKER:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    (path / MARKER).unlink()
+    path.rmdir()
 
 
 @click.command()
@@ -76,11 +103,13 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
       gpumeter demo --month 2026-04 --workdir /tmp/gm-demo
     """
     settings = settings_from(ctx)
-    work = _fresh_dir(workdir or settings.home / "demo")
     zone = ZoneInfo(tz)
     year, mon = (int(x) for x in month.split("-"))
     start = datetime(year, mon, 1, tzinfo=zone)
     nxt = datetime(year + (mon == 12), mon % 12 + 1, 1, tzinfo=zone)
+    if nxt > datetime.now(UTC):  # it would meter the month, then refuse to settle it (a month not ended)
+        raise GpumeterError(f"--month {month} has not ended yet ({tz}); a demo settles its month: pick an ended one")
+    work, _lock = _fresh_dir(workdir or settings.home / "demo")  # held until the demo ends
     days = (nxt - start).days
     t0 = time.monotonic()
 

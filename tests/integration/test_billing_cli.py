@@ -28,6 +28,11 @@ def setup(cli: Cli, programs: str = "", vouchers: str = "", rates: str = RATES) 
         args += ["--programs", cli.file("programs.toml", programs)]
     if vouchers:
         args += ["--vouchers", cli.file("vouchers.csv", VOUCHERS + vouchers)]
+        firms = sorted({line.split(",")[2] for line in vouchers.splitlines() if line.strip()})
+        args += [
+            "--firms",
+            cli.file("firms.csv", "firm_id,name,payment_terms_days\n" + "".join(f"{f},{f},\n" for f in firms)),
+        ]
     cli.ok(*args)
 
 
@@ -170,17 +175,20 @@ def test_year_boundary_uses_each_years_program(cli: Cli) -> None:
     programs = PROGRAM.format(year=2025, budget="1000.00", cap="1000.00") + PROGRAM.format(
         year=2026, budget="1000.00", cap="1000.00"
     )
+    # a voucher valid past its program's year could never pay there (rule 3.9): refused at load (6.3)
+    with pytest.raises(AssertionError, match="outside its program CITY-2025's year 2025"):
+        setup(cli, programs, "V25,CITY-2025,F1,1000.00,0.5,2025-01-01,2026-12-31,1\n")
     setup(
         cli,
         programs,
-        "V25,CITY-2025,F1,1000.00,0.5,2025-01-01,2026-12-31,1\nV26,CITY-2026,F1,1000.00,0.25,2026-01-01,2026-12-31,2\n",
+        "V25,CITY-2025,F1,1000.00,0.5,2025-01-01,2025-12-31,1\nV26,CITY-2026,F1,1000.00,0.25,2026-01-01,2026-12-31,2\n",
     )
     cli.ok("usage", "import", cli.usage(row("d", "2025-12-31T00:00:00", 3600)))
     dec = settle_export(cli, "2025-12")
     assert dec["invoices"][0]["credits"] == [{"voucher_id": "V25", "program_id": "CITY-2025", "amount": "5.00"}]
     cli.ok("usage", "import", cli.usage(row("j", "2026-01-01T00:00:00", 3600)))
     jan = settle_export(cli, "2026-01")
-    # V25 is still valid on 2026-01-01 but its program is 2025's: only V26 pays
+    # V25's program is 2025's: on 2026-01-01 only V26 pays
     assert jan["invoices"][0]["credits"] == [{"voucher_id": "V26", "program_id": "CITY-2026", "amount": "2.50"}]
 
 

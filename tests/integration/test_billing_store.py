@@ -26,9 +26,9 @@ from billing.adapters import state
 from billing.adapters.files import RateCardFile
 from billing.adapters.store import Store
 from billing.app.load import LoadReport
-from billing.app.load import _load_rates as load_rate_card
+from billing.app.load import _write_rates as write_rates
 from billing.app.ports import CheckContext, SettlementSpan, SpanUsage
-from billing.app.settle import SettlementResult, settle_month
+from billing.app.settle import NotReadyError, SettlementResult, settle_month
 from billing.core.model import Rate, UsageAggregate
 from billing.core.pricing import UnpricedUsageError
 from gpumeter.demo.broker import free_port
@@ -129,7 +129,7 @@ class FixedUsage:
 def _load_rates(store: Store) -> None:
     card = RateCardFile("CNY", "UTC", (Rate("H100", "*", Decimal("10"), date(2026, 1, 1)),), {})
     with store.transaction() as tx:
-        load_rate_card(tx, Path("rates.toml"), card, [], datetime.now(UTC), LoadReport())
+        write_rates(tx, card, datetime.now(UTC), LoadReport())
 
 
 GROUPS = [
@@ -146,6 +146,21 @@ def test_settlement_round_trips_through_the_store(store_url: str) -> None:
     assert not result.already_settled and again.already_settled
     assert [(i.firm_id, str(i.gross)) for i in result.invoices] == [("F1", "10.00"), ("F2", "15.00")]
     assert again.invoices == result.invoices
+
+
+def test_a_month_settles_once_it_has_ended_in_the_billing_time_zone(store_url: str) -> None:
+    """Shanghai is UTC+8: March ends there at 16:00 UTC on 31 March. A minute before, the settlement
+    is refused and writes nothing; a minute after, it settles."""
+    store = Store(store_url)
+    card = RateCardFile("CNY", "Asia/Shanghai", (Rate("H100", "*", Decimal("10"), date(2026, 1, 1)),), {})
+    with store.transaction() as tx:
+        write_rates(tx, card, datetime.now(UTC), LoadReport())
+    with pytest.raises(NotReadyError, match=r"it ends at 2026-04-01T00:00:00\+08:00, Asia/Shanghai"):
+        settle_month(store, FixedUsage(GROUPS), "2026-03", clock=lambda: datetime(2026, 3, 31, 15, 59, tzinfo=UTC))
+    with store.transaction() as tx:
+        assert state.settlements(tx) == []
+    done = settle_month(store, FixedUsage(GROUPS), "2026-03", clock=lambda: datetime(2026, 3, 31, 16, 1, tzinfo=UTC))
+    assert not done.already_settled and len(done.invoices) == 2
 
 
 def test_two_settlements_at_once_cannot_both_apply(store_url: str) -> None:

@@ -33,7 +33,7 @@ from billing.app.ports import SettlementSpan as Window
 from billing.app.ports import SpanUsage
 from billing.app.reconcile import reconcile
 from billing.app.settle import settle_month
-from billing.core.model import UsageAggregate
+from billing.core.model import UsageAggregate, first_day_of_next_month
 from gpumeter.fleet import OPEN_END, FleetDevice
 from pipeline import clickhouse, fleet_store
 from pipeline.usage_store import READ_SETTINGS, UsageStore, first_delivery_sql
@@ -293,7 +293,9 @@ def test_every_reader_agrees_with_the_one_definition(
     load_files(billing, datetime.now(UTC), ratecard=rates, firms=firms)
     usage = ClickHouseUsage(client, db)
     months = sorted({m for m, _ in by_month})
-    after_all = INGESTED[-1] + timedelta(days=1)
+    # after every record arrived, and after the last month ended (a month settles once it has ended)
+    last_end = datetime.combine(first_day_of_next_month(months[-1]), datetime.min.time(), UTC)
+    after_all = max(INGESTED[-1], last_end) + timedelta(days=1)
     for month in months:
         settle_month(billing, usage, month, clock=lambda: after_all)
     with billing.transaction() as tx:

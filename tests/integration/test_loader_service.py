@@ -170,3 +170,31 @@ def test_two_loaders_in_one_group_share_the_topic_through_a_rebalance(kafka_boot
     got = [stored(home) for home in homes]
     assert got[0] and got[1], "both loaders loaded windows"
     assert set(got[0]) | set(got[1]) == ids  # none lost, none invented (a replayed one may be in both)
+
+
+def test_a_loader_with_no_broker_says_so_in_one_plain_line_and_stops_cleanly(tmp_path: Path) -> None:
+    """No broker at the address: instead of kafka-python's four log lines per attempt (every few
+    seconds, naming ``bootstrap-0``) and a traceback after 30 s, one line per retry names the
+    address, the retries back off, and a stop request ends it with exit 0."""
+    port = free_port()  # nothing listens there
+    env = dict(os.environ, GPUMETER_HOME=str(tmp_path), GPUMETER_CLICKHOUSE_DSN=f"chdb://{tmp_path / 'ch'}")
+    proc = subprocess.Popen([sys.executable, "-c", "from gpumeter.cli import main; main()", "pipeline", "run",
+                             "--kafka", f"127.0.0.1:{port}", "--topic", "t"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stderr is not None
+    seen = []
+    while len([ln for ln in seen if "cannot reach Kafka" in ln]) < 2:  # the first try and the first retry
+        line = proc.stderr.readline()
+        assert line, f"the loader ended early: {seen}"
+        seen.append(line)
+    proc.send_signal(2)
+    _, rest = proc.communicate(timeout=60)
+    err = "".join(seen) + rest
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "kafka.net" not in err and "bootstrap-0" not in err
+    lines = [ln for ln in err.splitlines() if "cannot reach Kafka" in ln]
+    assert [ln.split(" WARNING gpumeter.kafka ")[-1] for ln in lines] == [
+        f"cannot reach Kafka at 127.0.0.1:{port} (connection refused); retrying in 5 s",
+        f"cannot reach Kafka at 127.0.0.1:{port} (connection refused); retrying in 10 s",
+    ]
+    assert "stopped before Kafka could be reached; nothing consumed" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gpumeter.cli import _missing, main
@@ -35,3 +37,37 @@ def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(["nope"], capsys)
     assert code == 2
     assert "No such command 'nope'" in err
+
+
+def test_an_unexpected_error_is_one_plain_message_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.usage_cli
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the disk is on fire")
+
+    monkeypatch.setattr(pipeline.usage_cli, "_store", broken)
+    with pytest.raises(SystemExit) as exit_:
+        main(["usage", "summary", "--timezone", "UTC"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 70
+    assert "Error: unexpected RuntimeError: the disk is on fire" in err and "Traceback" not in err
+    crash = Path(err.rsplit("saved in ", 1)[1].strip())
+    assert "RuntimeError: the disk is on fire" in crash.read_text()
+    crash.unlink()
+
+
+def test_a_file_the_machine_refuses_is_a_plain_error_not_a_bug(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.usage_cli
+
+    def locked(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", "/var/lib/gpumeter/ch")
+
+    monkeypatch.setattr(pipeline.usage_cli, "_store", locked)
+    with pytest.raises(SystemExit) as exit_:
+        main(["usage", "summary", "--timezone", "UTC"])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.strip() == "Error: [Errno 13] Permission denied: '/var/lib/gpumeter/ch'"
