@@ -552,12 +552,15 @@ def statement(
     ctx: click.Context, firm_ids: tuple[str, ...], month: str, fmt: str, out: Path, as_of: str | None
 ) -> None:
     """Write a firm's monthly usage statement: invoice summary, subsidy by voucher and
-    program, amount due and due date, payment status, daily GPU-hours by class, line
-    items, late-usage adjustment lines, and the firm's share vs the subsidised share.
+    program, amount due and due date, payments applied and credit balance, payment
+    status, GPU-hours of every day by class, line items with their days, busy hours
+    and energy, late-usage adjustment lines, and the firm's share vs the subsidised share.
 
     \b
-    HTML is one self-contained, printable file; CSV is two files (line items, daily usage).
-    Every statement is checked to equal its invoice to the fen before it is written.
+    HTML is one self-contained, printable file; CSV is five files (summary, lines,
+    credits, payments, daily usage; docs/file-formats.md). Every statement is checked
+    to equal its invoice to the fen before it is written. --as-of is on or after the
+    invoice's issue date.
     Example:
       gpumeter statement --firm F0001 --month 2026-03 --format html --out statements/
     """

@@ -457,15 +457,17 @@ def credited_vouchers(tx: Tx) -> set[str]:
     return {str(r[0]) for r in tx.query("SELECT DISTINCT voucher_id FROM credits")}
 
 
-def own_seconds_by_day_and_class(tx: Tx, month: str, firm_id: str) -> dict[tuple[date, str], int]:
-    """(day, gpu_class) -> allocated seconds on ``firm_id``'s own items of ``month`` (no adjustments)."""
-    daily: dict[tuple[date, str], int] = defaultdict(int)
-    for day, cls, seconds in tx.query(
-        "SELECT day, gpu_class, allocated_seconds FROM items WHERE month = ? AND firm_id = ? AND adjustment_for = ''",
-        (month, firm_id),
-    ):
-        daily[(date.fromisoformat(day), cls)] += int(seconds)
-    return dict(daily)
+def items_of(tx: Tx, month: str, firm_id: str) -> list[tuple[date, str, str, str | None, Decimal, int, int, int]]:
+    """(day, provider_id, gpu_class, adjustment_for or None, unit_price, allocated, busy, energy) of
+    every item ``month``'s settlement billed ``firm_id`` (late usage of closed months included)."""
+    return [
+        (date.fromisoformat(day), provider, cls, adj or None, Decimal(price), int(sec), int(busy), int(joules))
+        for day, provider, cls, adj, price, sec, busy, joules in tx.query(
+            "SELECT day, provider_id, gpu_class, adjustment_for, unit_price, allocated_seconds, busy_seconds, "
+            "energy_joules FROM items WHERE month = ? AND firm_id = ? ORDER BY day, provider_id, gpu_class",
+            (month, firm_id),
+        )
+    ]
 
 
 def billed_by_class(tx: Tx, provider_id: str, month: str) -> dict[str, tuple[int, Decimal]]:

@@ -5,13 +5,16 @@ Pure formatting of a checked ``FirmStatement``: no store, no arithmetic beyond d
 
 from __future__ import annotations
 
+import calendar
 import csv
 import html
 import io
+import math
+from datetime import date, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
-from billing.core.money import format_gpu_hours, format_money
+from billing.core.money import format_gpu_hours, format_money, round_fraction_half_up
 from billing.core.statement import FirmStatement
 
 CLASS_COLOURS = ("#2f6fdf", "#e07a1f", "#2a9d6f", "#b23a8f", "#7a5cc7", "#c9a227", "#4a90a4", "#8a8a8a")
@@ -19,81 +22,149 @@ CLASS_COLOURS = ("#2f6fdf", "#e07a1f", "#2a9d6f", "#b23a8f", "#7a5cc7", "#c9a227
 
 # ---------------------------------------------------------------- CSV
 
+STATEMENT_CSVS = ("summary", "lines", "credits", "payments", "daily")
 
-def statement_csv(st: FirmStatement) -> tuple[str, str]:
-    """(line items CSV, daily usage CSV)."""
-    lines = io.StringIO()
-    w = csv.writer(lines)
-    w.writerow(["invoice_id", "provider_id", "gpu_class", "unit_price", "gpu_hours", "amount", "adjustment_for"])
-    for ln in st.invoice.lines:
-        w.writerow(
-            [
-                st.invoice.invoice_id,
-                ln.provider_id,
-                ln.gpu_class,
-                str(ln.unit_price),
-                format_gpu_hours(ln.gpu_hours),
-                format_money(ln.amount),
-                ln.adjustment_for or "",
-            ]
-        )
-    for c in st.invoice.credits:
-        w.writerow([st.invoice.invoice_id, "", "", "", "", format_money(-c.amount), f"credit {c.voucher_id}"])
-    daily = io.StringIO()
-    d = csv.writer(daily)
-    d.writerow(["day", "gpu_class", "gpu_hours"])
-    for (day, cls), seconds in sorted(st.daily_seconds.items()):
-        d.writerow([day.isoformat(), cls, format_gpu_hours(Fraction(seconds, 3600))])
-    return lines.getvalue(), daily.getvalue()
+
+def statement_csv(st: FirmStatement) -> dict[str, str]:
+    """One CSV per meaning, keyed by ``STATEMENT_CSVS``: the invoice's totals and status, its
+    charge lines, its credits, the payments applied to it, and usage by day and class. Seconds
+    are exact and tie across files (daily seconds add up to the lines'); hours are display."""
+    inv = st.invoice
+    out: dict[str, str] = {}
+
+    def table(name: str, header: list[str], rows: list[list[str]]) -> None:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(header)
+        w.writerows(rows)
+        out[name] = buf.getvalue()
+
+    status = st.status.status if st.status else "open"
+    outstanding = st.status.outstanding if st.status else inv.amount_due
+    table(
+        "summary",
+        ["invoice_id", "firm_id", "month", "issue_date", "due_date", "currency", "gross", "credit_total",
+         "amount_due", "paid", "outstanding", "credit_balance", "status", "as_of"],
+        [[inv.invoice_id, st.firm_id, st.month, inv.issue_date.isoformat(), inv.due_date.isoformat(), inv.currency,
+          format_money(inv.gross), format_money(inv.credit_total), format_money(inv.amount_due),
+          format_money(st.paid), format_money(outstanding), format_money(st.credit_balance), status,
+          st.as_of.isoformat()]],
+    )  # fmt: skip
+    table(
+        "lines",
+        ["invoice_id", "provider_id", "gpu_class", "unit_price", "first_day", "last_day", "allocated_seconds",
+         "gpu_hours", "busy_gpu_hours", "energy_kwh", "amount", "adjustment_for"],
+        [[inv.invoice_id, ln.provider_id, ln.gpu_class, str(ln.unit_price), first.isoformat(), last.isoformat(),
+          str(ln.allocated_seconds), format_gpu_hours(ln.gpu_hours), _hours(ln.busy_seconds), _kwh(ln.energy_joules),
+          format_money(ln.amount), ln.adjustment_for or ""]
+         for ln, (first, last) in zip(inv.lines, st.spans, strict=True)],
+    )  # fmt: skip
+    table(
+        "credits",
+        ["invoice_id", "voucher_id", "program_id", "amount"],
+        [[inv.invoice_id, c.voucher_id, c.program_id, format_money(c.amount)] for c in inv.credits],
+    )
+    table(
+        "payments",
+        ["invoice_id", "paid_on", "reference", "amount_applied", "applied_on"],
+        [[inv.invoice_id, p.paid_on.isoformat(), p.reference, format_money(p.amount), p.applied_on.isoformat()]
+         for p in st.payments],
+    )  # fmt: skip
+    table(
+        "daily",
+        ["day", "gpu_class", "adjustment_for", "allocated_seconds", "gpu_hours", "busy_gpu_hours", "energy_kwh"],
+        [[d.day.isoformat(), d.gpu_class, d.late_for or "", str(d.allocated_seconds), _hours(d.allocated_seconds),
+          _hours(d.busy_seconds), _kwh(d.energy_joules)] for d in st.daily],
+    )  # fmt: skip
+    return out
+
+
+def _hours(seconds: int) -> str:
+    return format_gpu_hours(Fraction(seconds, 3600))
+
+
+def _kwh(joules: int) -> str:
+    return format(round_fraction_half_up(Fraction(joules, 3_600_000), 3), "f")
 
 
 # ---------------------------------------------------------------- HTML
 
 
+def _ticks(peak: float) -> list[float]:
+    """Round axis ticks from 0 to at least ``peak``: steps of 1, 2 or 5 times a power of ten."""
+    if peak <= 0:
+        return [0.0, 1.0]
+    raw = peak / 4
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    return [step * i for i in range(math.ceil(peak / step - 1e-9) + 1)]
+
+
+def _month_days(month: str) -> list[date]:
+    year, mon = (int(x) for x in month.split("-"))
+    first = date(year, mon, 1)
+    return [first + timedelta(days=i) for i in range(calendar.monthrange(year, mon)[1])]
+
+
 def _chart(st: FirmStatement) -> str:
-    """Inline SVG: daily GPU-hours stacked by class."""
-    days = sorted({d for d, _ in st.daily_seconds})
-    classes = sorted({c for _, c in st.daily_seconds})
-    if not days:
-        return "<p>No usage of this month's own days.</p>"
-    per_day = {d: sum(s for (dd, _), s in st.daily_seconds.items() if dd == d) for d in days}
-    peak_h = max(per_day.values()) / 3600 or 1
-    width, height, left, bottom = 720, 220, 48, 28
+    """Inline SVG: GPU-hours of every day of the month, stacked by class (days without usage are
+    empty bars); late usage of earlier months is said under it (its days are not this month's)."""
+    own = [d for d in st.daily if d.late_for is None]
+    late = [d for d in st.daily if d.late_for is not None]
+    days = _month_days(st.month)
+    classes = sorted({d.gpu_class for d in own})
+    seconds = {(d.day, d.gpu_class): d.allocated_seconds for d in own}
+    per_day = {day: sum(seconds.get((day, c), 0) for c in classes) for day in days}
+    ticks = _ticks(max(per_day.values(), default=0) / 3600)
+    top = ticks[-1]
+    width, height, left, bottom = 720, 220, 56, 30
     bar_w = (width - left) / len(days)
     parts = [
-        f'<svg role="img" aria-label="Daily GPU-hours by class" viewBox="0 -12 {width} {height + bottom + 12}" '
-        f'width="100%" xmlns="http://www.w3.org/2000/svg">'
+        f'<svg role="img" aria-label="GPU-hours per day by class" viewBox="0 -20 {width} {height + bottom + 20}" '
+        f'width="100%" xmlns="http://www.w3.org/2000/svg">',
+        f'<text x="{left - 6}" y="-8" font-size="10" text-anchor="end">GPU-h</text>',
     ]
-    for frac in (0, 0.5, 1):
-        y = height - frac * height
+    for tick in ticks:
+        y = height - tick / top * height
+        label = f"{tick:g}"
         parts.append(f'<line x1="{left}" x2="{width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
         parts.append(
-            f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{peak_h * frac:.0f}</text>'
+            f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{label}</text>'
         )
-    for i, d in enumerate(days):
+    for i, day in enumerate(days):
         y = float(height)
         for k, cls in enumerate(classes):
-            h = st.daily_seconds.get((d, cls), 0) / 3600 / peak_h * height
+            h = seconds.get((day, cls), 0) / 3600 / top * height
             if h <= 0:
                 continue
             y -= h
             colour = CLASS_COLOURS[k % len(CLASS_COLOURS)]
             parts.append(
                 f'<rect x="{left + i * bar_w + 1:.1f}" y="{y:.1f}" width="{max(bar_w - 2, 1):.1f}" '
-                f'height="{h:.1f}" fill="{colour}"><title>{d} {html.escape(cls)}: '
-                f"{st.daily_seconds[(d, cls)] / 3600:.2f} GPU-h</title></rect>"
+                f'height="{h:.1f}" fill="{colour}"><title>{day} {html.escape(cls)}: '
+                f"{_hours(seconds[(day, cls)])} GPU-h</title></rect>"
             )
-        if len(days) <= 31 and (i % 5 == 0 or i == len(days) - 1):
+        if day.day in (1, 5, 10, 15, 20, 25) or i == len(days) - 1:
             parts.append(
-                f'<text x="{left + (i + 0.5) * bar_w:.1f}" y="{height + 16}" font-size="10" '
-                f'text-anchor="middle">{d.day}</text>'
+                f'<text class="day" x="{left + (i + 0.5) * bar_w:.1f}" y="{height + 16}" font-size="10" '
+                f'text-anchor="middle">{day.day}</text>'
             )
+    parts.append(f'<text x="{width}" y="{height + 28}" font-size="10" text-anchor="end">day of {st.month}</text>')
     parts.append("</svg>")
     legend = " ".join(
         f'<span class="key"><i style="background:{CLASS_COLOURS[k % len(CLASS_COLOURS)]}"></i>{html.escape(c)}</span>'
         for k, c in enumerate(classes)
     )
-    return "".join(parts) + f'<div class="legend">{legend}</div>'
+    note = ""
+    if late:
+        by_month: dict[str, int] = {}
+        for d in late:
+            by_month[d.late_for or ""] = by_month.get(d.late_for or "", 0) + d.allocated_seconds
+        said = "; ".join(f"{_hours(sec)} GPU-h of {html.escape(m)}" for m, sec in sorted(by_month.items()))
+        note = f'<p class="muted" id="late_usage">Also billed: late usage of earlier months, {said} (daily CSV).</p>'
+    if not own:
+        note = "<p>No usage on this month's own days.</p>" + note
+    return "".join(parts) + f'<div class="legend">{legend}</div>' + note
 
 
 CSS = """
@@ -117,13 +188,30 @@ def statement_html(st: FirmStatement, currency_note: str = "") -> str:
     gross = inv.gross
     subsidy_pct = (st.subsidy_share / gross * 100) if gross else Decimal(0)
     status = st.status.status if st.status else "open"
-    paid = format_money(st.status.paid) if st.status else "0.00"
+    paid = format_money(st.paid)
     outstanding = format_money(st.status.outstanding) if st.status else format_money(inv.amount_due)
     line_rows = "".join(
-        f"<tr><td>{esc(ln.provider_id)}</td><td>{esc(ln.gpu_class)}</td><td class=n>{ln.unit_price}</td>"
-        f"<td class=n>{format_gpu_hours(ln.gpu_hours)}</td><td class=n>{format_money(ln.amount)}</td>"
+        f"<tr><td>{esc(ln.provider_id)}</td><td>{esc(ln.gpu_class)}</td>"
+        f"<td>{first:%m-%d}{'' if first == last else f' to {last:%m-%d}'}</td><td class=n>{ln.unit_price}</td>"
+        f"<td class=n>{format_gpu_hours(ln.gpu_hours)}</td><td class=n>{_hours(ln.busy_seconds)}</td>"
+        f"<td class=n>{_kwh(ln.energy_joules)}</td><td class=n>{format_money(ln.amount)}</td>"
         f"<td>{'late usage of ' + esc(ln.adjustment_for) if ln.adjustment_for else ''}</td></tr>"
-        for ln in inv.lines
+        for ln, (first, last) in zip(inv.lines, st.spans, strict=True)
+    )
+    payment_rows = (
+        "".join(
+            f"<tr><td>{p.paid_on}</td><td>{esc(p.reference)}</td><td class=n>{format_money(p.amount)}</td>"
+            f"<td>{'' if p.applied_on == p.paid_on else f'applied {p.applied_on}, held as credit until then'}</td>"
+            "</tr>"
+            for p in st.payments
+        )
+        or f'<tr><td colspan=4 class="muted">No payment applied to this invoice as of {st.as_of}.</td></tr>'
+    )
+    balance = (
+        f'<div class="card">Credit balance<b id="credit_balance">{format_money(st.credit_balance)} {cur}</b>'
+        '<span class="muted">paid in advance: it pays the next invoices</span></div>'
+        if st.credit_balance
+        else ""
     )
     credit_rows = (
         "".join(
@@ -146,7 +234,7 @@ due <b>{inv.due_date}</b> · status as of {st.as_of}: <span class="status {esc(s
 <div class="card">Paid by vouchers<b id="credit_total">{format_money(inv.credit_total)} {cur}</b></div>
 <div class="card">Amount due<b id="amount_due">{format_money(inv.amount_due)} {cur}</b></div>
 <div class="card">Paid / outstanding<b id="outstanding">{paid} / {outstanding}</b></div>
-</section>
+{balance}</section>
 <h2>Who pays: the firm's share and the subsidised share</h2>
 <div class="split" aria-label="firm share vs subsidy share">
 <div style="width:{firm_w:.2f}%;background:#1c2430">firm {format_money(st.firm_share)}</div>
@@ -154,12 +242,19 @@ due <b>{inv.due_date}</b> · status as of {st.as_of}: <span class="status {esc(s
 <p class="muted">Vouchers paid {subsidy_pct:.1f}% of this month's gross. {esc(currency_note)}</p>
 <h2>Daily GPU-hours by class</h2>{_chart(st)}
 <h2>Line items</h2>
-<table><thead><tr><th>Provider</th><th>GPU class</th><th class=n>Price / GPU-h</th><th class=n>GPU-hours</th>
-<th class=n>Amount</th><th>Note</th></tr></thead><tbody>{line_rows}</tbody>
-<tfoot><tr><th colspan=4>Gross</th><th class=n>{format_money(gross)}</th><th></th></tr></tfoot></table>
+<table id="lines"><thead><tr><th>Provider</th><th>GPU class</th><th>Days</th><th class=n>Price / GPU-h</th>
+<th class=n>GPU-hours</th><th class=n>Busy GPU-h</th><th class=n>Energy kWh</th><th class=n>Amount</th><th>Note</th>
+</tr></thead><tbody>{line_rows}</tbody>
+<tfoot><tr><th colspan=7>Gross</th><th class=n>{format_money(gross)}</th><th></th></tr></tfoot></table>
+<p class="muted">Billed on GPU-hours held (allocated). Busy GPU-hours (the GPU's measured utilisation) and energy
+are shown for information and never priced; where an agent could not measure them they count as 0.</p>
 <h2>Subsidy by voucher and program</h2>
 <table><thead><tr><th>Voucher</th><th>Program</th><th class=n>Credit</th></tr></thead><tbody>{credit_rows}</tbody>
 <tfoot><tr><th colspan=2>Total credits</th><th class=n>{format_money(inv.credit_total)}</th></tr></tfoot></table>
+<h2>Payments</h2>
+<table id="payments"><thead><tr><th>Received</th><th>Reference</th><th class=n>Applied to this invoice</th><th></th>
+</tr></thead><tbody>{payment_rows}</tbody>
+<tfoot><tr><th colspan=2>Paid</th><th class=n>{paid}</th><th></th></tr></tfoot></table>
 <p class="muted">Prices include tax. GPU-hours are shown to 6 places; amounts are computed from exact hours.
 Pay after use by the due date; payments settle the oldest open invoice first.</p>
 </body></html>

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import date
+from decimal import Decimal
 from pathlib import Path
 
 from billing.adapters import state
@@ -11,7 +12,8 @@ from billing.adapters.statement_render import statement_csv, statement_html
 from billing.adapters.store import Store, Tx
 from billing.core.ledger import apply_payments
 from billing.core.model import BillingError
-from billing.core.statement import FirmStatement, check_statement
+from billing.core.money import ZERO
+from billing.core.statement import DayUsage, FirmStatement, PaymentApplied, check_statement
 
 
 def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date) -> FirmStatement:
@@ -21,12 +23,37 @@ def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date) -> FirmStateme
         why = "has no invoice for" if month in settled else "cannot have a statement yet: not settled:"
         raise BillingError(f"firm {firm_id} {why} {month}")
     invoice = found[0]
-    ledger = apply_payments(state.invoices(tx, firm_id=firm_id), state.payments(tx), as_of)
+    if as_of < invoice.issue_date:
+        raise BillingError(
+            f"--as-of {as_of} is before invoice {invoice.invoice_id} was issued ({invoice.issue_date}): "
+            "a statement's payment status is as of a day on or after its issue"
+        )
+    payments = state.payments(tx)
+    ledger = apply_payments(state.invoices(tx, firm_id=firm_id), payments, as_of)
     status = next((s for s in ledger.statuses if s.invoice_id == invoice.invoice_id), None)
-    daily = state.own_seconds_by_day_and_class(tx, month, firm_id)
+    received = {(p.firm_id, p.reference): p.paid_on for p in payments}
+    applied = tuple(
+        PaymentApplied(received[(a.firm_id, a.reference)], a.reference, a.amount, a.applied_on)
+        for a in ledger.allocations
+        if a.invoice_id == invoice.invoice_id
+    )
+    items = state.items_of(tx, month, firm_id)
+    daily: dict[tuple[str, date, str], list[int]] = {}
+    spans: dict[tuple[str, str, Decimal, str | None], tuple[date, date]] = {}
+    for day, provider, cls, late, price, seconds, busy, joules in items:
+        sums = daily.setdefault((late or "", day, cls), [0, 0, 0])
+        sums[0], sums[1], sums[2] = sums[0] + seconds, sums[1] + busy, sums[2] + joules
+        first, last = spans.get((provider, cls, price, late), (day, day))
+        spans[(provider, cls, price, late)] = (min(first, day), max(last, day))
     firms = state.firms(tx)
     name = firms[firm_id].name if firm_id in firms else firm_id
-    return FirmStatement(firm_id, name, month, invoice, status, as_of, daily)
+    return FirmStatement(
+        firm_id, name, month, invoice, status, as_of,
+        daily=tuple(DayUsage(day, cls, late or None, *sums) for (late, day, cls), sums in sorted(daily.items())),
+        spans=tuple(spans[(ln.provider_id, ln.gpu_class, ln.unit_price, ln.adjustment_for)] for ln in invoice.lines),
+        payments=applied,
+        credit_balance=ledger.credit_balances.get(firm_id, ZERO),
+    )  # fmt: skip
 
 
 def write_statements(
@@ -63,9 +90,8 @@ def write_statements(
                 path.write_text(statement_html(st), encoding="utf-8")
                 written.append(path)
             else:
-                lines, daily = statement_csv(st)
-                for suffix, text in (("-lines.csv", lines), ("-daily.csv", daily)):
-                    path = Path(f"{stem}{suffix}")
+                for kind, text in statement_csv(st).items():
+                    path = Path(f"{stem}-{kind}.csv")
                     path.write_text(text, encoding="utf-8")
                     written.append(path)
     return written

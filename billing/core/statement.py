@@ -1,7 +1,7 @@
 """A firm's monthly statement as plain data, and the rule that it ties out to its invoice.
 
-Every figure comes from the stored invoice, items and credits, so a statement equals its
-invoice to the fen by construction; ``check_statement`` proves it before any file is written.
+Every figure comes from the stored invoice, items, credits and payments, so a statement equals
+its invoice to the fen by construction; ``check_statement`` proves it before any file is written.
 """
 
 from __future__ import annotations
@@ -17,6 +17,29 @@ from billing.core.money import ZERO
 
 
 @dataclass(frozen=True, slots=True)
+class DayUsage:
+    """One (day, class) of the invoice's items: the month's own days, and late usage of closed
+    months on its original day (``late_for`` the month it belongs to)."""
+
+    day: date
+    gpu_class: str
+    late_for: str | None
+    allocated_seconds: int
+    busy_seconds: int
+    energy_joules: int
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentApplied:
+    """``amount`` of payment ``reference`` (received ``paid_on``) applied to this invoice on ``applied_on``."""
+
+    paid_on: date
+    reference: str
+    amount: Decimal
+    applied_on: date
+
+
+@dataclass(frozen=True, slots=True)
 class FirmStatement:
     firm_id: str
     firm_name: str
@@ -24,7 +47,10 @@ class FirmStatement:
     invoice: Invoice
     status: InvoiceStatus | None
     as_of: date
-    daily_seconds: dict[tuple[date, str], int]  # (day, gpu_class) -> allocated seconds, own items of the month
+    daily: tuple[DayUsage, ...]  # sorted by (late_for or "", day, gpu_class)
+    spans: tuple[tuple[date, date], ...]  # first and last day of each invoice line's items, in line order
+    payments: tuple[PaymentApplied, ...] = ()  # applied to this invoice as of ``as_of``, in order
+    credit_balance: Decimal = ZERO  # the firm's money waiting for later invoices, as of ``as_of``
 
     @property
     def subsidy_share(self) -> Decimal:
@@ -34,18 +60,31 @@ class FirmStatement:
     def firm_share(self) -> Decimal:
         return self.invoice.amount_due
 
+    @property
+    def paid(self) -> Decimal:
+        return sum((p.amount for p in self.payments), ZERO)
+
 
 def check_statement(st: FirmStatement) -> None:
     """The statement's figures equal its invoice to the fen (and add up); raise if not."""
     inv = st.invoice
     lines = sum((ln.amount for ln in inv.lines), ZERO)
     credits = sum((c.amount for c in inv.credits), ZERO)
-    own_seconds = sum(ln.allocated_seconds for ln in inv.lines if ln.adjustment_for is None)
+
+    def seconds(late: bool) -> tuple[int, int]:
+        on_lines = sum(ln.allocated_seconds for ln in inv.lines if (ln.adjustment_for is not None) == late)
+        by_day = sum(d.allocated_seconds for d in st.daily if (d.late_for is not None) == late)
+        return on_lines, by_day
+
     problems = [
         (lines == inv.gross, f"lines {lines} != gross {inv.gross}"),
         (credits == inv.credit_total, f"credits {credits} != credit_total {inv.credit_total}"),
         (st.firm_share + st.subsidy_share == inv.gross, "firm share + subsidy share != gross"),
-        (sum(st.daily_seconds.values()) == own_seconds, "daily usage != hours on the month's own lines"),
+        (seconds(False)[0] == seconds(False)[1], "daily usage != seconds on the month's own lines"),
+        (seconds(True)[0] == seconds(True)[1], "daily late usage != seconds on the adjustment lines"),
+        (len(st.spans) == len(inv.lines), "a line without its days"),
+        (st.status is None or st.paid == st.status.paid, f"payments listed {st.paid} != paid"),
+        (st.paid <= inv.amount_due, f"payments {st.paid} exceed the amount due {inv.amount_due}"),
     ]
     bad = [text for ok, text in problems if not ok]
     if bad:

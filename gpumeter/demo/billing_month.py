@@ -7,10 +7,11 @@ district pool that pays 50-100 % for a few firms and runs dry during the month.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
 
@@ -160,7 +161,10 @@ def run_billing(work: Path, client: Any, database: str, month: str, step: Any) -
     if check.problems:
         raise click.ClickException("reconciliation failed: " + "; ".join(check.problems))
     step(f"reconciled {month}: usage in ClickHouse = invoiced; every voucher, cap and budget invariant holds")
-    files = write_statements(store, month, None, "html", work / "statements", date.fromisoformat(f"{month}-28"))
-    write_statements(store, month, None, "csv", work / "statements", date.fromisoformat(f"{month}-28"))
-    step(f"statements: {len(files)} firm statements (HTML + CSV), each checked against its invoice")
+    today = datetime.now(ZoneInfo(result.settlement.timezone if result.settlement else "UTC")).date()
+    files = write_statements(store, month, None, "html", work / "statements", today)  # payment status as of today
+    write_statements(store, month, None, "csv", work / "statements", today)
+    step(
+        f"statements: {len(files)} firm statements (HTML + CSV), status as of {today}, each checked against its invoice"
+    )
     click.echo(f"\nOpen: {files[0]}")

@@ -36,8 +36,12 @@ def settled(cli: Cli) -> Cli:
     cli.ok(
         "billing",
         "load",
-        "--ratecard",
-        cli.file("r.toml", RATES),
+        "--ratecard",  # H100 costs 10.00, and 12.00 from 15 March: one class at two prices in March
+        cli.file(
+            "r.toml",
+            RATES + '\n[[rate]]\ngpu_class = "H100"\nprovider = "*"\nprice_per_gpu_hour = "12.00"\n'
+            "effective_from = 2026-03-15\n",
+        ),
         "--programs",
         cli.file("p.toml", PROGRAMS),
         "--firms",
@@ -57,27 +61,100 @@ def settled(cli: Cli) -> Cli:
 
 @pytest.mark.parametrize("month", ["2026-03", "2026-04"])
 def test_every_statement_of_a_settled_month_equals_its_invoice(settled: Cli, month: str) -> None:
+    """Five CSVs, one meaning each, that tie to the invoice to the fen and to the second: the
+    summary's totals, the charge lines (gross), the credits, the payments (paid), and the usage by
+    day and class - late usage on its own day - whose seconds add up to the lines'."""
     out = settled.tmp / "st"
-    written = settled.ok("statement", "--month", month, "--format", "csv", "--out", str(out)).out.split()
+    written = settled.ok("statement", "--month", month, "--format", "csv", "--out", str(out), "--as-of",
+                         "2026-06-01").out.split()  # fmt: skip
     invoices = {i["firm_id"]: i for i in settled.ok("billing", "export", "--month", month).json()["invoices"]}
+    kinds = ("summary", "lines", "credits", "payments", "daily")
     assert sorted(Path(p).name for p in written) == sorted(
-        f"statement-{f}-{month}-{kind}.csv" for f in invoices for kind in ("lines", "daily")
+        f"statement-{f}-{month}-{kind}.csv" for f in invoices for kind in kinds
     )
     for firm, inv in invoices.items():
-        lines = list(csv.DictReader(io.StringIO((out / f"statement-{firm}-{month}-lines.csv").read_text())))
-        charges = [r for r in lines if not r["adjustment_for"].startswith("credit")]
-        credits = [r for r in lines if r["adjustment_for"].startswith("credit")]
-        assert sum(Decimal(r["amount"]) for r in charges) == Decimal(inv["gross"])
-        assert -sum(Decimal(r["amount"]) for r in credits) == Decimal(inv["credit_total"])
-        assert [r["gpu_hours"] for r in charges] == [ln["gpu_hours"] for ln in inv["lines"]]
-        daily = list(csv.DictReader(io.StringIO((out / f"statement-{firm}-{month}-daily.csv").read_text())))
-        own_hours = sum(Decimal(ln["gpu_hours"]) for ln in inv["lines"] if ln["adjustment_for"] is None)
-        assert sum(Decimal(r["gpu_hours"]) for r in daily) == own_hours
+        read = {k: list(csv.DictReader(io.StringIO((out / f"statement-{firm}-{month}-{k}.csv").read_text())))
+                for k in kinds}  # fmt: skip
+        [summary] = read["summary"]
+        assert (summary["gross"], summary["credit_total"], summary["amount_due"], summary["due_date"]) == (
+            inv["gross"], inv["credit_total"], inv["amount_due"], inv["due_date"]
+        )  # fmt: skip
+        assert sum(Decimal(r["amount"]) for r in read["lines"]) == Decimal(inv["gross"])
+        assert [r["gpu_hours"] for r in read["lines"]] == [ln["gpu_hours"] for ln in inv["lines"]]
+        assert sum(Decimal(r["amount"]) for r in read["credits"]) == Decimal(inv["credit_total"])
+        assert sum((Decimal(r["amount_applied"]) for r in read["payments"]), Decimal(0)) == Decimal(summary["paid"])
+        assert Decimal(summary["paid"]) + Decimal(summary["outstanding"]) == Decimal(inv["amount_due"])
+        line_seconds = sum(int(r["allocated_seconds"]) for r in read["lines"])
+        assert sum(int(r["allocated_seconds"]) for r in read["daily"]) == line_seconds
+        for ln in read["lines"]:  # each line's days hold exactly its seconds
+            days = [d for d in read["daily"] if ln["first_day"] <= d["day"] <= ln["last_day"]
+                    and d["gpu_class"] == ln["gpu_class"] and d["adjustment_for"] == ln["adjustment_for"]]  # fmt: skip
+            assert days and all(d["adjustment_for"] or d["day"].startswith(month) for d in days)
     with Store(f"sqlite:///{settled.tmp / 'home' / 'billing.sqlite3'}").transaction() as tx:
         from datetime import date
 
         for firm in invoices:
-            check_statement(firm_statement(tx, firm, month, date(2026, 5, 1)))
+            check_statement(firm_statement(tx, firm, month, date(2026, 6, 1)))
+
+
+def test_a_class_at_two_prices_shows_each_price_with_its_days(settled: Cli) -> None:
+    out = settled.tmp / "two"
+    settled.ok("statement", "--firm", "F1", "--month", "2026-03", "--format", "csv", "--out", str(out))
+    lines = list(csv.DictReader(io.StringIO((out / "statement-F1-2026-03-lines.csv").read_text())))
+    assert [(r["unit_price"], r["first_day"], r["last_day"]) for r in lines] == [
+        ("10.00", "2026-03-01", "2026-03-14"), ("12.00", "2026-03-15", "2026-03-28"),
+    ]  # fmt: skip
+    settled.ok("statement", "--firm", "F1", "--month", "2026-03", "--out", str(out))
+    page = (out / "statement-F1-2026-03.html").read_text()
+    assert "<td>03-01 to 03-14</td><td class=n>10.00</td>" in page
+    assert "<td>03-15 to 03-28</td><td class=n>12.00</td>" in page
+
+
+def test_payments_and_a_credit_balance_are_on_the_statement(settled: Cli) -> None:
+    """F1 pays its April invoice and 100.00 more: the statement lists each payment applied to the
+    invoice (date, reference, amount) and shows the credit balance that waits for the next one."""
+    inv = next(
+        i for i in settled.ok("billing", "export", "--month", "2026-04").json()["invoices"] if i["firm_id"] == "F1"
+    )
+    mar = next(
+        i for i in settled.ok("billing", "export", "--month", "2026-03").json()["invoices"] if i["firm_id"] == "F1"
+    )
+    owed = Decimal(inv["amount_due"]) + Decimal(mar["amount_due"]) - Decimal("50.00")
+    settled.ok("billing", "pay", "--firm", "F1", "--amount", str(owed + 100), "--date", "2026-06-02",
+               "--reference", "B-2")  # fmt: skip
+    out = settled.tmp / "pay"
+    settled.ok("statement", "--firm", "F1", "--month", "2026-04", "--out", str(out), "--as-of", "2026-06-03")
+    page = (out / "statement-F1-2026-04.html").read_text()
+    assert 'id="credit_balance">100.00 CNY<' in page and 'id="status">paid<' in page
+    assert "<td>2026-06-02</td><td>B-2</td>" in page
+    settled.ok("statement", "--firm", "F1", "--month", "2026-04", "--out", str(out), "--as-of", "2026-06-03",
+               "--format", "csv")  # fmt: skip
+    [summary] = csv.DictReader(io.StringIO((out / "statement-F1-2026-04-summary.csv").read_text()))
+    assert (summary["credit_balance"], summary["status"], summary["outstanding"]) == ("100.00", "paid", "0.00")
+    r = settled("statement", "--firm", "F1", "--month", "2026-04", "--out", str(out), "--as-of", "2026-04-30")
+    assert r.code == 1 and "is before invoice INV-2026-04-F1 was issued (2026-05-01)" in r.err
+
+
+def test_busy_hours_energy_and_every_day_of_the_month_are_on_the_statement(settled: Cli) -> None:
+    out = settled.tmp / "busy"
+    settled.ok("usage", "import", settled.usage(
+        "," .join(row("e", "2026-05-03T00:00:00", 3600, hours=1).split(",")[:9]) + ",1800.5,720000"
+    ))  # fmt: skip
+    settled.ok("billing", "settle", "--month", "2026-05")
+    settled.ok("statement", "--firm", "F1", "--month", "2026-05", "--out", str(out), "--format", "csv")
+    [line] = csv.DictReader(io.StringIO((out / "statement-F1-2026-05-lines.csv").read_text()))
+    assert (line["busy_gpu_hours"], line["energy_kwh"]) == (
+        "0.500278",
+        "0.200",
+    )  # 1800.5 s counts 1801 (rule 2.5), 720 kJ
+    settled.ok("statement", "--firm", "F1", "--month", "2026-05", "--out", str(out))
+    page = (out / "statement-F1-2026-05.html").read_text()
+    assert "<td class=n>0.500278</td><td class=n>0.200</td>" in page
+    days = re.findall(r'<text class="day"[^>]*>(\d+)</text>', page)
+    assert days == ["1", "5", "10", "15", "20", "25", "31"]  # the whole of May, though one day had usage
+    ticks = [float(t) for t in re.findall(r'<text class="tick"[^>]*>([\d.]+)</text>', page)]
+    assert ticks[0] == 0 and ticks[-1] >= 1 and all(round(t / (ticks[1] - ticks[0]), 9).is_integer() for t in ticks)
+    assert ">GPU-h</text>" in page
 
 
 def test_html_statement_shows_the_invoice_totals_and_adjustments(settled: Cli) -> None:
@@ -89,6 +166,7 @@ def test_html_statement_shows_the_invoice_totals_and_adjustments(settled: Cli) -
     assert f'id="amount_due">{inv["amount_due"]} CNY<' in page
     assert "late usage of 2026-03" in page
     assert 'id="status">overdue<' in page  # due 2026-05-31, not fully paid by 2026-06-15
+    assert 'id="late_usage">Also billed: late usage of earlier months, 2.000000 GPU-h of 2026-03' in page
 
 
 def _chromium() -> str | None:
