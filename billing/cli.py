@@ -102,9 +102,22 @@ def load(
 ) -> None:
     """Load configuration files into the billing store.
 
-    All files are validated whole first; a bad row anywhere refuses everything
-    (FILE:LINE: reason) and nothing is written. Loading the same files again
-    changes nothing. Rows are upserted by id; leaving a row out deletes nothing.
+    All files are validated whole first; every problem of every file is reported
+    at once (FILE:LINE: reason) and nothing is written. Loading the same files
+    again changes nothing. Rows are upserted by id; leaving a row out deletes
+    nothing. A file with no rows is refused.
+
+    \b
+    Rate card (TOML): currency = "CNY", timezone = "Asia/Shanghai",
+      [[rate]] gpu_class, provider ("*" = any), price_per_gpu_hour ("12.50"),
+      effective_from (date)
+    Programs (TOML): [[program]] id, year, category (compute|model|data),
+      budget, firm_cap, optional [program.auto_grant] face_value, subsidy_rate
+    Vouchers (CSV): voucher_id, program_id, firm_id, face_value, subsidy_rate,
+      valid_from, valid_until, priority   (firm and program loaded, dates in
+      the program's year)
+    Firms (CSV): firm_id, name, payment_terms_days (empty = 30)
+    Full formats: docs/file-formats.md; examples: docs/examples/.
 
     \b
     Example:

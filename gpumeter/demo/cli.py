@@ -7,8 +7,10 @@ against the simulator's ground truth.
 
 from __future__ import annotations
 
+import calendar
 import fcntl
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -140,12 +142,20 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
         ]
         start_s, end_s = int(start.timestamp()), int(nxt.timestamp())
 
+        tty = sys.stdout.isatty()
+        said = [0]
+
         def progress(now_s: int) -> None:
             done = (now_s - start_s) / (end_s - start_s)
-            click.echo(f"\r  metering: {done:6.1%} of the month", nl=False)
+            if tty:  # one line, rewritten
+                click.echo(f"\r  metering: {done:6.1%} of the month", nl=False)
+            elif int(done * 4) > said[0]:  # a log or a pipe: a plain line each quarter
+                said[0] = int(done * 4)
+                step(f"metering: {done:.0%} of the month")
 
         run_simulated(agents, start_s, end_s, interval_s, progress=progress)
-        click.echo()
+        if tty:
+            click.echo()
         sink.flush()
         sink.close()
         step(
@@ -201,6 +211,28 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
     click.echo()
     run_billing(work, client, settings.clickhouse_database, month, step)
     click.echo(f"stores, statements and logs: {work}")
+    click.echo(query_hint(work, settings.clickhouse_database, month))
+
+
+def query_hint(work: Path, database: str, month: str) -> str:
+    """How to look at what the demo built with the ordinary commands, and where its inputs are."""
+    env = (
+        f"GPUMETER_CLICKHOUSE_DSN=chdb://{(work / 'clickhouse').resolve()} "
+        f"GPUMETER_CLICKHOUSE_DATABASE={database} GPUMETER_BILLING_DB=sqlite:///{(work / 'billing.sqlite3').resolve()}"
+    )
+    inputs = work / "billing-inputs"
+    last_day = calendar.monthrange(*(int(x) for x in month.split("-")))[1]
+    return "\n".join([
+        "",
+        "Query what it built (the demo's stores, not your GPUMETER_HOME's): set",
+        f"  export {env}",
+        "then, for example:",
+        f"  gpumeter usage summary --from {month}-01 --to {month}-{last_day}",
+        f"  gpumeter billing invoices --month {month}",
+        f"  gpumeter billing export --month {month}",
+        f"  gpumeter billing reconcile --month {month}",
+        f"Example input files: {inputs}/ (rates.toml, programs.toml, vouchers.csv, firms.csv) and {work / 'fleet.csv'}",
+    ])  # fmt: skip
 
 
 def _check_coverage(

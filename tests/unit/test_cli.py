@@ -71,3 +71,22 @@ def test_a_file_the_machine_refuses_is_a_plain_error_not_a_bug(
         main(["usage", "summary", "--timezone", "UTC"])
     assert exit_.value.code == 1
     assert capsys.readouterr().err.strip() == "Error: [Errno 13] Permission denied: '/var/lib/gpumeter/ch'"
+
+
+def test_billing_load_help_names_every_column_of_its_files(capsys: pytest.CaptureFixture[str]) -> None:
+    from billing.adapters.files import FIRM_COLUMNS, VOUCHER_COLUMNS
+
+    main(["billing", "load", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for column in (*VOUCHER_COLUMNS, *FIRM_COLUMNS, "gpu_class", "provider", "price_per_gpu_hour", "effective_from",
+                   "year", "category", "budget", "firm_cap", "timezone", "currency"):  # fmt: skip
+        assert column in text, column
+
+
+def test_the_demo_says_how_to_query_what_it_built() -> None:
+    from gpumeter.demo.cli import query_hint
+
+    hint = query_hint(Path("/srv/demo"), "gm", "2026-04")
+    assert "GPUMETER_CLICKHOUSE_DSN=chdb:///srv/demo/clickhouse GPUMETER_CLICKHOUSE_DATABASE=gm" in hint
+    assert "GPUMETER_BILLING_DB=sqlite:////srv/demo/billing.sqlite3" in hint
+    assert "--from 2026-04-01 --to 2026-04-30" in hint and "/srv/demo/billing-inputs/" in hint
