@@ -202,13 +202,15 @@ def settlements(tx: Tx) -> list[SettlementRow]:
     ]
 
 
-def drawn_state(tx: Tx) -> NettingState:
-    """What every earlier settlement drew, per voucher, per (firm, program), per program."""
+def drawn_state(tx: Tx, through_month: str | None = None) -> NettingState:
+    """What every earlier settlement drew, per voucher, per (firm, program), per program; with
+    ``through_month``, only the settlements of that month and before (months settle in order)."""
     by_v: dict[str, Decimal] = defaultdict(Decimal)
     by_fp: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     by_p: dict[str, Decimal] = defaultdict(Decimal)
+    where, params = ("", ()) if through_month is None else (" WHERE month <= ?", (through_month,))
     for voucher_id, firm_id, program_id, amount in tx.query(
-        "SELECT voucher_id, firm_id, program_id, amount FROM credits"
+        "SELECT voucher_id, firm_id, program_id, amount FROM credits" + where, params
     ):
         a = Decimal(amount)
         by_v[voucher_id] += a

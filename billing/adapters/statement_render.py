@@ -61,9 +61,12 @@ def statement_csv(st: FirmStatement) -> dict[str, str]:
     )  # fmt: skip
     table(
         "credits",
-        ["invoice_id", "voucher_id", "program_id", "amount"],
-        [[inv.invoice_id, c.voucher_id, c.program_id, format_money(c.amount)] for c in inv.credits],
-    )
+        ["invoice_id", "voucher_id", "program_id", "subsidy_rate", "amount", "limits_reached"],
+        [[inv.invoice_id, v.voucher_id, v.program_id, str(v.subsidy_rate), format_money(v.paid), "; ".join(v.limits)]
+         for v in st.vouchers]
+        if st.vouchers
+        else [[inv.invoice_id, c.voucher_id, c.program_id, "", format_money(c.amount), ""] for c in inv.credits],
+    )  # fmt: skip
     table(
         "payments",
         ["invoice_id", "paid_on", "reference", "amount_applied", "applied_on"],
@@ -77,6 +80,11 @@ def statement_csv(st: FirmStatement) -> dict[str, str]:
           _hours(d.busy_seconds), _kwh(d.energy_joules)] for d in st.daily],
     )  # fmt: skip
     return out
+
+
+def _percent(rate: Decimal) -> str:
+    text = f"{rate * 100:f}"
+    return (text.rstrip("0").rstrip(".") if "." in text else text) + "%"
 
 
 def _hours(seconds: int) -> str:
@@ -215,11 +223,11 @@ def statement_html(st: FirmStatement, currency_note: str = "") -> str:
     )
     credit_rows = (
         "".join(
-            f"<tr><td>{esc(c.voucher_id)}</td><td>{esc(c.program_id)}</td>"
-            f"<td class=n>{format_money(c.amount)}</td></tr>"
-            for c in inv.credits
+            f"<tr><td>{esc(v.voucher_id)}</td><td>{esc(v.program_id)}</td><td class=n>{_percent(v.subsidy_rate)}</td>"
+            f"<td class=n>{format_money(v.paid)}</td><td>{esc('; '.join(v.limits))}</td></tr>"
+            for v in st.vouchers
         )
-        or '<tr><td colspan=3 class="muted">No voucher applied to this invoice.</td></tr>'
+        or '<tr><td colspan=5 class="muted">No voucher could pay this month.</td></tr>'
     )
     firm_w = float(st.firm_share / gross * 100) if gross else 100.0
     return f"""<!doctype html>
@@ -249,8 +257,13 @@ due <b>{inv.due_date}</b> · status as of {st.as_of}: <span class="status {esc(s
 <p class="muted">Billed on GPU-hours held (allocated). Busy GPU-hours (the GPU's measured utilisation) and energy
 are shown for information and never priced; where an agent could not measure them they count as 0.</p>
 <h2>Subsidy by voucher and program</h2>
-<table><thead><tr><th>Voucher</th><th>Program</th><th class=n>Credit</th></tr></thead><tbody>{credit_rows}</tbody>
-<tfoot><tr><th colspan=2>Total credits</th><th class=n>{format_money(inv.credit_total)}</th></tr></tfoot></table>
+<table id="credits"><thead><tr><th>Voucher</th><th>Program</th><th class=n>Rate</th><th class=n>Credit</th>
+<th>Why not more</th></tr></thead><tbody>{credit_rows}</tbody>
+<tfoot><tr><th colspan=3>Total credits</th><th class=n>{format_money(inv.credit_total)}</th><th></th></tr></tfoot>
+</table>
+<p class="muted">A voucher pays its rate of what earlier vouchers left of each item, until it is used up, the
+firm's cap in its program or the program's budget is reached, or outside its validity ("why not more" says
+which of these held by the end of this month's settlement).</p>
 <h2>Payments</h2>
 <table id="payments"><thead><tr><th>Received</th><th>Reference</th><th class=n>Applied to this invoice</th><th></th>
 </tr></thead><tbody>{payment_rows}</tbody>

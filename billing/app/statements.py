@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -11,9 +11,16 @@ from billing.adapters import state
 from billing.adapters.statement_render import statement_csv, statement_html
 from billing.adapters.store import Store, Tx
 from billing.core.ledger import apply_payments
-from billing.core.model import BillingError
+from billing.core.model import BillingError, first_day_of_next_month
 from billing.core.money import ZERO
-from billing.core.statement import DayUsage, FirmStatement, PaymentApplied, check_statement
+from billing.core.statement import (
+    DayUsage,
+    FirmStatement,
+    PaymentApplied,
+    VoucherNote,
+    check_statement,
+    voucher_limits,
+)
 
 
 def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date) -> FirmStatement:
@@ -47,12 +54,37 @@ def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date) -> FirmStateme
         spans[(provider, cls, price, late)] = (min(first, day), max(last, day))
     firms = state.firms(tx)
     name = firms[firm_id].name if firm_id in firms else firm_id
+    first_day = date.fromisoformat(f"{month}-01")
+    month_days = (first_day, first_day_of_next_month(month) - timedelta(days=1))
+    programs, drawn = state.programs(tx), state.drawn_state(tx, through_month=month)
+    paid_by = {c.voucher_id: c.amount for c in invoice.credits}
+    notes = []
+    for v in sorted(state.vouchers(tx).values(), key=lambda v: v.voucher_id):
+        program = programs.get(v.program_id)
+        could_pay = (
+            v.firm_id == firm_id
+            and program is not None
+            and program.year == first_day.year
+            and (v.valid_from <= month_days[1] and v.valid_until >= month_days[0])
+        )
+        if program is None or not (could_pay or v.voucher_id in paid_by):
+            continue
+        limits = voucher_limits(
+            v.program_id, (v.valid_from, v.valid_until), month_days, v.face_value,
+            program.firm_cap, program.budget, drawn.drawn_by_voucher.get(v.voucher_id, ZERO),
+            drawn.drawn_by_firm_program.get((firm_id, v.program_id), ZERO),
+            drawn.drawn_by_program.get(v.program_id, ZERO),
+        )  # fmt: skip
+        if program.category != "compute":
+            limits = ("a " + program.category + " program: it never pays for GPU time", *limits)
+        notes.append(VoucherNote(v.voucher_id, v.program_id, v.subsidy_rate, paid_by.get(v.voucher_id, ZERO), limits))
     return FirmStatement(
         firm_id, name, month, invoice, status, as_of,
         daily=tuple(DayUsage(day, cls, late or None, *sums) for (late, day, cls), sums in sorted(daily.items())),
         spans=tuple(spans[(ln.provider_id, ln.gpu_class, ln.unit_price, ln.adjustment_for)] for ln in invoice.lines),
         payments=applied,
         credit_balance=ledger.credit_balances.get(firm_id, ZERO),
+        vouchers=tuple(notes),
     )  # fmt: skip
 
 

@@ -40,6 +40,40 @@ class PaymentApplied:
 
 
 @dataclass(frozen=True, slots=True)
+class VoucherNote:
+    """A voucher of the firm that could pay this month: what it paid on this invoice, at what rate,
+    and the limits that held it back (from the state right after this month's settlement)."""
+
+    voucher_id: str
+    program_id: str
+    subsidy_rate: Decimal
+    paid: Decimal
+    limits: tuple[str, ...]  # e.g. "firm cap of CITY-2026 reached (25.00)"; empty: none reached
+
+
+def voucher_limits(
+    program_id: str, valid: tuple[date, date], month_days: tuple[date, date],
+    face_value: Decimal, firm_cap: Decimal, budget: Decimal,
+    drawn_voucher: Decimal, drawn_firm: Decimal, drawn_program: Decimal,
+) -> tuple[str, ...]:  # fmt: skip
+    """Why a voucher paid less than its rate of the firm's items (rule 3.10's limits), in words:
+    used up, the firm's cap in its program reached, the program's budget exhausted, and its
+    validity ending or starting inside the month (items outside it get nothing from it)."""
+    out = []
+    if drawn_voucher >= face_value:
+        out.append(f"voucher used up (face value {face_value:.2f})")
+    if drawn_firm >= firm_cap:
+        out.append(f"firm cap of {program_id} reached ({firm_cap:.2f} per firm)")
+    if drawn_program >= budget:
+        out.append(f"budget of {program_id} exhausted ({budget:.2f})")
+    if month_days[0] < valid[0] <= month_days[1]:
+        out.append(f"valid only from {valid[0]}")
+    if month_days[0] <= valid[1] < month_days[1]:
+        out.append(f"expired after {valid[1]}")
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
 class FirmStatement:
     firm_id: str
     firm_name: str
@@ -51,6 +85,7 @@ class FirmStatement:
     spans: tuple[tuple[date, date], ...]  # first and last day of each invoice line's items, in line order
     payments: tuple[PaymentApplied, ...] = ()  # applied to this invoice as of ``as_of``, in order
     credit_balance: Decimal = ZERO  # the firm's money waiting for later invoices, as of ``as_of``
+    vouchers: tuple[VoucherNote, ...] = ()  # every voucher that could pay this month, by voucher_id
 
     @property
     def subsidy_share(self) -> Decimal:
@@ -85,6 +120,10 @@ def check_statement(st: FirmStatement) -> None:
         (len(st.spans) == len(inv.lines), "a line without its days"),
         (st.status is None or st.paid == st.status.paid, f"payments listed {st.paid} != paid"),
         (st.paid <= inv.amount_due, f"payments {st.paid} exceed the amount due {inv.amount_due}"),
+        (
+            not st.vouchers or sum((v.paid for v in st.vouchers), ZERO) == inv.credit_total,
+            "voucher notes != credit_total",
+        ),
     ]
     bad = [text for ok, text in problems if not ok]
     if bad:

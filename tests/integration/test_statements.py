@@ -221,3 +221,19 @@ def test_provider_statement_and_month_summary(settled: Cli) -> None:
     credits = sum(Decimal(i["credit_total"]) for i in doc["invoices"])
     assert summary[0].splitlines()[1] == f"2026-03,2,{gross},{credits},{gross - credits},CNY"
     assert summary[1].splitlines()[1].startswith(f"CITY-2026,2026,{credits},100000.00,")
+
+
+def test_the_statement_says_why_a_voucher_paid_less_than_its_rate(settled: Cli) -> None:
+    """CITY-2026 pays 50 % but at most 25.00 per firm: F1's March usage is far above that, so its
+    statement says the firm cap held the subsidy back; the credits still tie to the invoice."""
+    out = settled.tmp / "why"
+    settled.ok("statement", "--firm", "F1", "--month", "2026-03", "--out", str(out), "--format", "csv")
+    [credit] = csv.DictReader(io.StringIO((out / "statement-F1-2026-03-credits.csv").read_text()))
+    inv = settled.ok("billing", "export", "--month", "2026-03").json()["invoices"][0]
+    assert (credit["voucher_id"], credit["subsidy_rate"], credit["amount"]) == (
+        "AUTO-CITY-2026-F1", "0.5", inv["credit_total"]
+    )  # fmt: skip
+    assert credit["limits_reached"] == "firm cap of CITY-2026 reached (25.00 per firm)"
+    settled.ok("statement", "--firm", "F1", "--month", "2026-03", "--out", str(out))
+    page = (out / "statement-F1-2026-03.html").read_text()
+    assert "<td class=n>50%</td><td class=n>25.00</td><td>firm cap of CITY-2026 reached (25.00 per firm)</td>" in page

@@ -307,3 +307,20 @@ def test_results_do_not_depend_on_the_callers_decimal_context() -> None:
         ctx.prec = 3
         ctx.rounding = ROUND_DOWN
         assert settle(usages) == expected
+
+
+def test_voucher_limits_say_which_limit_held_a_voucher_back() -> None:
+    from datetime import date
+    from decimal import Decimal
+
+    from billing.core.statement import voucher_limits
+
+    march = (date(2026, 3, 1), date(2026, 3, 31))
+    d = Decimal
+    assert voucher_limits("P", (date(2026, 1, 1), date(2026, 12, 31)), march, d("10"), d("50"), d("99"),
+                          d("3"), d("3"), d("3")) == ()  # fmt: skip
+    assert voucher_limits("P", (date(2026, 3, 10), date(2026, 3, 20)), march, d("10"), d("50"), d("99"),
+                          d("10"), d("50"), d("99")) == (
+        "voucher used up (face value 10.00)", "firm cap of P reached (50.00 per firm)",
+        "budget of P exhausted (99.00)", "valid only from 2026-03-10", "expired after 2026-03-20",
+    )  # fmt: skip
