@@ -14,8 +14,8 @@ from datetime import date, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
-from billing.core.money import format_gpu_hours, format_money, round_fraction_half_up
-from billing.core.statement import FirmStatement
+from billing.core.money import HOURS_DISPLAY_PLACES, format_gpu_hours, format_money, round_fraction_half_up
+from billing.core.statement import FirmStatement, hours_by_item
 
 CLASS_COLOURS = ("#2f6fdf", "#e07a1f", "#2a9d6f", "#b23a8f", "#7a5cc7", "#c9a227", "#4a90a4", "#8a8a8a")
 
@@ -75,9 +75,11 @@ def statement_csv(st: FirmStatement) -> dict[str, str]:
     )  # fmt: skip
     table(
         "daily",
-        ["day", "gpu_class", "adjustment_for", "allocated_seconds", "gpu_hours", "busy_gpu_hours", "energy_kwh"],
-        [[d.day.isoformat(), d.gpu_class, d.late_for or "", str(d.allocated_seconds), _hours(d.allocated_seconds),
-          _hours(d.busy_seconds), _kwh(d.energy_joules)] for d in st.daily],
+        ["day", "provider_id", "gpu_class", "unit_price", "adjustment_for", "allocated_seconds", "gpu_hours",
+         "busy_gpu_hours", "energy_kwh"],
+        [[d.day.isoformat(), d.provider_id, d.gpu_class, str(d.unit_price), d.late_for or "", str(d.allocated_seconds),
+          format(round_fraction_half_up(h, HOURS_DISPLAY_PLACES), "f"), _hours(d.busy_seconds), _kwh(d.energy_joules)]
+         for d, h in zip(st.daily, hours_by_item(st), strict=True)],
     )  # fmt: skip
     return out
 
@@ -121,7 +123,9 @@ def _chart(st: FirmStatement) -> str:
     late = [d for d in st.daily if d.late_for is not None]
     days = _month_days(st.month)
     classes = sorted({d.gpu_class for d in own})
-    seconds = {(d.day, d.gpu_class): d.allocated_seconds for d in own}
+    seconds: dict[tuple[date, str], int] = {}
+    for d in own:
+        seconds[(d.day, d.gpu_class)] = seconds.get((d.day, d.gpu_class), 0) + d.allocated_seconds
     per_day = {day: sum(seconds.get((day, c), 0) for c in classes) for day in days}
     ticks = _ticks(max(per_day.values(), default=0) / 3600)
     top = ticks[-1]

@@ -44,14 +44,15 @@ def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date) -> FirmStateme
         for a in ledger.allocations
         if a.invoice_id == invoice.invoice_id
     )
-    items = state.items_of(tx, month, firm_id)
-    daily: dict[tuple[str, date, str], list[int]] = {}
+    daily = sorted(
+        (DayUsage(day, provider, cls, price, late, seconds, busy, joules)
+         for day, provider, cls, late, price, seconds, busy, joules in state.items_of(tx, month, firm_id)),
+        key=lambda d: (d.late_for or "", d.day, d.provider_id, d.gpu_class),
+    )  # fmt: skip
     spans: dict[tuple[str, str, Decimal, str | None], tuple[date, date]] = {}
-    for day, provider, cls, late, price, seconds, busy, joules in items:
-        sums = daily.setdefault((late or "", day, cls), [0, 0, 0])
-        sums[0], sums[1], sums[2] = sums[0] + seconds, sums[1] + busy, sums[2] + joules
-        first, last = spans.get((provider, cls, price, late), (day, day))
-        spans[(provider, cls, price, late)] = (min(first, day), max(last, day))
+    for d in daily:
+        first, last = spans.get(d.line_key, (d.day, d.day))
+        spans[d.line_key] = (min(first, d.day), max(last, d.day))
     firms = state.firms(tx)
     name = firms[firm_id].name if firm_id in firms else firm_id
     first_day = date.fromisoformat(f"{month}-01")
@@ -80,7 +81,7 @@ def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date) -> FirmStateme
         notes.append(VoucherNote(v.voucher_id, v.program_id, v.subsidy_rate, paid_by.get(v.voucher_id, ZERO), limits))
     return FirmStatement(
         firm_id, name, month, invoice, status, as_of,
-        daily=tuple(DayUsage(day, cls, late or None, *sums) for (late, day, cls), sums in sorted(daily.items())),
+        daily=tuple(daily),
         spans=tuple(spans[(ln.provider_id, ln.gpu_class, ln.unit_price, ln.adjustment_for)] for ln in invoice.lines),
         payments=applied,
         credit_balance=ledger.credit_balances.get(firm_id, ZERO),

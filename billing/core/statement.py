@@ -6,27 +6,54 @@ its invoice to the fen by construction; ``check_statement`` proves it before any
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
+from fractions import Fraction
 
 from billing.core.invoicing import Invoice
 from billing.core.ledger import InvoiceStatus
 from billing.core.model import BillingError
-from billing.core.money import ZERO
+from billing.core.money import HOURS_DISPLAY_PLACES, ZERO, round_fraction_half_up
 
 
 @dataclass(frozen=True, slots=True)
 class DayUsage:
-    """One (day, class) of the invoice's items: the month's own days, and late usage of closed
-    months on its original day (``late_for`` the month it belongs to)."""
+    """One charge item of the invoice: a day, provider, class and price; the month's own days, and
+    late usage of closed months on its original day (``late_for`` the month it belongs to)."""
 
     day: date
+    provider_id: str
     gpu_class: str
+    unit_price: Decimal
     late_for: str | None
     allocated_seconds: int
     busy_seconds: int
     energy_joules: int
+
+    @property
+    def line_key(self) -> tuple[str, str, Decimal, str | None]:
+        """The invoice line it is on (rule 4.3)."""
+        return (self.provider_id, self.gpu_class, self.unit_price, self.late_for)
+
+
+def hours_by_item(st: FirmStatement) -> list[Fraction]:
+    """Each daily row's GPU-hours at display precision (``HOURS_DISPLAY_PLACES``), rounded so the
+    rows of each invoice line add up exactly to that line's displayed hours (largest remainder)."""
+    unit = Fraction(1, 10**HOURS_DISPLAY_PLACES)
+    out: list[Fraction] = [Fraction(0)] * len(st.daily)
+    lines = {(ln.provider_id, ln.gpu_class, ln.unit_price, ln.adjustment_for): ln for ln in st.invoice.lines}
+    for key, line in lines.items():
+        rows = [i for i, d in enumerate(st.daily) if d.line_key == key]
+        exact = [Fraction(st.daily[i].allocated_seconds, 3600) / unit for i in rows]
+        floors = [math.floor(x) for x in exact]
+        target = Fraction(round_fraction_half_up(line.gpu_hours, HOURS_DISPLAY_PLACES)) / unit
+        short = int(target) - sum(floors)
+        ahead = sorted(range(len(rows)), key=lambda k: (-(exact[k] - floors[k]), k))[: max(short, 0)]
+        for k, i in enumerate(rows):
+            out[i] = (floors[k] + (1 if k in ahead else 0)) * unit
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +108,7 @@ class FirmStatement:
     invoice: Invoice
     status: InvoiceStatus | None
     as_of: date
-    daily: tuple[DayUsage, ...]  # sorted by (late_for or "", day, gpu_class)
+    daily: tuple[DayUsage, ...]  # every item, sorted by (late_for or "", day, provider, class)
     spans: tuple[tuple[date, date], ...]  # first and last day of each invoice line's items, in line order
     payments: tuple[PaymentApplied, ...] = ()  # applied to this invoice as of ``as_of``, in order
     credit_balance: Decimal = ZERO  # the firm's money waiting for later invoices, as of ``as_of``
@@ -106,17 +133,16 @@ def check_statement(st: FirmStatement) -> None:
     lines = sum((ln.amount for ln in inv.lines), ZERO)
     credits = sum((c.amount for c in inv.credits), ZERO)
 
-    def seconds(late: bool) -> tuple[int, int]:
-        on_lines = sum(ln.allocated_seconds for ln in inv.lines if (ln.adjustment_for is not None) == late)
-        by_day = sum(d.allocated_seconds for d in st.daily if (d.late_for is not None) == late)
-        return on_lines, by_day
-
+    per_line: dict[tuple[str, str, Decimal, str | None], int] = {}
+    for d in st.daily:
+        per_line[d.line_key] = per_line.get(d.line_key, 0) + d.allocated_seconds
+    on_lines = {(ln.provider_id, ln.gpu_class, ln.unit_price, ln.adjustment_for): ln.allocated_seconds
+                for ln in inv.lines}  # fmt: skip
     problems = [
         (lines == inv.gross, f"lines {lines} != gross {inv.gross}"),
         (credits == inv.credit_total, f"credits {credits} != credit_total {inv.credit_total}"),
         (st.firm_share + st.subsidy_share == inv.gross, "firm share + subsidy share != gross"),
-        (seconds(False)[0] == seconds(False)[1], "daily usage != seconds on the month's own lines"),
-        (seconds(True)[0] == seconds(True)[1], "daily late usage != seconds on the adjustment lines"),
+        (per_line == on_lines, "the daily rows' seconds differ from their lines'"),
         (len(st.spans) == len(inv.lines), "a line without its days"),
         (st.status is None or st.paid == st.status.paid, f"payments listed {st.paid} != paid"),
         (st.paid <= inv.amount_due, f"payments {st.paid} exceed the amount due {inv.amount_due}"),

@@ -86,10 +86,13 @@ def test_every_statement_of_a_settled_month_equals_its_invoice(settled: Cli, mon
         assert Decimal(summary["paid"]) + Decimal(summary["outstanding"]) == Decimal(inv["amount_due"])
         line_seconds = sum(int(r["allocated_seconds"]) for r in read["lines"])
         assert sum(int(r["allocated_seconds"]) for r in read["daily"]) == line_seconds
-        for ln in read["lines"]:  # each line's days hold exactly its seconds
-            days = [d for d in read["daily"] if ln["first_day"] <= d["day"] <= ln["last_day"]
-                    and d["gpu_class"] == ln["gpu_class"] and d["adjustment_for"] == ln["adjustment_for"]]  # fmt: skip
-            assert days and all(d["adjustment_for"] or d["day"].startswith(month) for d in days)
+        key = ("provider_id", "gpu_class", "unit_price", "adjustment_for")
+        for ln in read["lines"]:  # each line's daily rows hold exactly its seconds, and its hours to the 6th place
+            days = [d for d in read["daily"] if all(d[k] == ln[k] for k in key)]
+            assert sum(int(d["allocated_seconds"]) for d in days) == int(ln["allocated_seconds"])
+            assert sum(Decimal(d["gpu_hours"]) for d in days) == Decimal(ln["gpu_hours"])
+            assert min(d["day"] for d in days) == ln["first_day"] and max(d["day"] for d in days) == ln["last_day"]
+            assert all(d["adjustment_for"] or d["day"].startswith(month) for d in days)
     with Store(f"sqlite:///{settled.tmp / 'home' / 'billing.sqlite3'}").transaction() as tx:
         from datetime import date
 

@@ -324,3 +324,28 @@ def test_voucher_limits_say_which_limit_held_a_voucher_back() -> None:
         "voucher used up (face value 10.00)", "firm cap of P reached (50.00 per firm)",
         "budget of P exhausted (99.00)", "valid only from 2026-03-10", "expired after 2026-03-20",
     )  # fmt: skip
+
+
+def test_daily_hours_add_up_to_their_lines_hours_to_the_last_place() -> None:
+    """Three items of 1 s are 0.000278 GPU-h each when rounded alone (0.000834 together) while
+    their line says 0.000833: the daily rows are rounded so they add up to the line exactly."""
+    from datetime import date
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from billing.core.invoicing import Invoice, InvoiceLine
+    from billing.core.statement import DayUsage, FirmStatement, check_statement, hours_by_item
+
+    price = Decimal("10.00")
+    line = InvoiceLine("P1", "H100", price, Fraction(3, 3600), Decimal("0.00"), None, 3, 3, 0, 0, 3)
+    other = InvoiceLine("P2", "H100", price, Fraction(7200, 3600), Decimal("20.00"), None, 7200, 1, 0, 0, 1)
+    inv = Invoice("INV-2026-03-F1", "F1", "2026-03", date(2026, 4, 1), date(2026, 5, 1), "CNY", (line, other), (),
+                  Decimal("20.00"), Decimal("0.00"), Decimal("20.00"))  # fmt: skip
+    daily = tuple(DayUsage(date(2026, 3, d), "P1", "H100", price, None, 1, 0, 0) for d in (1, 2, 3))
+    daily += (DayUsage(date(2026, 3, 2), "P2", "H100", price, None, 7200, 0, 0),)
+    st = FirmStatement("F1", "F1", "2026-03", inv, None, date(2026, 4, 1), daily, ((date(2026, 3, 1), date(2026, 3, 3)),
+                       (date(2026, 3, 2), date(2026, 3, 2))))  # fmt: skip
+    check_statement(st)
+    hours = hours_by_item(st)
+    assert sum(hours[:3]) == Fraction(833, 10**6) and sorted(hours[:3]) == [Fraction(n, 10**6) for n in (277, 278, 278)]
+    assert hours[3] == 2
