@@ -145,6 +145,7 @@ def _chart(st: FirmStatement) -> str:
         )
     for i, day in enumerate(days):
         y = float(height)
+        parts.append(f'<g class="bar" data-day="{day}">')  # one per day of the month, empty without usage
         for k, cls in enumerate(classes):
             h = seconds.get((day, cls), 0) / 3600 / top * height
             if h <= 0:
@@ -156,6 +157,7 @@ def _chart(st: FirmStatement) -> str:
                 f'height="{h:.1f}" fill="{colour}"><title>{day} {html.escape(cls)}: '
                 f"{_hours(seconds[(day, cls)])} GPU-h</title></rect>"
             )
+        parts.append("</g>")
         if day.day in (1, 5, 10, 15, 20, 25) or i == len(days) - 1:
             parts.append(
                 f'<text class="day" x="{left + (i + 0.5) * bar_w:.1f}" y="{height + 16}" font-size="10" '

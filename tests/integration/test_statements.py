@@ -179,6 +179,10 @@ def _chromium() -> str | None:
 @pytest.mark.skipif(_chromium() is None, reason="Debian package 'chromium' not installed (make test installs it)")
 def test_statement_renders_in_headless_chromium(settled: Cli) -> None:
     out = settled.tmp / "browser"
+    # F1 pays the rest of March and 30.00 ahead: the page shows both payments and a credit balance
+    mar = settled.ok("billing", "export", "--month", "2026-03").json()["invoices"][0]
+    rest = Decimal(mar["amount_due"]) - Decimal("50.00") + Decimal("30.00")
+    settled.ok("billing", "pay", "--firm", "F1", "--amount", str(rest), "--date", "2026-04-15", "--reference", "B-3")
     settled.ok("statement", "--firm", "F1", "--month", "2026-03", "--out", str(out), "--as-of", "2026-04-20")
     page = out / "statement-F1-2026-03.html"
     flags = [
@@ -199,6 +203,11 @@ def test_statement_renders_in_headless_chromium(settled: Cli) -> None:
     assert re.search(rf'id="gross">{re.escape(inv["gross"])} CNY<', dom.stdout), dom.stderr[-2000:]
     assert f'id="credit_total">{inv["credit_total"]} CNY<' in dom.stdout
     assert "<svg" in dom.stdout and "<rect" in dom.stdout  # the daily chart was drawn
+    bars = re.findall(r'<g class="bar" data-day="(2026-03-\d\d)">', dom.stdout)
+    assert bars == [f"2026-03-{d:02d}" for d in range(1, 32)]  # every day of March, with usage or not
+    assert '<td>2026-04-10</td><td>B-1</td><td class="n">50.00</td>' in dom.stdout.replace("class=n", 'class="n"')
+    assert "<td>2026-04-15</td><td>B-3</td>" in dom.stdout
+    assert 'id="credit_balance">30.00 CNY<' in dom.stdout and 'id="status">paid<' in dom.stdout
     shot = settled.tmp / "statement.png"
     subprocess.run(
         [browser, *flags, f"--screenshot={shot}", "--window-size=1000,1400", page.as_uri()],
