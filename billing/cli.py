@@ -27,6 +27,7 @@ from billing.app.statements import write_statements
 from billing.core.ledger import AGING_BUCKETS, Payment
 from billing.core.model import BillingError, parse_month
 from billing.core.money import format_money, parse_money
+from gpumeter import csvsafe
 from gpumeter.cli import settings_from
 from gpumeter.settings import Settings
 from pipeline import clickhouse
@@ -461,9 +462,7 @@ def reconcile_cmd(ctx: click.Context, month: str) -> None:
 
 def _emit(header: tuple[str, ...], rows: list[tuple[Any, ...]], fmt: str, right: set[int]) -> None:
     if fmt == "csv":
-        import csv
-
-        w = csv.writer(sys.stdout)
+        w = csvsafe.writer(sys.stdout)
         w.writerow(header)
         w.writerows(rows)
     else:

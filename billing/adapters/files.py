@@ -23,9 +23,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from billing.core.model import AutoGrant, BillingError, Firm, Program, Rate, Voucher
 from billing.core.money import parse_money, parse_price, parse_subsidy_rate
 from gpumeter.inputfiles import InputFileError, RowError, parse_csv_rows, text_field, whole_number
+from gpumeter.record import FIRM_ID_PATTERN, UNATTRIBUTED
 
 T = TypeVar("T")
 Problems = list[tuple[int, str]]
+FIRM_ID = re.compile(FIRM_ID_PATTERN)
 NO_ROWS = "no rows: a file that loads nothing is refused (leave its option out instead)"
 
 VOUCHER_COLUMNS = (
@@ -84,6 +86,17 @@ def _day(value: object, name: str) -> date:
     raise RowError(f"{name} must be a date YYYY-MM-DD, got {value!r}")
 
 
+def _firm_id(value: str) -> str:
+    """A firm id by the one rule agents, usage files and billing share (gpumeter.record)."""
+    firm_id = text_field(value, "firm_id")
+    if firm_id == UNATTRIBUTED or not FIRM_ID.fullmatch(firm_id):
+        raise RowError(
+            f"firm_id {firm_id!r} is not a firm id: 1 to 64 letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit, and not {UNATTRIBUTED!r} (the same rule the agents' records follow)"
+        )
+    return firm_id
+
+
 # ---------------------------------------------------------------- CSV
 
 
@@ -94,7 +107,7 @@ def read_vouchers(path: Path) -> tuple[list[tuple[int, Voucher]], Problems]:
             return Voucher(
                 voucher_id=voucher_id,
                 program_id=text_field(r["program_id"], "program_id"),
-                firm_id=text_field(r["firm_id"], "firm_id"),
+                firm_id=_firm_id(r["firm_id"]),
                 face_value=_wrap(parse_money, r["face_value"], "face_value"),
                 subsidy_rate=_wrap(parse_subsidy_rate, r["subsidy_rate"], "subsidy_rate"),
                 valid_from=_day(r["valid_from"], "valid_from"),
@@ -112,7 +125,7 @@ def read_firms(path: Path) -> tuple[list[tuple[int, Firm]], Problems]:
         terms = r["payment_terms_days"].strip()
         try:
             return Firm(
-                firm_id=text_field(r["firm_id"], "firm_id"),
+                firm_id=_firm_id(r["firm_id"]),
                 name=r["name"].strip(),
                 payment_terms_days=whole_number(terms, "payment_terms_days", minimum=0) if terms else 30,
             )

@@ -6,7 +6,6 @@ Pure formatting of a checked ``FirmStatement``: no store, no arithmetic beyond d
 from __future__ import annotations
 
 import calendar
-import csv
 import html
 import io
 import math
@@ -16,6 +15,7 @@ from fractions import Fraction
 
 from billing.core.money import HOURS_DISPLAY_PLACES, format_gpu_hours, format_money, round_fraction_half_up
 from billing.core.statement import FirmStatement, hours_by_item
+from gpumeter import csvsafe
 
 CLASS_COLOURS = ("#2f6fdf", "#e07a1f", "#2a9d6f", "#b23a8f", "#7a5cc7", "#c9a227", "#4a90a4", "#8a8a8a")
 
@@ -34,7 +34,7 @@ def statement_csv(st: FirmStatement) -> dict[str, str]:
 
     def table(name: str, header: list[str], rows: list[list[str]]) -> None:
         buf = io.StringIO()
-        w = csv.writer(buf)
+        w = csvsafe.writer(buf)
         w.writerow(header)
         w.writerows(rows)
         out[name] = buf.getvalue()

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import quote
 
 from billing.adapters import state
 from billing.adapters.statement_render import statement_csv, statement_html
@@ -89,6 +90,12 @@ def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date) -> FirmStateme
     )  # fmt: skip
 
 
+def file_safe(firm_id: str) -> str:
+    """The id as part of a file name: as it is when it follows the firm-id rule (letters, digits,
+    '.', '_', '-'), else percent-encoded, so no id (one stored before the rule) can name a folder."""
+    return quote(firm_id, safe="._-")
+
+
 def write_statements(
     store: Store,
     month: str,
@@ -117,7 +124,7 @@ def write_statements(
         for firm_id in each(targets):
             st = firm_statement(tx, firm_id, month, as_of)
             check_statement(st)
-            stem = out / f"statement-{firm_id}-{month}"
+            stem = out / f"statement-{file_safe(firm_id)}-{month}"
             if fmt == "html":
                 path = Path(f"{stem}.html")  # not with_suffix: a firm id may contain a dot
                 path.write_text(statement_html(st), encoding="utf-8")

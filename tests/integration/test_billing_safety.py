@@ -207,3 +207,25 @@ def test_a_voucher_stored_under_older_rules_still_loads_unchanged(cli: Cli) -> N
     cli.ok("billing", "load", "--vouchers", cli.file("v.csv", VOUCHERS + row_))
     r = cli("billing", "load", "--vouchers", cli.file("v2.csv", VOUCHERS + row_.replace("10.00", "20.00")))
     assert r.code == 1 and "firm F7 is not loaded" in r.err
+
+
+def test_firm_ids_follow_the_agents_rule_and_csv_cells_never_run(cli: Cli) -> None:
+    """A firm id like ``=HYPERLINK(...)`` or ``a/b`` is refused (one rule everywhere); a payment
+    reference that starts like a formula is written to every CSV as text."""
+    bad = cli.file("bad.csv", FIRMS + '"=HYPERLINK(""http://x"")",Evil,30\na/b,Slash,30\nunattributed,U,30\n')
+    r = cli("billing", "load", "--firms", bad)
+    assert r.code == 1 and all(f"{bad}:{n}: firm_id" in r.err for n in (2, 3, 4))
+    cli.ok("usage", "import", cli.usage(row("a", "2026-03-02T00:00:00", 3600)))
+    cli.ok(
+        "billing",
+        "load",
+        "--ratecard",
+        cli.file("rates.toml", RATES),
+        "--firms",
+        cli.file("f.csv", FIRMS + "F1,One,30\n"),
+    )
+    cli.ok("billing", "settle", "--month", "2026-03")
+    cli.ok("billing", "pay", "--firm", "F1", "--amount", "5.00", "--date", "2026-04-02", "--reference", "=1+2")
+    out = cli.tmp / "st"
+    cli.ok("statement", "--month", "2026-03", "--format", "csv", "--out", str(out), "--as-of", "2026-04-03")
+    assert "2026-04-02,'=1+2,5.00" in (out / "statement-F1-2026-03-payments.csv").read_text()
