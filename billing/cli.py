@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
 
@@ -30,6 +31,7 @@ from billing.core.money import format_money, parse_money
 from gpumeter import csvsafe
 from gpumeter.cli import settings_from
 from gpumeter.settings import Settings
+from gpumeter.storemeta import peek_meta
 from pipeline import clickhouse
 from pipeline.usage_checks import HOLD_REASONS, reason_text
 
@@ -54,9 +56,11 @@ def _month(value: str) -> str:
     return value
 
 
-def _day(value: str | None, name: str) -> date:
+def _day(value: str | None, name: str, s: Settings | None = None) -> date:
+    """``value`` as a date; none given: today in the billing time zone (that of issue dates)."""
     if value is None:
-        return datetime.now(UTC).date()
+        tz = (peek_meta(s.billing_db_resolved, "timezone") if s is not None else None) or "UTC"
+        return datetime.now(ZoneInfo(tz)).date()
     try:
         return date.fromisoformat(value)
     except ValueError:
@@ -109,7 +113,8 @@ def load(
     nothing. A file with no rows is refused.
 
     \b
-    Rate card (TOML): currency = "CNY", timezone = "Asia/Shanghai",
+    Rate card (TOML): currency (default "CNY"), timezone (default "UTC",
+      e.g. "Asia/Shanghai"), optional usage_horizon_days (default 92),
       [[rate]] gpu_class, provider ("*" = any), price_per_gpu_hour ("12.50"),
       effective_from (date)
     Programs (TOML): [[program]] id, year, category (compute|model|data),
@@ -269,7 +274,8 @@ def invoices_cmd(ctx: click.Context, month: str | None, firm_id: str | None, as_
       gpumeter billing invoices --month 2026-03
       gpumeter billing invoices --firm F0001 --as-of 2026-05-01 --format csv
     """
-    all_invoices, ledger = receivables(_store(settings_from(ctx)), _day(as_of, "--as-of"))
+    s = settings_from(ctx)
+    all_invoices, ledger = receivables(_store(s), _day(as_of, "--as-of", s))
     by_id = {i.invoice_id: i for i in all_invoices}
     rows = [
         (
@@ -302,7 +308,8 @@ def aging_cmd(ctx: click.Context, as_of: str | None, fmt: str) -> None:
       gpumeter billing aging --as-of 2026-06-01
       gpumeter billing aging --format csv > aging.csv
     """
-    report = aging_report(_store(settings_from(ctx)), _day(as_of, "--as-of"))
+    s = settings_from(ctx)
+    report = aging_report(_store(s), _day(as_of, "--as-of", s))
     rows = [
         (firm, *(format_money(buckets.get(b, Decimal(0))) for b in AGING_BUCKETS))
         for firm, buckets in sorted(report.by_firm.items())
@@ -582,7 +589,7 @@ def statement(
         with click.progressbar(firms, label=f"statements {month}", file=sys.stderr) as bar:
             yield from bar
 
-    files = write_statements(_store(s), month, list(firm_ids), fmt, out, _day(as_of, "--as-of"), each)
+    files = write_statements(_store(s), month, list(firm_ids), fmt, out, _day(as_of, "--as-of", s), each)
     for path in files:
         click.echo(str(path))
     if not files:

@@ -149,6 +149,16 @@ def put_program(tx: Tx, p: Program) -> None:
     )
 
 
+def granted_by(tx: Tx) -> dict[str, str]:
+    """voucher_id -> the month whose settlement granted it automatically (rule 3.4)."""
+    return {
+        str(v): str(m)
+        for v, m in tx.query(
+            "SELECT voucher_id, granted_by_settlement FROM vouchers WHERE granted_by_settlement IS NOT NULL"
+        )
+    }
+
+
 def put_voucher(tx: Tx, v: Voucher, granted_by: str | None = None) -> None:
     tx.execute("DELETE FROM vouchers WHERE voucher_id = ?", (v.voucher_id,))
     tx.execute(

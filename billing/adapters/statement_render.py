@@ -53,10 +53,10 @@ def statement_csv(st: FirmStatement) -> dict[str, str]:
     table(
         "lines",
         ["invoice_id", "provider_id", "gpu_class", "unit_price", "first_day", "last_day", "allocated_seconds",
-         "gpu_hours", "busy_gpu_hours", "energy_kwh", "amount", "adjustment_for"],
+         "gpu_hours", "busy_seconds", "busy_gpu_hours", "energy_joules", "energy_kwh", "amount", "adjustment_for"],
         [[inv.invoice_id, ln.provider_id, ln.gpu_class, str(ln.unit_price), first.isoformat(), last.isoformat(),
-          str(ln.allocated_seconds), format_gpu_hours(ln.gpu_hours), _hours(ln.busy_seconds), _kwh(ln.energy_joules),
-          format_money(ln.amount), ln.adjustment_for or ""]
+          str(ln.allocated_seconds), format_gpu_hours(ln.gpu_hours), str(ln.busy_seconds), _hours(ln.busy_seconds),
+          str(ln.energy_joules), _kwh(ln.energy_joules), format_money(ln.amount), ln.adjustment_for or ""]
          for ln, (first, last) in zip(inv.lines, st.spans, strict=True)],
     )  # fmt: skip
     table(
@@ -76,9 +76,10 @@ def statement_csv(st: FirmStatement) -> dict[str, str]:
     table(
         "daily",
         ["day", "provider_id", "gpu_class", "unit_price", "adjustment_for", "allocated_seconds", "gpu_hours",
-         "busy_gpu_hours", "energy_kwh"],
+         "busy_seconds", "busy_gpu_hours", "energy_joules", "energy_kwh"],
         [[d.day.isoformat(), d.provider_id, d.gpu_class, str(d.unit_price), d.late_for or "", str(d.allocated_seconds),
-          format(round_fraction_half_up(h, HOURS_DISPLAY_PLACES), "f"), _hours(d.busy_seconds), _kwh(d.energy_joules)]
+          format(round_fraction_half_up(h, HOURS_DISPLAY_PLACES), "f"), str(d.busy_seconds), _hours(d.busy_seconds),
+          str(d.energy_joules), _kwh(d.energy_joules)]
          for d, h in zip(st.daily, hours_by_item(st), strict=True)],
     )  # fmt: skip
     return out
@@ -138,7 +139,7 @@ def _chart(st: FirmStatement) -> str:
     ]
     for tick in ticks:
         y = height - tick / top * height
-        label = f"{tick:g}"
+        label = f"{int(tick):,}" if tick == int(tick) else f"{tick:.10f}".rstrip("0")
         parts.append(f'<line x1="{left}" x2="{width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
         parts.append(
             f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{label}</text>'
@@ -264,12 +265,12 @@ due <b>{inv.due_date}</b> · status as of {st.as_of}: <span class="status {esc(s
 are shown for information and never priced; where an agent could not measure them they count as 0.</p>
 <h2>Subsidy by voucher and program</h2>
 <table id="credits"><thead><tr><th>Voucher</th><th>Program</th><th class=n>Rate</th><th class=n>Credit</th>
-<th>Why not more</th></tr></thead><tbody>{credit_rows}</tbody>
+<th>Limits reached</th></tr></thead><tbody>{credit_rows}</tbody>
 <tfoot><tr><th colspan=3>Total credits</th><th class=n>{format_money(inv.credit_total)}</th><th></th></tr></tfoot>
 </table>
 <p class="muted">A voucher pays its rate of what earlier vouchers left of each item, until it is used up, the
-firm's cap in its program or the program's budget is reached, or outside its validity ("why not more" says
-which of these held by the end of this month's settlement).</p>
+firm's cap in its program or the program's budget is reached, and only within its validity. "Limits reached"
+lists those reached by the end of this month's settlement: where a voucher paid less than its rate, they are why.</p>
 <h2>Payments</h2>
 <table id="payments"><thead><tr><th>Received</th><th>Reference</th><th class=n>Applied to this invoice</th><th></th>
 </tr></thead><tbody>{payment_rows}</tbody>

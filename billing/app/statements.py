@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -11,9 +12,11 @@ from urllib.parse import quote
 from billing.adapters import state
 from billing.adapters.statement_render import statement_csv, statement_html
 from billing.adapters.store import Store, Tx
-from billing.core.ledger import apply_payments
-from billing.core.model import BillingError, first_day_of_next_month
+from billing.core.invoicing import Invoice
+from billing.core.ledger import Payment, apply_payments
+from billing.core.model import BillingError, Firm, Program, Voucher, first_day_of_next_month
 from billing.core.money import ZERO
+from billing.core.netting import NettingState
 from billing.core.statement import (
     DayUsage,
     FirmStatement,
@@ -24,7 +27,26 @@ from billing.core.statement import (
 )
 
 
-def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date) -> FirmStatement:
+@dataclass(frozen=True, slots=True)
+class StatementContext:
+    """What every statement of one month reads, read once (a month may have thousands of firms)."""
+
+    month: str
+    payments: list[Payment]
+    programs: dict[str, Program]
+    vouchers: dict[str, Voucher]
+    granted_by: dict[str, str]
+    drawn: NettingState
+    firms: dict[str, Firm]
+
+    @classmethod
+    def read(cls, tx: Tx, month: str) -> StatementContext:
+        return cls(month, state.payments(tx), state.programs(tx), state.vouchers(tx), state.granted_by(tx),
+                   state.drawn_state(tx, through_month=month), state.firms(tx))  # fmt: skip
+
+
+def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date, ctx: StatementContext | None = None) -> FirmStatement:
+    ctx = ctx or StatementContext.read(tx, month)
     found = state.invoices(tx, month=month, firm_id=firm_id)
     if not found:
         settled = {s.month for s in state.settlements(tx)}
@@ -36,58 +58,70 @@ def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date) -> FirmStateme
             f"--as-of {as_of} is before invoice {invoice.invoice_id} was issued ({invoice.issue_date}): "
             "a statement's payment status is as of a day on or after its issue"
         )
-    payments = state.payments(tx)
-    ledger = apply_payments(state.invoices(tx, firm_id=firm_id), payments, as_of)
+    ledger = apply_payments(state.invoices(tx, firm_id=firm_id), ctx.payments, as_of)
     status = next((s for s in ledger.statuses if s.invoice_id == invoice.invoice_id), None)
-    received = {(p.firm_id, p.reference): p.paid_on for p in payments}
+    received = {(p.firm_id, p.reference): p.paid_on for p in ctx.payments}
     applied = tuple(
         PaymentApplied(received[(a.firm_id, a.reference)], a.reference, a.amount, a.applied_on)
         for a in ledger.allocations
         if a.invoice_id == invoice.invoice_id
     )
+    # a daily row carries its line's price as written: 10 and 10.00 are one price, shown one way
+    prices = {(ln.provider_id, ln.gpu_class, ln.unit_price, ln.adjustment_for): ln.unit_price for ln in invoice.lines}
     daily = sorted(
-        (DayUsage(day, provider, cls, price, late, seconds, busy, joules)
-         for day, provider, cls, late, price, seconds, busy, joules in state.items_of(tx, month, firm_id)),
+        (
+            DayUsage(day, provider, cls, prices.get((provider, cls, price, late), price), late, seconds, busy, joules)
+            for day, provider, cls, late, price, seconds, busy, joules in state.items_of(tx, month, firm_id)
+        ),
         key=lambda d: (d.late_for or "", d.day, d.provider_id, d.gpu_class),
     )  # fmt: skip
     spans: dict[tuple[str, str, Decimal, str | None], tuple[date, date]] = {}
     for d in daily:
         first, last = spans.get(d.line_key, (d.day, d.day))
         spans[d.line_key] = (min(first, d.day), max(last, d.day))
-    firms = state.firms(tx)
-    name = firms[firm_id].name if firm_id in firms else firm_id
-    first_day = date.fromisoformat(f"{month}-01")
-    month_days = (first_day, first_day_of_next_month(month) - timedelta(days=1))
-    programs, drawn = state.programs(tx), state.drawn_state(tx, through_month=month)
-    paid_by = {c.voucher_id: c.amount for c in invoice.credits}
-    notes = []
-    for v in sorted(state.vouchers(tx).values(), key=lambda v: v.voucher_id):
-        program = programs.get(v.program_id)
-        could_pay = (
-            v.firm_id == firm_id
-            and program is not None
-            and program.year == first_day.year
-            and (v.valid_from <= month_days[1] and v.valid_until >= month_days[0])
-        )
-        if program is None or not (could_pay or v.voucher_id in paid_by):
-            continue
-        limits = voucher_limits(
-            v.program_id, (v.valid_from, v.valid_until), month_days, v.face_value,
-            program.firm_cap, program.budget, drawn.drawn_by_voucher.get(v.voucher_id, ZERO),
-            drawn.drawn_by_firm_program.get((firm_id, v.program_id), ZERO),
-            drawn.drawn_by_program.get(v.program_id, ZERO),
-        )  # fmt: skip
-        if program.category != "compute":
-            limits = ("a " + program.category + " program: it never pays for GPU time", *limits)
-        notes.append(VoucherNote(v.voucher_id, v.program_id, v.subsidy_rate, paid_by.get(v.voucher_id, ZERO), limits))
+    name = ctx.firms[firm_id].name if firm_id in ctx.firms else firm_id
     return FirmStatement(
         firm_id, name, month, invoice, status, as_of,
         daily=tuple(daily),
-        spans=tuple(spans[(ln.provider_id, ln.gpu_class, ln.unit_price, ln.adjustment_for)] for ln in invoice.lines),
+        spans=tuple(spans.get((ln.provider_id, ln.gpu_class, ln.unit_price, ln.adjustment_for), (invoice.issue_date,
+                    invoice.issue_date)) for ln in invoice.lines),
         payments=applied,
         credit_balance=ledger.credit_balances.get(firm_id, ZERO),
-        vouchers=tuple(notes),
+        vouchers=_voucher_notes(ctx, firm_id, invoice, {d.day for d in daily}),
     )  # fmt: skip
+
+
+def _voucher_notes(ctx: StatementContext, firm_id: str, invoice: Invoice, days: set[date]) -> tuple[VoucherNote, ...]:
+    """Every voucher credited on the invoice, and every other one netting would have tried on one of
+    its items (rule 3.9: the firm's, a compute program of the item's year, valid that day) that
+    existed at this settlement, with the limits reached by the end of it."""
+    paid_by = {c.voucher_id: c for c in invoice.credits}
+    first_day = date.fromisoformat(f"{ctx.month}-01")
+    month_days = (first_day, first_day_of_next_month(ctx.month) - timedelta(days=1))
+    notes = []
+    for v in sorted(ctx.vouchers.values(), key=lambda v: v.voucher_id):
+        program = ctx.programs.get(v.program_id)
+        tried = (
+            v.firm_id == firm_id and program is not None and program.category == "compute"
+            and ctx.granted_by.get(v.voucher_id, ctx.month) <= ctx.month
+            and any(program.year == d.year and v.valid_from <= d <= v.valid_until for d in days)
+        )  # fmt: skip
+        if not tried and v.voucher_id not in paid_by:
+            continue
+        limits: tuple[str, ...] = ()
+        if program is not None:
+            limits = voucher_limits(
+                v.program_id, (v.valid_from, v.valid_until), month_days, v.face_value, program.firm_cap,
+                program.budget, ctx.drawn.drawn_by_voucher.get(v.voucher_id, ZERO),
+                ctx.drawn.drawn_by_firm_program.get((firm_id, v.program_id), ZERO),
+                ctx.drawn.drawn_by_program.get(v.program_id, ZERO),
+            )  # fmt: skip
+        credit = paid_by.get(v.voucher_id)
+        notes.append(VoucherNote(v.voucher_id, v.program_id, v.subsidy_rate, credit.amount if credit else ZERO, limits))
+    known = {n.voucher_id for n in notes}
+    notes += [VoucherNote(c.voucher_id, c.program_id, Decimal(0), c.amount, ("voucher not in the store",))
+              for c in invoice.credits if c.voucher_id not in known]  # fmt: skip
+    return tuple(sorted(notes, key=lambda n: n.voucher_id))
 
 
 def file_safe(firm_id: str) -> str:
@@ -121,8 +155,9 @@ def write_statements(
         if not targets:
             return []  # a settled (or closed) month that invoiced nobody
         out.mkdir(parents=True, exist_ok=True)
+        ctx = StatementContext.read(tx, month)
         for firm_id in each(targets):
-            st = firm_statement(tx, firm_id, month, as_of)
+            st = firm_statement(tx, firm_id, month, as_of, ctx)
             check_statement(st)
             stem = out / f"statement-{file_safe(firm_id)}-{month}"
             if fmt == "html":

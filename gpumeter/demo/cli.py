@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import fcntl
+import shlex
 import shutil
 import sys
 import tempfile
@@ -216,9 +217,13 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
 
 def query_hint(work: Path, database: str, month: str) -> str:
     """How to look at what the demo built with the ordinary commands, and where its inputs are."""
-    env = (
-        f"GPUMETER_CLICKHOUSE_DSN=chdb://{(work / 'clickhouse').resolve()} "
-        f"GPUMETER_CLICKHOUSE_DATABASE={database} GPUMETER_BILLING_DB=sqlite:///{(work / 'billing.sqlite3').resolve()}"
+    env = " ".join(
+        f"{name}={shlex.quote(value)}"
+        for name, value in (
+            ("GPUMETER_CLICKHOUSE_DSN", f"chdb://{(work / 'clickhouse').resolve()}"),
+            ("GPUMETER_CLICKHOUSE_DATABASE", database),
+            ("GPUMETER_BILLING_DB", f"sqlite:///{(work / 'billing.sqlite3').resolve()}"),
+        )
     )
     inputs = work / "billing-inputs"
     last_day = calendar.monthrange(*(int(x) for x in month.split("-")))[1]

@@ -249,3 +249,19 @@ def test_the_statement_says_why_a_voucher_paid_less_than_its_rate(settled: Cli) 
     settled.ok("statement", "--firm", "F1", "--month", "2026-03", "--out", str(out))
     page = (out / "statement-F1-2026-03.html").read_text()
     assert "<td class=n>50%</td><td class=n>25.00</td><td>firm cap of CITY-2026 reached (25.00 per firm)</td>" in page
+
+
+def test_a_voucher_granted_after_the_month_is_not_on_its_statement(settled: Cli) -> None:
+    """A program with an automatic grant loaded after March is granted to F1 by May's settlement,
+    valid all 2026: March's statement, written again, does not list it (netting never tried it)."""
+    later = PROGRAMS.replace("CITY-2026", "LATE-2026").replace('firm_cap = "25.00"', 'firm_cap = "5.00"')
+    settled.ok("billing", "load", "--programs", settled.file("late.toml", later))
+    settled.ok("usage", "import", settled.usage(row("may", "2026-05-04T00:00:00", 3600)))
+    settled.ok("billing", "settle", "--month", "2026-05")
+    assert "AUTO-LATE-2026-F1" in settled.ok("billing", "export", "--month", "2026-05").out
+    out = settled.tmp / "later"
+    settled.ok("statement", "--firm", "F1", "--month", "2026-03", "--out", str(out), "--format", "csv")
+    vouchers = [
+        r["voucher_id"] for r in csv.DictReader(io.StringIO((out / "statement-F1-2026-03-credits.csv").read_text()))
+    ]
+    assert vouchers == ["AUTO-CITY-2026-F1"]

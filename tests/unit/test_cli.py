@@ -79,7 +79,7 @@ def test_billing_load_help_names_every_column_of_its_files(capsys: pytest.Captur
     main(["billing", "load", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for column in (*VOUCHER_COLUMNS, *FIRM_COLUMNS, "gpu_class", "provider", "price_per_gpu_hour", "effective_from",
-                   "year", "category", "budget", "firm_cap", "timezone", "currency"):  # fmt: skip
+                   "year", "category", "budget", "firm_cap", "timezone", "currency", "usage_horizon_days"):  # fmt: skip
         assert column in text, column
 
 
