@@ -39,10 +39,16 @@ class StatementContext:
     drawn: NettingState
     firms: dict[str, Firm]
 
+    by_firm: dict[str, list[Voucher]]  # each firm's vouchers, by voucher_id
+
     @classmethod
     def read(cls, tx: Tx, month: str) -> StatementContext:
-        return cls(month, state.payments(tx), state.programs(tx), state.vouchers(tx), state.granted_by(tx),
-                   state.drawn_state(tx, through_month=month), state.firms(tx))  # fmt: skip
+        vouchers = state.vouchers(tx)
+        by_firm: dict[str, list[Voucher]] = {}
+        for v in sorted(vouchers.values(), key=lambda v: v.voucher_id):
+            by_firm.setdefault(v.firm_id, []).append(v)
+        return cls(month, state.payments(tx), state.programs(tx), vouchers, state.granted_by(tx),
+                   state.drawn_state(tx, through_month=month), state.firms(tx), by_firm)  # fmt: skip
 
 
 def firm_statement(tx: Tx, firm_id: str, month: str, as_of: date, ctx: StatementContext | None = None) -> FirmStatement:
@@ -99,7 +105,8 @@ def _voucher_notes(ctx: StatementContext, firm_id: str, invoice: Invoice, days: 
     first_day = date.fromisoformat(f"{ctx.month}-01")
     month_days = (first_day, first_day_of_next_month(ctx.month) - timedelta(days=1))
     notes = []
-    for v in sorted(ctx.vouchers.values(), key=lambda v: v.voucher_id):
+    mine = ctx.by_firm.get(firm_id, [])
+    for v in [*mine, *(ctx.vouchers[c] for c in sorted(paid_by) if c in ctx.vouchers and ctx.vouchers[c] not in mine)]:
         program = ctx.programs.get(v.program_id)
         tried = (
             v.firm_id == firm_id and program is not None and program.category == "compute"
