@@ -7,8 +7,11 @@ only I/O. ``chain`` tries resolvers in order and answers ``unattributed`` when
 none knows: time with no resolvable owner is still recorded, never dropped.
 
 Order matters for trust: cgroup-derived owners (Kubernetes pod, Slurm job) are
-set by the scheduler, a static map by the provider, an environment variable by
-whoever started the process. Put the environment resolver last.
+set by the scheduler and mapped to firms by files the scheduler's side keeps, a
+static map by the provider - those are trusted. An environment variable is set
+by whoever started the process, so a tenant can name any firm with it: the
+``env`` resolver and a Slurm account read from the environment are off unless
+configured, and documented as untrusted.
 """
 
 from __future__ import annotations
@@ -106,8 +109,17 @@ def kubernetes(proc: ProcReader, pod_firm: Lookup) -> Resolver:
     return resolve
 
 
-def slurm(proc: ProcReader, job_firm: Lookup, account_firm: Lookup | None = None) -> Resolver:
-    """Job id from the cgroup path -> firm; else the job's SLURM_JOB_ACCOUNT -> firm."""
+def slurm(
+    proc: ProcReader,
+    job_firm: Lookup,
+    account_firm: Lookup | None = None,
+    job_account: Lookup | None = None,
+    account_from_env: bool = False,
+) -> Resolver:
+    """Job id from the cgroup path (set by slurmstepd) -> firm; else the job's account -> firm, the
+    account as the scheduler recorded it (``job_account``: job id -> account, a file its prolog
+    keeps) or, only with ``account_from_env``, the process's SLURM_JOB_ACCOUNT (untrusted: a job can
+    start a process with any environment)."""
 
     def resolve(pid: int, gpu_uuid: str) -> str | None:
         text = proc.cgroup(pid)
@@ -116,8 +128,10 @@ def slurm(proc: ProcReader, job_firm: Lookup, account_firm: Lookup | None = None
             return None
         firm = valid_firm(job_firm(job))
         if firm is None and account_firm is not None:
-            env = proc.environ(pid)
-            account = environ_get(env, "SLURM_JOB_ACCOUNT") if env else None
+            account = job_account(job) if job_account is not None else None
+            if account is None and account_from_env:
+                env = proc.environ(pid)
+                account = environ_get(env, "SLURM_JOB_ACCOUNT") if env else None
             firm = valid_firm(account_firm(account)) if account else None
         return firm
 
@@ -159,14 +173,15 @@ class MappingFile:
     """A JSON object ``{key: firm_id}`` kept by someone else (e.g. a controller), reread when it changes."""
 
     path: Path
-    _mtime_ns: int = -1
+    _mtime_ns: tuple[int, int, int] = (-1, -1, -1)  # (inode, mtime, size): a rename in the same tick too
     _data: dict[str, str] = field(default_factory=dict)
 
     def __call__(self, key: str) -> str | None:
         try:
-            mtime = os.stat(self.path).st_mtime_ns
+            st = os.stat(self.path)
         except OSError:
             return self._data.get(key)  # keep the last good mapping if the file is briefly missing
+        mtime = (st.st_ino, st.st_mtime_ns, st.st_size)
         if mtime != self._mtime_ns:
             try:
                 data = json.loads(self.path.read_text())

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig, signing_key
+from agent.config import AgentConfig, describe_key, signing_key
 from agent.spool import Spool
 from gpumeter.errors import GpumeterError
 
@@ -98,7 +98,7 @@ def check_key(cfg: AgentConfig) -> Verdict:
         return False, str(exc)
     if key is None:
         return False, "no signing key configured (key_file): batches would go out unsigned"
-    return True, f"key id {key[0]} ({len(key[1])} bytes) from {cfg.key_file}"
+    return True, f"key id {key[0]} ({describe_key(key[1])}) from {cfg.key_file}"
 
 
 def kernel_clock_state() -> int | None:

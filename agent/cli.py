@@ -11,8 +11,7 @@ from typing import Any
 
 import click
 
-from agent import checks
-from agent.config import AgentConfig, json_logging, load_agent_config
+from agent.config import AgentConfig, json_logging, load_agent_config, new_key_file, public_key_b64
 from agent.service import SimSpec, run_agent
 from gpumeter.cli import settings_from
 from gpumeter.signals import stop_requested
@@ -39,7 +38,11 @@ def _agent_options(f: Any) -> Any:
             help="Spool directory: windows wait here, fsync'd, until Kafka acknowledged them "
             "(default $GPUMETER_HOME/spool).",
         ),
-        click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), help="HMAC key (hex)."),
+        click.option(
+            "--key-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Signing key: Ed25519 PEM (gpumeter agent keygen), or an older host's HMAC secret (hex); mode 0600.",
+        ),
         click.option("--key-id", help="Id of the signing key (default: the key file's name)."),
     ]
     for option in reversed(options):
@@ -129,6 +132,8 @@ def check(ctx: click.Context, /, agent_config: Path | None, **flags: Any) -> Non
     Example:
       gpumeter agent check --kafka kafka:9092 --key-file /etc/gpumeter/keys/host.key
     """
+    from agent import checks  # here, not at import: `agent run` never loads the Kafka admin client
+
     cfg, settings = _config(ctx, agent_config, **flags)
     spool_dir = Path(cfg.spool_dir) if cfg.spool_dir else settings.home / "spool"
     verdicts = [
@@ -143,6 +148,27 @@ def check(ctx: click.Context, /, agent_config: Path | None, **flags: Any) -> Non
     failed = [name for name, (ok, _) in verdicts if not ok]
     if failed:
         raise checks.ChecksFailed(f"{len(failed)} of {len(verdicts)} checks failed: {', '.join(failed)}")
+
+
+@agent.command("keygen")
+@click.argument("key_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--host", "host_id", default=None, help="This host's id, for the registration line printed.")
+@click.option("--provider", "provider_id", default=None, help="Its provider's id, for the same line.")
+def keygen(key_file: Path, host_id: str | None, provider_id: str | None) -> None:
+    """Make this host's signing key pair: the private key stays in KEY_FILE (0600, never overwritten),
+    the public key is printed for the pipeline's registry (`gpumeter keys new` or `keys rotate`).
+
+    \b
+    Example:
+      gpumeter agent keygen /etc/gpumeter/agent.key --host P01-H01 --provider P01
+    """
+    key = new_key_file(key_file)
+    public = public_key_b64(key)
+    click.echo(f"wrote {key_file} (Ed25519 private key, mode 0600); its public key:")
+    click.echo(public)
+    host, provider = host_id or "HOST_ID", provider_id or "PROVIDER_ID"
+    click.echo("register it where the loader runs (first key of a host; `keys rotate` for its next one):", err=True)
+    click.echo(f"  gpumeter keys new --host {host} --provider {provider} --public-key {public}", err=True)
 
 
 def _valid_from(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:

@@ -7,6 +7,7 @@ log lines.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -18,8 +19,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from agent.spool import DEFAULT_MAX_BYTES
 from gpumeter.errors import ConfigError
+from gpumeter.record import SigningKey
 
 MIN_KEY_BYTES = 32
 
@@ -36,6 +41,7 @@ class AgentConfig:
     key_id: str = ""  # "" means the key file's name without suffix
     metrics_textfile: str = ""
     metrics_port: int = 0  # 0: no HTTP endpoint
+    metrics_addr: str = "127.0.0.1"  # the endpoint has no authentication: this host only, unless told
     send_retry_max_s: float = 10.0
     gpu_classes: dict[str, str] = field(default_factory=dict)  # device name or UUID -> rate-card class
     attribution: dict[str, Any] = field(default_factory=dict)
@@ -52,13 +58,15 @@ HOUR_S = 3600
 _WINDOW_RULE = "must divide 3600 so windows never straddle an hour (e.g. 60, 300, 600, 3600)"
 
 ATTRIBUTION_KEYS = {
-    "order": list,  # of "kubernetes", "slurm", "static", "env"
+    "order": list,  # of "kubernetes", "slurm", "static", "env" (default: the first three)
     "env_var": str,
     "host_firm": str,
     "gpu_firms": dict,
     "pod_firms_file": str,
     "slurm_job_firms_file": str,
     "slurm_account_firms": dict,
+    "slurm_job_accounts_file": str,  # {job_id: account}, kept by the Slurm prolog/epilog (trusted)
+    "slurm_account_from_env": bool,  # the job's SLURM_JOB_ACCOUNT instead (untrusted)
     "proc_root": str,
 }
 
@@ -106,29 +114,73 @@ def load_agent_config(path: Path | None, **overrides: Any) -> AgentConfig:
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def read_key(path: Path) -> bytes:
-    """The HMAC key: hex text (e.g. ``openssl rand -hex 32``), at least 32 bytes, not readable by others."""
+def read_key(path: Path) -> SigningKey:
+    """The agent's signing key, from a file only its owner can read or write (0600 or stricter): an
+    Ed25519 private key in PKCS#8 PEM (``gpumeter agent keygen``, or ``openssl genpkey -algorithm
+    ed25519``), or for a host set up before 0.4 an HMAC secret as hex text of at least 32 bytes."""
     try:
         mode = path.stat().st_mode
-        text = path.read_text().strip()
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"signing key {path}: {exc.strerror or exc}") from exc
-    if mode & stat.S_IROTH:
-        raise ConfigError(f"signing key {path} is readable by other users (chmod 600 it)")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"signing key {path} is open to other users (mode {stat.S_IMODE(mode):04o}); chmod 600 {path}"
+        )
+    if data.lstrip().startswith(b"-----BEGIN"):
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"signing key {path} is not a readable unencrypted PEM private key: {exc}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"signing key {path} is a {type(key).__name__}; gpumeter signs with Ed25519 keys")
+        return key
     try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        raise ConfigError(f"signing key {path} is not hex text (make one with: openssl rand -hex 32)") from None
-    if len(key) < MIN_KEY_BYTES:
-        raise ConfigError(f"signing key {path} has {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
-    return key
+        secret = bytes.fromhex(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ConfigError(
+            f"signing key {path} is neither an Ed25519 PEM key nor hex text (make one with: gpumeter agent keygen)"
+        ) from None
+    if len(secret) < MIN_KEY_BYTES:
+        raise ConfigError(f"signing key {path} has {len(secret)} bytes; at least {MIN_KEY_BYTES} are needed")
+    return secret
 
 
-def signing_key(cfg: AgentConfig) -> tuple[str, bytes] | None:
+def signing_key(cfg: AgentConfig) -> tuple[str, SigningKey] | None:
     if not cfg.key_file:
         return None
     path = Path(cfg.key_file)
     return (cfg.key_id or path.stem, read_key(path))
+
+
+def describe_key(key: SigningKey) -> str:
+    """What kind of key it is, for ``agent check`` and the start-up log (never the key itself)."""
+    if isinstance(key, bytes):
+        return f"HMAC-SHA256, {len(key)} bytes"
+    return f"Ed25519, public key {public_key_b64(key)}"
+
+
+def public_key_b64(key: Ed25519PrivateKey) -> str:
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def new_key_file(path: Path) -> Ed25519PrivateKey:
+    """A new Ed25519 key written to ``path`` (PKCS#8 PEM, 0600); ConfigError if ``path`` exists."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} exists; a key file is never overwritten (choose another name)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(pem)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return key
 
 
 class JsonFormatter(logging.Formatter):

@@ -21,8 +21,8 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.nvml import NvmlDevice
 from agent.nvml_source import gpu_class_for
-from agent.spool import write_atomic
 from gpumeter.errors import GpumeterError
+from gpumeter.files import write_atomic
 from gpumeter.fleet import ID, fleet_text
 from gpumeter.inputfiles import RowError, timestamp
 

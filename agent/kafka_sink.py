@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaProducer
@@ -12,6 +13,7 @@ from gpumeter.errors import GpumeterError
 from gpumeter.record import (
     MAX_WINDOWS_PER_BATCH,
     GpuWindow,
+    SigningKey,
     UsageWindow,
     encode_batch,
     signature_headers,
@@ -30,7 +32,8 @@ class KafkaSink:
         self,
         bootstrap: str,
         topic: str,
-        signing_key: tuple[str, bytes] | None = None,
+        signing_key: tuple[str, SigningKey] | None = None,
+        host_keys: Mapping[str, tuple[str, SigningKey]] | None = None,
         **producer_config: Any,
     ) -> None:
         config: dict[str, Any] = {
@@ -43,6 +46,7 @@ class KafkaSink:
         config.update(producer_config)
         self.topic = topic
         self.signing_key = signing_key
+        self.host_keys = dict(host_keys or {})  # one producer for several hosts (the demo): each its own key
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, **config)
         self._pending: list[Any] = []
         self.messages_sent = 0
@@ -57,8 +61,11 @@ class KafkaSink:
     ) -> None:
         """Queue windows and GPU windows, in messages of at most MAX_WINDOWS_PER_MESSAGE records."""
         for chunk, gpu_chunk in split_for_messages(windows, gpu_windows, MAX_WINDOWS_PER_MESSAGE):
-            value = encode_batch(host_id, agent_version, chunk, gpu_windows=gpu_chunk)
-            headers = signature_headers(value, *self.signing_key) if self.signing_key else []
+            value = encode_batch(
+                host_id, agent_version, chunk, made_at_ms=int(time.time() * 1000), gpu_windows=gpu_chunk
+            )
+            key = self.host_keys.get(host_id, self.signing_key)
+            headers = signature_headers(value, *key) if key else []
             fut = self._producer.send(self.topic, key=host_id.encode(), value=value, headers=headers)
             self._pending.append((fut, len(chunk)))
 

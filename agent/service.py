@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import AGENT_VERSION, attribution
-from agent.config import AgentConfig, signing_key
+from agent.config import AgentConfig, describe_key, signing_key
 from agent.devices import DeviceSource
 from agent.kafka_sink import KafkaSink
 from agent.runner import Agent, run_realtime
@@ -27,6 +27,8 @@ from gpumeter.metrics import Metric, one, render, serve, write_textfile
 log = logging.getLogger("gpumeter.agent")
 
 RESOLVERS = ("kubernetes", "slurm", "static", "env")
+# the scheduler's and the provider's word only; "env" (a tenant's word) runs only when named
+DEFAULT_ORDER = ("kubernetes", "slurm", "static")
 METRICS_EVERY_S = 10
 # The spool rides out an outage, so the producer should give up fast and let the sender retry:
 # no 30 s bootstrap wait, no 60 s block on metadata, reconnects at most 2 s apart.
@@ -46,7 +48,7 @@ def build_resolver(cfg: AgentConfig) -> Callable[[int, str], str]:
     a = cfg.attribution
     proc = attribution.ProcReader(Path(a.get("proc_root", "/proc")))
     chosen: list[attribution.Resolver] = []
-    for name in a.get("order", list(RESOLVERS)):
+    for name in a.get("order", list(DEFAULT_ORDER)):
         if name not in RESOLVERS:
             raise ConfigError(f"unknown attribution resolver {name!r}; known: {', '.join(RESOLVERS)}")
         if name == "kubernetes" and a.get("pod_firms_file"):
@@ -55,11 +57,25 @@ def build_resolver(cfg: AgentConfig) -> Callable[[int, str], str]:
             jobs = a.get("slurm_job_firms_file")
             job_firm = attribution.MappingFile(Path(jobs)) if jobs else (lambda job: None)
             accounts = dict(a.get("slurm_account_firms", {}))
-            chosen.append(attribution.slurm(proc, job_firm, accounts.get))
+            accounts_file, from_env = a.get("slurm_job_accounts_file"), bool(a.get("slurm_account_from_env"))
+            if accounts and not (accounts_file or from_env):
+                raise ConfigError(
+                    "[attribution] slurm_account_firms needs to know each job's account: set "
+                    "slurm_job_accounts_file (kept by the Slurm prolog, see agent/README.md), or "
+                    "slurm_account_from_env = true (untrusted: a job can set its own environment)"
+                )
+            if from_env:
+                log.warning("attribution: Slurm accounts are read from each process's environment (untrusted): "
+                            "a job can name another firm's account")  # fmt: skip
+            job_account = attribution.MappingFile(Path(accounts_file)) if accounts_file else None
+            chosen.append(attribution.slurm(proc, job_firm, accounts.get, job_account, from_env))
         elif name == "static" and (a.get("gpu_firms") or a.get("host_firm")):
             chosen.append(attribution.static(dict(a.get("gpu_firms", {})), a.get("host_firm")))
         elif name == "env":
-            chosen.append(attribution.env_var(proc, a.get("env_var", attribution.DEFAULT_FIRM_ENV)))
+            var = a.get("env_var", attribution.DEFAULT_FIRM_ENV)
+            log.warning("attribution: the env resolver is on (untrusted): a process that sets %s is billed "
+                        "to the firm it names", var)  # fmt: skip
+            chosen.append(attribution.env_var(proc, var))
     return attribution.chain(*chosen)
 
 
@@ -143,6 +159,8 @@ def run_agent(
     key = signing_key(cfg)
     if key is None:
         log.warning("no signing key configured (key_file): batches go out unsigned")
+    else:
+        log.info("signing as key id %s (%s)", key[0], describe_key(key[1]))
     source, identity, nvml = build_source(cfg, sim)
     spool = Spool(Path(cfg.spool_dir) if cfg.spool_dir else home / "spool", cfg.spool_max_bytes, key)
     meter = Agent(source, identity, spool, cfg.window_s, cfg.interval_s, checkpoint=spool)
@@ -156,12 +174,15 @@ def run_agent(
     def body() -> str:
         return render(collect(meter, spool, sender, nvml))
 
-    server = serve("0.0.0.0", cfg.metrics_port, body) if cfg.metrics_port else None
+    server = serve(cfg.metrics_addr, cfg.metrics_port, body) if cfg.metrics_port else None
     textfile = Path(cfg.metrics_textfile) if cfg.metrics_textfile else None
 
     def after_sample(now_s: int) -> None:
         if textfile is not None and now_s % METRICS_EVERY_S == 0:
-            write_textfile(textfile, body())
+            try:
+                write_textfile(textfile, body())
+            except OSError as exc:  # the collector's directory is not ours: say so, keep metering
+                log.error("cannot write the metrics textfile %s: %s", textfile, exc)
 
     log.info(
         "agent %s started: host %s, %s, interval %d s, window %d s, spool %s (%d batch(es) waiting), next seq %d",

@@ -42,9 +42,11 @@ from typing import Any
 
 from agent.windows import HostIdentity, WindowAccumulator
 from gpumeter.errors import GpumeterError
+from gpumeter.files import fsync_dir, write_atomic
 from gpumeter.record import (
     MAX_WINDOWS_PER_BATCH,
     GpuWindow,
+    SigningKey,
     UsageWindow,
     encode_batch,
     signature_headers,
@@ -97,27 +99,6 @@ def decode_file(data: bytes) -> tuple[dict[str, Any], bytes]:
     return header, value
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, sync: bool) -> None:
-    """Replace ``path`` whole: a reader sees the old or the new bytes, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if sync:
-        fsync_dir(path.parent)
-
-
 class Spool:
     """A ``Sink`` (durable write) and a ``Checkpoint`` for the agent; ``pending``/``ack`` for the sender."""
 
@@ -125,7 +106,7 @@ class Spool:
         self,
         root: Path,
         max_bytes: int = DEFAULT_MAX_BYTES,
-        signing_key: tuple[str, bytes] | None = None,
+        signing_key: tuple[str, SigningKey] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = root
@@ -140,7 +121,7 @@ class Spool:
         self.wakeup = threading.Event()
         self._lock = threading.Lock()
         for d in (self.batches, self.quarantine):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
         state = self._read_json(root / "state.json") or {}
         self.next_seq = int(state.get("next_seq", 0))
         self.closed_through_ms = int(state.get("closed_through_ms", 0))

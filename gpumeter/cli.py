@@ -17,6 +17,8 @@ import click
 
 from gpumeter import __version__
 from gpumeter.errors import GpumeterError, MissingExtraError
+from gpumeter.files import PRIVATE_UMASK
+from gpumeter.redact import RedactFilter, redact
 from gpumeter.settings import Settings, load_settings
 
 # name -> (module:attribute, extra that provides its dependencies, one-line help)
@@ -24,6 +26,7 @@ GROUPS: dict[str, tuple[str, str, str]] = {
     "agent": ("agent.cli:agent", "base", "Meter GPUs on this host and send usage windows to Kafka."),
     "pipeline": ("pipeline.cli:pipeline", "pipeline", "Load usage from Kafka into ClickHouse, exactly once."),
     "usage": ("pipeline.usage_cli:usage", "pipeline", "Inspect and import usage in ClickHouse."),
+    "keys": ("pipeline.keys_cli:keys", "pipeline", "The keys hosts sign their usage with: add, rotate, revoke, list."),
     "fleet": ("pipeline.fleet_cli:fleet", "pipeline", "The fleet registry: which GPUs each provider has."),
     "billing": (
         "billing.cli:billing",
@@ -88,6 +91,9 @@ def cli(ctx: click.Context, config: Path | None, verbose: int) -> None:
     """
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for handler in logging.getLogger().handlers:  # no password of a DSN in any log line
+        if not any(isinstance(f, RedactFilter) for f in handler.filters):
+            handler.addFilter(RedactFilter())
     ctx.obj = {"config": config}
 
 
@@ -99,17 +105,21 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # every file gpumeter makes - spool, state, keys, SQLite, the embedded ClickHouse, exports - is
+    # its user's alone (0600 files, 0700 directories); share an export by copying it
+    os.umask(PRIVATE_UMASK)
     try:
         rc = cli.main(args=argv, prog_name="gpumeter", standalone_mode=False)
         if isinstance(rc, int) and rc:  # a command that ended with ctx.exit(n)
             sys.exit(rc)
     except GpumeterError as exc:
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(redact(f"Error: {exc}"), err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except click.ClickException as exc:
+        exc.message = redact(exc.message)  # type: ignore[misc]  # a BadParameter can quote a DSN given as a flag
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
@@ -117,16 +127,16 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if isinstance(exc, OSError) or any(c.__name__ == "OperationalError" for c in type(exc).__mro__):
             # the machine or a database said no (a file not readable, a server away, a store locked)
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(redact(f"Error: {exc}"), err=True)
             sys.exit(1)
         # a bug: said plainly; the traceback goes to a file, and to the terminal with -vv
         fd, crash = tempfile.mkstemp(prefix="gpumeter-crash-", suffix=".txt")
         with os.fdopen(fd, "w") as out:
-            traceback.print_exc(file=out)
+            out.write(redact(traceback.format_exc()))
         if logging.getLogger().isEnabledFor(logging.DEBUG):
-            traceback.print_exc()
+            click.echo(redact(traceback.format_exc()), err=True)
         click.echo(
-            f"Error: unexpected {type(exc).__name__}: {exc}\n"
+            f"Error: unexpected {type(exc).__name__}: {redact(str(exc))}\n"
             f"This is a bug in gpumeter; please report it with the traceback saved in {crash}",
             err=True,
         )

@@ -7,7 +7,6 @@ are the two thin edges.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,10 +49,11 @@ def one(name: str, kind: str, help: str, value: float) -> Metric:
 
 
 def write_textfile(path: Path, text: str) -> None:
-    """Replace ``path`` whole (a collector reads the old or the new text, never a mix)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace ``path`` whole (a collector reads the old or the new text, never a mix), at 0644
+    whatever the umask: node_exporter runs as another user, and self-metrics hold no secret."""
+    from gpumeter.files import write_atomic
+
+    write_atomic(path, text.encode("utf-8"), sync=False, mode=0o644)
 
 
 def serve(host: str, port: int, body: Callable[[], str]) -> ThreadingHTTPServer:

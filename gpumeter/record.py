@@ -8,8 +8,10 @@ Framing (see CONTRACT.md for the why):
   CRC-64-AVRO fingerprint (little-endian) + the Avro binary body. A reader keeps
   every schema version ever shipped (``schemas/usage_batch.v*.avsc``) and resolves
   the writer's version to the current reader schema, so old and new agents mix;
-- headers ``gm-key-id`` and ``gm-sig``: the host key's id and the hex
-  HMAC-SHA256 of the whole value bytes.
+- headers ``gm-key-id`` and ``gm-sig``: the host key's id and the hex signature
+  of the whole value bytes: Ed25519 (the default: the agent holds the private
+  key, the pipeline only the public one) or, for hosts set up before 0.4,
+  HMAC-SHA256 under a shared secret. The key id says which; no header does.
 
 Timestamps cross the wire as ``timestamp-millis`` longs (UTC); this module keeps
 them as integer milliseconds so decoding stays cheap.
@@ -17,6 +19,7 @@ them as integer milliseconds so decoding stays cheap.
 
 from __future__ import annotations
 
+import binascii
 import copy
 import hashlib
 import hmac
@@ -29,6 +32,8 @@ from importlib import resources
 from typing import Any, TypedDict, cast
 
 import fastavro
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from gpumeter.errors import RecordError
@@ -237,26 +242,52 @@ def decode_batch(value: bytes) -> UsageBatch:
     return cast(UsageBatch, batch)
 
 
-def sign(value: bytes, key: bytes) -> str:
-    return hmac.new(key, value, hashlib.sha256).hexdigest()
+# What signs: an Ed25519 private key, or an HMAC secret (bytes). What verifies: the Ed25519 public
+# key, or the same secret.
+SigningKey = Ed25519PrivateKey | bytes
+VerifyingKey = Ed25519PublicKey | bytes
 
 
-def signature_headers(value: bytes, key_id: str, key: bytes) -> list[tuple[str, bytes]]:
+def sign(value: bytes, key: SigningKey) -> str:
+    """The ``gm-sig`` of a value: hex Ed25519 signature (64 bytes), or hex HMAC-SHA256 (32 bytes)."""
+    if isinstance(key, bytes):
+        return hmac.new(key, value, hashlib.sha256).hexdigest()
+    return key.sign(value).hex()
+
+
+def signature_headers(value: bytes, key_id: str, key: SigningKey) -> list[tuple[str, bytes]]:
     return [(HEADER_KEY_ID, key_id.encode()), (HEADER_SIG, sign(value, key).encode())]
 
 
-def verify(value: bytes, headers: Iterable[tuple[str, bytes]], keys: dict[str, bytes]) -> str:
-    """Check the batch signature; return the key id, or raise RecordError saying why not."""
+def signed_key_id(headers: Iterable[tuple[str, bytes]]) -> tuple[str, bytes, str]:
+    """(key id, signature header, the key id as a reason may show it) of a message; RecordError if unsigned."""
     found = dict(headers)
     key_id_raw, sig_raw = found.get(HEADER_KEY_ID), found.get(HEADER_SIG)
     if key_id_raw is None or sig_raw is None:
         raise RecordError("unsigned batch")
     key_id = key_id_raw.decode(errors="replace")
-    key = keys.get(key_id)
     # the header's bytes are the sender's: a reason (and the dead-letter header made from it) shows 64
     shown = key_id if len(key_id) <= 64 else f"{key_id[:64]}... ({len(key_id_raw)} bytes)"
+    return key_id, sig_raw, shown
+
+
+def check_signature(value: bytes, sig_raw: bytes, key: VerifyingKey, shown: str) -> None:
+    """RecordError unless ``sig_raw`` (the ``gm-sig`` header) is the signature of ``value`` under ``key``."""
+    if isinstance(key, bytes):
+        if not hmac.compare_digest(sign(value, key).encode(), sig_raw):
+            raise RecordError(f"bad signature for key id {shown!r}")
+        return
+    try:
+        key.verify(binascii.unhexlify(sig_raw), value)
+    except (InvalidSignature, binascii.Error, ValueError):
+        raise RecordError(f"bad signature for key id {shown!r}") from None
+
+
+def verify(value: bytes, headers: Iterable[tuple[str, bytes]], keys: dict[str, VerifyingKey]) -> str:
+    """Check the batch signature; return the key id, or raise RecordError saying why not."""
+    key_id, sig_raw, shown = signed_key_id(headers)
+    key = keys.get(key_id)
     if key is None:
         raise RecordError(f"unknown signing key id {shown!r}")
-    if not hmac.compare_digest(sign(value, key).encode(), sig_raw):
-        raise RecordError(f"bad signature for key id {shown!r}")
+    check_signature(value, sig_raw, key, shown)
     return key_id

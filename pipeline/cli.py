@@ -12,11 +12,12 @@ from gpumeter.cli import settings_from
 from gpumeter.errors import GpumeterError
 from gpumeter.kafkalog import until_connected
 from gpumeter.metrics import render, serve, write_textfile
+from gpumeter.redact import redact
 from gpumeter.signals import stop_requested
 from pipeline import clickhouse
 from pipeline.coverage import coverage_table
 from pipeline.gaps import SILENT_AFTER_S, gaps_table
-from pipeline.keys import load_registry
+from pipeline.keys import RegistryFile, load_registry
 from pipeline.loader import DeadLetter, Loader, LoaderStats, LoaderStopped, TransientError, make_consumer
 from pipeline.loader_metrics import collect
 from pipeline.requeue import requeue
@@ -30,8 +31,12 @@ CLUSTER_OPTION = click.option(
 )
 METRICS_EVERY_S = 15.0
 UNCHECKED = (
-    "WARNING: no --keys file: batch signatures and host/provider registrations are NOT checked; "
-    "only plausibility checks run. Pass --keys FILE in production."
+    "WARNING: --insecure: batch signatures and host/provider registrations are NOT checked; "
+    "only plausibility checks run. Never in production."
+)
+NO_KEYS = (
+    "no --keys file: the loader verifies every batch's signature against the keys registry "
+    "(see `gpumeter keys --help`); pass --keys FILE, or --insecure for a test that checks no signatures"
 )
 
 
@@ -54,7 +59,7 @@ def init(ctx: click.Context, cluster: str | None) -> None:
     s = settings_from(ctx)
     client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
     clickhouse.ensure_schema(client, s.clickhouse_database, cluster=cluster)
-    click.echo(f"ClickHouse schema ready in {s.clickhouse_database} ({s.clickhouse_dsn_resolved})")
+    click.echo(f"ClickHouse schema ready in {s.clickhouse_database} ({redact(s.clickhouse_dsn_resolved)})")
 
 
 @pipeline.command("run")
@@ -71,7 +76,13 @@ def init(ctx: click.Context, cluster: str | None) -> None:
     "--keys",
     "keys_file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Keys registry (TOML: hosts, their provider and signing keys); see pipeline/README.md.",
+    envvar="GPUMETER_KEYS",
+    help="Keys registry (TOML: hosts, their provider and signing keys; env GPUMETER_KEYS); see pipeline/README.md.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Run without --keys: check no signature or host registration (tests and demos only).",
 )
 @click.option(
     "--dead-letter-topic",
@@ -111,6 +122,7 @@ def run(
     group_id: str,
     idle_exit: float | None,
     keys_file: Path | None,
+    insecure: bool,
     dead_letter_topic: str | None,
     rebalance_timeout: float | None,
     metrics_port: int | None,
@@ -134,7 +146,11 @@ def run(
       gpumeter pipeline run --keys keys.toml --metrics-port 9465
     """
     s = settings_from(ctx, kafka_bootstrap=kafka_bootstrap, topic=topic)
-    keys = load_registry(keys_file) if keys_file is not None else None
+    if keys_file is None and not insecure:
+        raise click.UsageError(NO_KEYS)
+    if keys_file is not None and insecure:
+        raise click.UsageError("--keys and --insecure together: choose one")
+    keys = RegistryFile(keys_file) if keys_file is not None else None
     if keys is None:
         click.echo(UNCHECKED, err=True)
     client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gpumeter.errors import ConfigError, StoreBusyError
+from gpumeter.redact import redact
 from pipeline.framing import WriterVersion, shipped_versions
 from pipeline.schema import RAW_ORDER, Ddl
 
@@ -68,7 +69,7 @@ def connect(dsn: str, database: str) -> Any:
         text = str(exc)
         if "EmbeddedServer" in text or "Code: 36" in text or "already initialized" in text:
             raise StoreBusyError(
-                f"the embedded ClickHouse store {dsn} is in use by another process (or this process "
+                f"the embedded ClickHouse store {redact(dsn)} is in use by another process (or this process "
                 "opened a different chdb path). Stop that process (e.g. a running 'gpumeter pipeline "
                 "run') and try again, or point GPUMETER_CLICKHOUSE_DSN at a ClickHouse server, which "
                 "has no such limit."

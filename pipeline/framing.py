@@ -41,7 +41,12 @@ PREFIX_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("gm_signer_host", "string", "String"),  # host bound to the verified key; '' when unchecked
     ("gm_signer_provider", "string", "String"),  # that host's provider; '' when unchecked
     ("gm_block", "string", "String"),  # the loader's block (``loader.block_digest``): ties rejections to it
+    # the verified key's validity (epoch ms; -1: no bound, or unchecked): the views refuse a batch made outside it
+    ("gm_key_from_ms", "long", "Int64"),
+    ("gm_key_until_ms", "long", "Int64"),
 )
+# prefix fields added after ingest tables were first created: ``Ddl.ingest_prefix_columns`` adds them
+ADDED_PREFIX_FIELDS = ("gm_block", "gm_key_from_ms", "gm_key_until_ms")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +123,8 @@ class Framed:
     body: bytes  # the Avro body, after the 10-byte single-object header
     signer_host: str = ""
     signer_provider: str = ""
+    key_from_ms: int = -1
+    key_until_ms: int = -1
 
 
 def container(
@@ -138,6 +145,8 @@ def container(
             + _avro_string(m.signer_host)
             + _avro_string(m.signer_provider)
             + tail
+            + zigzag(m.key_from_ms)
+            + zigzag(m.key_until_ms)
         )
         parts += (one, zigzag(len(prefix) + len(m.body)), prefix, m.body, SYNC)
     return b"".join(parts)
@@ -201,6 +210,26 @@ def window_count(body: bytes) -> int:
         if size < 0 or pos + size > len(body):
             raise RecordError("corrupt Avro body: bad array block size")
         total, pos = total - count, pos + size
+
+
+def heartbeat_made_at(body: bytes) -> int | None:
+    """``made_at`` of a v3+ body that carries no windows (a heartbeat): the fields after an empty
+    windows array are high_water_seq then made_at. None when the array holds windows."""
+    pos = 0
+    for _ in range(2):  # host_id, agent_version
+        _, pos = _string_at(body, pos)
+    while True:
+        count, pos = _read_long(body, pos)
+        if count == 0:
+            break
+        if count > 0:
+            return None
+        size, pos = _read_long(body, pos)
+        if size != 0:  # a block of windows
+            return None
+    _, pos = _read_long(body, pos)  # high_water_seq
+    made_at, _ = _read_long(body, pos)
+    return made_at
 
 
 @cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gpumeter.metrics import Metric, one
+from pipeline.keys import RegistryFile
 from pipeline.loader import Loader
 
 P = "gpumeter_loader_"
@@ -35,4 +36,9 @@ def collect(loader: Loader) -> list[Metric]:
                "it fetched from or committed).", lag),
         one(P + "assigned_partitions", "gauge", "Partitions the consumer group gave this loader.", loader.assigned),
         one(P + "stopped", "gauge", "1 when a permanent failure stopped the loader (exit 3).", s.stopped),
+        one(P + "keys_file_stale", "gauge", "1 when the keys file changed and did not load (the keys loaded "
+            "before are in force: a revocation may not be).", int(isinstance(loader.keys, RegistryFile)
+                                                                  and loader.keys.stale)),
+        one(P + "keys_reloads_total", "counter", "Times the keys file was read again after a change.",
+            loader.keys.reloads if isinstance(loader.keys, RegistryFile) else 0),
     ]  # fmt: skip

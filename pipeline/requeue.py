@@ -25,7 +25,7 @@ from typing import Any
 from gpumeter.errors import RecordError
 from pipeline import clickhouse
 from pipeline.framing import WriterVersion, container, decode_body, shipped_versions
-from pipeline.keys import KeyRegistry
+from pipeline.keys import Keys
 from pipeline.loader import TransientError, check_message, headers_from_text, reason_label, refusal
 from pipeline.schema import GPU_WINDOW_REASON_PREFIX
 
@@ -95,7 +95,7 @@ def pending(client: Any, database: str) -> Iterator[Quarantined]:
 def requeue(
     client: Any,
     database: str,
-    keys: KeyRegistry,
+    keys: Keys,
     dry_run: bool = False,
     writers: dict[bytes, WriterVersion] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -108,7 +108,9 @@ def requeue(
         report.tried += 1
         progress(report.tried)
         try:
-            writer, framed, _ = check_message(q.value, headers_from_text(q.headers), keys, writers, q.offset, None)
+            now_ms = int(clock().timestamp() * 1000)
+            writer, framed, _ = check_message(q.value, headers_from_text(q.headers), keys, writers, q.offset, None,
+                                              now_ms)  # fmt: skip
             windows = len(decode_body(writer, framed.body)["windows"])  # before the insert: it cannot fail after
         except RecordError as exc:
             report.still_rejected[reason_label(str(exc))] += 1

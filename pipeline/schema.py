@@ -16,11 +16,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from gpumeter.record import FIRM_ID_PATTERN, MAX_WINDOWS_PER_BATCH, UNATTRIBUTED
-from pipeline.framing import PREFIX_FIELDS, WriterVersion
+from pipeline.framing import ADDED_PREFIX_FIELDS, PREFIX_FIELDS, WriterVersion
 
 # Changes with the views' text other than the checks (the checks are in the view names already):
 # a database made with older views gets these beside them, then the old ones are dropped.
-VIEWS_REVISION = 3  # 2: rejections carry the loader's block (block_id); 3: the batch's window count joined
+# 2: rejections carry the loader's block (block_id); 3: the batch's window count joined; 4: messages
+# made outside their signing key's validity do not count
+VIEWS_REVISION = 4
 DEDUP_WINDOW = 10_000  # insert blocks remembered per table for insert_deduplication_token
 FUTURE_TOLERANCE_S = 300  # a window may end at most this long after the loader's clock (never the producer's)
 EARLIEST_WINDOW_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
@@ -55,6 +57,48 @@ SIGNER_HOST_REASON = "batch host_id is not the signing key's host"  # the loader
 BATCH_CHECKS: tuple[tuple[str, str], ...] = (
     (f"batch of more than {MAX_WINDOWS_PER_BATCH} windows", f"n_windows > {MAX_WINDOWS_PER_BATCH}"),
 )
+
+# The signing key's validity (the ingest prefix's gm_key_from_ms / gm_key_until_ms, -1 = no bound),
+# against when the agent made the batch (``made_at``, v3 on; signed with the rest of it) and when it
+# arrived (the loader's clock, never the sender's). The sender chooses made_at, so a key with a
+# ``valid_until`` also cannot make a batch look older than the windows it carries, nor be used past
+# MAX_BACKLOG after its end (a backlog older than that needs `pipeline requeue`, reviewed); a key
+# whose validity has not begun by the loader's clock verifies nothing. A batch of an older writer
+# has no made_at: none of its windows may end after the key's validity ended.
+MAX_BACKLOG_S = 30 * 86_400  # how long after its end a retired key's backlog is still taken
+KEY_FROM_REASON = "batch made before its signing key's validity began"
+KEY_UNTIL_REASON = "batch made after its signing key's validity ended"
+KEY_LATE_REASON = f"window ends more than {FUTURE_TOLERANCE_S} s after its batch was made"
+KEY_UNTIL_OLD_REASON = "window ends after its signing key's validity ended"
+KEY_NOT_YET_REASON = "signing key not valid yet by the loader's clock"
+KEY_BACKLOG_REASON = f"batch arrived more than {MAX_BACKLOG_S // 86_400} days after its signing key's validity ended"
+MADE_FUTURE_REASON = f"batch made more than {FUTURE_TOLERANCE_S} s after the loader's clock"
+_NOW_MS = "intDiv(b.gm_ingested_at_us, 1000)"
+ARRIVAL_CHECKS = (
+    (KEY_NOT_YET_REASON, f"b.gm_key_from_ms >= 0 AND {_NOW_MS} + {FUTURE_TOLERANCE_S * 1000} < b.gm_key_from_ms"),
+    (KEY_BACKLOG_REASON, f"b.gm_key_until_ms >= 0 AND {_NOW_MS} > b.gm_key_until_ms + {MAX_BACKLOG_S * 1000}"),
+)
+MADE_CHECKS = (
+    *ARRIVAL_CHECKS,
+    (MADE_FUTURE_REASON, f"b.gm_key_until_ms >= 0 AND b.made_at > {_NOW_MS} + {FUTURE_TOLERANCE_S * 1000}"),
+    (KEY_FROM_REASON, "b.gm_key_from_ms >= 0 AND b.made_at < b.gm_key_from_ms"),
+    (KEY_UNTIL_REASON, "b.gm_key_until_ms >= 0 AND b.made_at >= b.gm_key_until_ms"),
+)
+
+
+def key_checks(made_at: bool, end: str = "w.window_end") -> tuple[tuple[str, str], ...]:
+    """The key-validity checks of a batch's windows (``end``: the window's end column)."""
+    if not made_at:
+        return (*ARRIVAL_CHECKS, (KEY_UNTIL_OLD_REASON, f"b.gm_key_until_ms >= 0 AND {end} > b.gm_key_until_ms"))
+    return (*MADE_CHECKS, (KEY_LATE_REASON, late_window_sql(end)))
+
+
+def late_window_sql(end: str) -> str:
+    """A window of a batch signed by a key with an end that ends after the batch was made (+ tolerance)."""
+    return f"b.gm_key_until_ms >= 0 AND {end} > b.made_at + {FUTURE_TOLERANCE_S * 1000}"
+
+
+KEY_REASONS = tuple(r for r, _ in (*MADE_CHECKS, *key_checks(True), *key_checks(False)))
 
 WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
     (
@@ -109,6 +153,9 @@ WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
     ),
 )
 
+# a prefix column's default where 0 is not "nothing" (the key's bounds: -1 is no bound)
+PREFIX_DEFAULTS = {"gm_key_from_ms": " DEFAULT -1", "gm_key_until_ms": " DEFAULT -1"}
+
 INGEST_JOIN = "ARRAY JOIN windows AS w, arrayWithConstant(length(windows), length(windows)) AS n_windows"
 
 # (reason, SQL condition over the ARRAY JOINed GPU window `g` and the batch columns); first match wins.
@@ -118,6 +165,7 @@ GPU_WINDOW_PARTS_SQL = ("g.allocated_seconds", "g.unattributed_seconds", "g.idle
                         "g.unsampled_seconds")  # fmt: skip
 GPU_WINDOW_CHECKS: tuple[tuple[str, str], ...] = (
     (f"batch of more than {MAX_WINDOWS_PER_BATCH} GPU windows", f"n_gpu_windows > {MAX_WINDOWS_PER_BATCH}"),
+    *key_checks(True, "g.window_end"),  # GPU windows come from v4 on, which has made_at
     ("host_id differs from the batch host_id", "g.host_id != b.host_id"),
     (SIGNER_HOST_REASON, "b.gm_signer_host != '' AND b.host_id != b.gm_signer_host"),
     (
@@ -207,15 +255,17 @@ OPTIONAL_WINDOW_FIELDS = {
 }
 
 
-def reject_reason_sql(window_fields: Iterable[str] | None = None, batch: bool = False) -> str:
+def reject_reason_sql(window_fields: Iterable[str] | None = None, batch: bool = False, made_at: bool = False) -> str:
     """multiIf over WINDOW_CHECKS: '' for a window that passes, else the first failed rule's reason.
 
     ``window_fields``: the writer version's window fields; an optional one it lacks reads as NULL.
-    ``batch``: a Kafka batch's windows, so BATCH_CHECKS come first.
+    ``batch``: a Kafka batch's windows, so BATCH_CHECKS and the key's validity (``key_checks``; the
+    writer has ``made_at`` or not) come first.
     """
     present = set(OPTIONAL_WINDOW_FIELDS if window_fields is None else window_fields)
     parts = []
-    for reason, condition in (*BATCH_CHECKS, *WINDOW_CHECKS) if batch else WINDOW_CHECKS:
+    checks = (*BATCH_CHECKS, *key_checks(made_at), *WINDOW_CHECKS) if batch else WINDOW_CHECKS
+    for reason, condition in checks:
         for name, null_type in OPTIONAL_WINDOW_FIELDS.items():
             if name not in present:
                 condition = condition.replace(f"w.{name}", f"CAST(NULL, '{null_type}')")
@@ -336,20 +386,26 @@ ORDER BY (kafka_partition, kafka_offset, digest)"""
         ]
 
     def ingest_table(self, writer: WriterVersion) -> str:
-        cols = [f"    {name} {ch}" for name, _, ch in PREFIX_FIELDS]
+        cols = [f"    {name} {ch}{PREFIX_DEFAULTS.get(name, '')}" for name, _, ch in PREFIX_FIELDS]
         cols += [f"    {f['name']} {ch_type(f['type'])}" for f in writer.schema["fields"]]
         body = ",\n".join(cols)
         return f"CREATE TABLE IF NOT EXISTS {self.db}.{writer.ingest_table}{self.on} (\n{body}\n)\nENGINE = Null"
 
-    def ingest_block_column(self, writer: WriterVersion) -> str:
-        """For ingest tables created before the loader named its block in each message's prefix."""
-        return f"ALTER TABLE {self.db}.{writer.ingest_table}{self.on} ADD COLUMN IF NOT EXISTS gm_block String"
+    def ingest_prefix_columns(self, writer: WriterVersion) -> list[str]:
+        """For ingest tables created before the loader put a field in each message's prefix (its block,
+        the signing key's validity): ClickHouse reads the container's fields by name."""
+        types = {name: ch for name, _, ch in PREFIX_FIELDS}
+        return [
+            f"ALTER TABLE {self.db}.{writer.ingest_table}{self.on} ADD COLUMN IF NOT EXISTS {name} {types[name]}"
+            f"{PREFIX_DEFAULTS.get(name, '')}"
+            for name in ADDED_PREFIX_FIELDS
+        ]
 
     def view_names(self, writer: WriterVersion) -> tuple[str, str]:
         """(to_raw, to_quarantine) view names of a writer version under today's checks: the names
         carry a digest of the checks, so a database made under other checks gets new views beside
         its old ones, and ``clickhouse.ensure_schema`` then drops the old (``stale_views``)."""
-        text = f"{VIEWS_REVISION}:{reject_reason_sql(_window_fields(writer), batch=True)}"
+        text = f"{VIEWS_REVISION}:{reject_reason_sql(_window_fields(writer), batch=True, made_at=_made_at(writer))}"
         digest = hashlib.sha256(text.encode()).hexdigest()[:10]
         return f"{writer.ingest_table}_to_raw_{digest}", f"{writer.ingest_table}_to_quarantine_{digest}"
 
@@ -358,6 +414,7 @@ ORDER BY (kafka_partition, kafka_offset, digest)"""
         window_fields = _window_fields(writer)
         src = f"{self.db}.{writer.ingest_table}"
         to_raw, to_quarantine = self.view_names(writer)
+        reason = reject_reason_sql(window_fields, batch=True, made_at=_made_at(writer))
 
         def opt(name: str, ch_type: str = "Nullable(Float64)") -> str:  # a field an older writer lacks is NULL
             return f"CAST(w.{name}, '{ch_type}')" if name in window_fields else f"CAST(NULL, '{ch_type}')"
@@ -377,11 +434,11 @@ SELECT
     {opt("samples_missed", "Nullable(UInt32)")} AS samples_missed
 FROM {src} AS b
 {INGEST_JOIN}
-WHERE {reject_reason_sql(window_fields, batch=True)} = ''"""
+WHERE {reason} = ''"""
         quarantine = f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {self.db}.{to_quarantine}{self.on}
 TO {self.db}.usage_quarantine AS
 SELECT
-    toJSONString(w) AS raw, {reject_reason_sql(window_fields, batch=True)} AS reason, 'kafka' AS source,
+    toJSONString(w) AS raw, {reason} AS reason, 'kafka' AS source,
     b.gm_partition AS kafka_partition, b.gm_offset AS kafka_offset,
     fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS quarantined_at, w.record_id AS record_id,
     b.gm_block AS block_id
@@ -414,7 +471,8 @@ SETTINGS {self.dedup_setting()}"""
 
     def messages_view(self, writer: WriterVersion) -> list[str]:
         """A message counts for its host only if the signing key is that host's (or nothing is
-        checked); ``made_at`` is clamped into 1970-2100, so no agent clock can make the insert fail."""
+        checked) and it was made inside the key's validity; ``made_at`` is clamped into 1970-2100, so
+        no agent clock can make the insert fail."""
         name = self.messages_view_name(writer)
         if name is None:
             return []
@@ -427,7 +485,9 @@ SELECT
     toUInt32(length(b.windows)) AS windows, b.gm_partition AS kafka_partition, b.gm_offset AS kafka_offset,
     fromUnixTimestamp64Micro(b.gm_ingested_at_us, 'UTC') AS ingested_at
 FROM {self.db}.{writer.ingest_table} AS b
-WHERE b.gm_signer_host = '' OR b.host_id = b.gm_signer_host"""
+WHERE (b.gm_signer_host = '' OR b.host_id = b.gm_signer_host)
+    AND NOT ({" OR ".join(f"({condition})" for _, condition in MADE_CHECKS)})
+    AND NOT arrayExists(x -> ({late_window_sql("tupleElement(x, 'window_end')")}), b.windows)"""
         ]
 
     def gpu_windows_table(self) -> str:
@@ -607,10 +667,14 @@ ORDER BY (store_id, record_id, decided_at)"""
             self.requeued_table(),
         ]
         for writer in sorted(writers, key=lambda w: w.version):
-            out += [self.ingest_table(writer), self.ingest_block_column(writer)]
+            out += [self.ingest_table(writer), *self.ingest_prefix_columns(writer)]
             out += self.ingest_views(writer) + self.messages_view(writer) + self.gpu_views(writer)
         out += [self.drop_windows_view(), self.hourly_table(), *self.fleet_tables(), *self.hold_tables()]
         return out
+
+
+def _made_at(writer: WriterVersion) -> bool:
+    return "made_at" in {f["name"] for f in writer.schema["fields"]}
 
 
 def _window_fields(writer: WriterVersion) -> set[str]:

@@ -17,8 +17,73 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from secret_watch import TEST_PASSWORD  # with it, every HMAC secret and agent key a test reads
 
 from gpumeter.demo.broker import LocalBroker, create_topic
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_output(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every line a command prints in-process (click.echo, the errors click shows) and every log record
+    of the test is searched for the test's secrets: the password above, the HMAC secrets of every keys
+    registry read, the material of every agent key file read. One found fails the test."""
+    import logging
+
+    import click.core
+    import click.exceptions
+    import click.utils
+
+    secrets = {TEST_PASSWORD}
+    seen: list[str] = []
+    real_echo = click.utils.echo
+
+    def echo(message: Any = None, *args: Any, **kwargs: Any) -> None:
+        if message is not None:
+            seen.append(message.decode(errors="replace") if isinstance(message, bytes) else str(message))
+        real_echo(message, *args, **kwargs)
+
+    for module in (click, click.utils, click.core, click.exceptions):
+        monkeypatch.setattr(module, "echo", echo, raising=False)
+    try:
+        import pipeline.keys as keys_module
+
+        real_host_key = keys_module._host_key
+
+        def host_key(where: str, key_id: str, host_id: str, provider: str, spec: Any) -> Any:
+            entry, verifier = real_host_key(where, key_id, host_id, provider, spec)
+            if isinstance(verifier, bytes):
+                secrets.add(verifier.hex())
+            return entry, verifier
+
+        monkeypatch.setattr(keys_module, "_host_key", host_key)
+    except ModuleNotFoundError:  # the pipeline extra is not installed
+        pass
+    import agent.config as agent_config
+
+    real_read_key = agent_config.read_key
+
+    def read_key(path: Path) -> Any:
+        key = real_read_key(path)
+        text = path.read_text(errors="replace")
+        secrets.update(line for line in text.splitlines() if len(line) >= 32 and not line.startswith("-----"))
+        if isinstance(key, bytes):
+            secrets.add(key.hex())
+        return key
+
+    monkeypatch.setattr(agent_config, "read_key", read_key)
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(self.format(record))
+
+    handler = Collect(level=logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+    leaked = sorted({s[:12] + "..." for s in secrets for text in seen if s in text})
+    assert not leaked, f"a secret was printed or logged: {leaked}"
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpumeter.errors import ConfigError, GpumeterError, MissingExtraError
+from gpumeter.redact import redact
 
 SCHEMA_VERSION = "1"
 
@@ -96,7 +97,7 @@ def parse_url(url: str) -> DatabaseUrl:
     if url.startswith(("postgresql://", "postgres://")):
         return DatabaseUrl("postgres", url)
     raise ConfigError(
-        f"billing database URL {url!r} is not supported: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+        f"billing database URL {redact(url)!r} is not supported: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
     )
 
 
@@ -151,7 +152,7 @@ class Store:
                 tx.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise GpumeterError(
-                    f"the billing store {url} has schema version {row[0]}; this gpumeter needs {SCHEMA_VERSION}"
+                    f"the billing store {redact(url)} has schema version {row[0]}; this gpumeter needs {SCHEMA_VERSION}"
                 )
 
     def _connect(self) -> Any:
@@ -168,7 +169,14 @@ class Store:
             import psycopg
         except ModuleNotFoundError as exc:
             raise MissingExtraError("postgres", "psycopg") from exc
-        return psycopg.connect(self.url.target, autocommit=False)
+        try:
+            return psycopg.connect(self.url.target, autocommit=False)
+        except psycopg.Error as exc:
+            # libpq's messages can quote the connection string's parts, the password among them
+            reason = type(exc).__name__
+            if isinstance(exc, psycopg.OperationalError):
+                reason = redact(str(exc).splitlines()[0] if str(exc) else reason)
+            raise ConfigError(f"billing database {redact(self.url.target)} unusable ({reason})") from None
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:

@@ -21,6 +21,7 @@ from typing import IO, Any
 from zoneinfo import ZoneInfo
 
 import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.kafka_sink import KafkaSink
 from agent.runner import Agent, run_simulated
@@ -32,6 +33,7 @@ from gpumeter.errors import GpumeterError
 from gpumeter.fleet import fleet_text, read_fleet
 from pipeline import clickhouse, fleet_store
 from pipeline.coverage import coverage_table
+from pipeline.keys import ED25519, HostKey, KeyRegistry, load_registry, public_key_text, write_registry
 from pipeline.loader import Loader, make_consumer
 from pipeline.report import gpu_hours_table, hours_text
 from pipeline.usage_store import UsageStore
@@ -136,7 +138,17 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
     with LocalBroker(log_path=work / "broker.log") as broker:
         step(f"Kafka-protocol broker (Tansu) listening on {broker.bootstrap}")
         create_topic(broker.bootstrap, settings.topic, partitions=4)
-        sink = KafkaSink(broker.bootstrap, settings.topic)
+        # every host its own Ed25519 key pair: the private keys stay in this process (the agents'), the
+        # loader gets a registry of public keys, written as `gpumeter keys new` writes it
+        host_keys = {h.host_id: (f"{h.host_id}.demo", Ed25519PrivateKey.generate()) for h in fleet.hosts()}
+        keys_path = work / "keys.toml"
+        write_registry(keys_path, KeyRegistry({
+            key_id: HostKey(key_id, h.host_id, h.provider_id, ED25519, public_key_text(key.public_key()),
+                            valid_from=start.astimezone(UTC), note="gpumeter demo")
+            for h in fleet.hosts() for key_id, key in [host_keys[h.host_id]]
+        }))  # fmt: skip
+        step(f"keys: {len(host_keys)} hosts sign with Ed25519; the loader verifies against {keys_path} (public keys)")
+        sink = KafkaSink(broker.bootstrap, settings.topic, host_keys=host_keys)
         agents = [
             Agent(fleet.host_source(h.host_id), h, sink, window_s=60, interval_s=interval_s, batch_windows=400)
             for h in fleet.hosts()
@@ -178,7 +190,7 @@ def demo(ctx: click.Context, workdir: Path | None, month: str, tz: str, seed: in
         loaded = fleet_store.load_fleet(client, settings.clickhouse_database, read_fleet(registry), registry.name)
         step(f"fleet registry: {loaded.version.devices} GPUs registered (version {loaded.version.version})")
         consumer = make_consumer(broker.bootstrap, settings.topic, "gpumeter-demo-loader", fast_rebalance=True)
-        loader = Loader(consumer, client, settings.clickhouse_database, settings.topic)
+        loader = Loader(consumer, client, settings.clickhouse_database, settings.topic, keys=load_registry(keys_path))
         try:
             stats = loader.run(until=lambda st: st.messages >= sink.messages_sent, idle_timeout_s=60)
         finally:

@@ -1,7 +1,8 @@
 """Agent cost on a host: CPU (% of one core) and peak RSS at 1 Hz with 8 simulated GPUs over 65 s.
 
 Runs ``gpumeter agent run --simulate 8 --interval 1 --duration 65`` against a
-local broker, spool on disk, and samples the process with psutil. Beside it, a
+local broker, spool on disk, every batch signed with an Ed25519 key (as shipped),
+and samples the process with psutil. Beside it, a
 baseline: a bare Python process that imports the same libraries and sleeps, so
 ``vs baseline`` is the cost of metering itself over the interpreter's floor.
 Target: at most 0.5 % of a core and 50 MB RSS.
@@ -24,7 +25,7 @@ DURATION_S = 65
 WARMUP_S = 5  # start-up (imports, fleet generation) is not the steady state
 GPUMETER = Path(sys.executable).with_name("gpumeter")
 BASELINE = (
-    "import time, agent.cli, agent.service, agent.kafka_sink, agent.simulate, kafka, fastavro, psutil\n"
+    "import time, agent.cli, agent.service, agent.kafka_sink, agent.simulate, kafka, fastavro, psutil, cryptography\n"
     f"time.sleep({DURATION_S + 5})\n"
 )
 
@@ -46,9 +47,11 @@ def _watch(procs: dict[str, psutil.Process], seconds: float) -> dict[str, tuple[
 def run() -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp, LocalBroker(log_path=Path(tmp) / "broker.log") as broker:
         create_topic(broker.bootstrap, "bench-agent", partitions=1)
+        key = Path(tmp) / "host.key"
+        subprocess.run([str(GPUMETER), "agent", "keygen", str(key)], check=True, capture_output=True)
         agent = subprocess.Popen(
             [str(GPUMETER), "agent", "run", "--simulate", "8", "--interval", "1", "--duration", str(DURATION_S),
-             "--kafka", broker.bootstrap, "--topic", "bench-agent", "--spool", f"{tmp}/spool"],
+             "--kafka", broker.bootstrap, "--topic", "bench-agent", "--spool", f"{tmp}/spool", "--key-file", str(key)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={"GPUMETER_HOME": tmp, "PATH": ""},
         )  # fmt: skip
         base = subprocess.Popen([sys.executable, "-c", BASELINE])

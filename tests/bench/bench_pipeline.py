@@ -3,8 +3,9 @@
 Same broker (a local Tansu), same embedded ClickHouse, same 200,000 windows:
 
 - pipeline: production framing (UsageBatch of 100 windows per message, key = host,
-  signed), ``pipeline.loader.Loader`` with the keys registry (every signature
+  Ed25519-signed), ``pipeline.loader.Loader`` with the keys registry (every signature
   checked), every window checked in ClickHouse, dedup tokens, commit after insert;
+- pipeline_hmac: the same with HMAC-SHA256 keys (hosts of 0.3): what Ed25519 costs the loader;
 - naive_loop: one window per Kafka message, kafka-python poll, fastavro
   schemaless_reader per record, insert row tuples, commit per poll;
 - fastavro_alone: decoding the same batches with fastavro, no Kafka, no ClickHouse.
@@ -24,18 +25,29 @@ from typing import Any
 
 import fastavro
 from bench_framing import windows
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kafka import KafkaConsumer, KafkaProducer
 
 from gpumeter.demo.broker import LocalBroker, create_topic
 from gpumeter.record import decode_batch, encode_batch, plain_writer, record_id, schema_versions, signature_headers
 from pipeline import clickhouse
-from pipeline.keys import parse_registry
+from pipeline.keys import parse_registry, public_key_text
 from pipeline.loader import Loader, consumer_config, make_consumer
 
 N = 200_000
 BATCH = 100
 HOSTS = 8
 SECRET = bytes.fromhex("5e" * 32)
+PRIVATE = {h: Ed25519PrivateKey.from_private_bytes(bytes([h + 1]) * 32) for h in range(HOSTS)}
+
+
+def registry(ed25519: bool) -> Any:
+    def spec(h: int) -> Any:
+        return {"public_key": public_key_text(PRIVATE[h].public_key())} if ed25519 else SECRET.hex()
+
+    return parse_registry(
+        {"hosts": {f"P01-H{h:02d}": {"provider_id": "P01", "keys": {f"k{h}": spec(h)}} for h in range(HOSTS)}}
+    )
 
 
 def host_windows(n: int) -> dict[str, list[dict[str, Any]]]:
@@ -57,13 +69,9 @@ def produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes, list[tup
     p.close()
 
 
-def pipeline_rate(bootstrap: str, topic: str, client: Any, messages: int) -> float:
-    db = "bench_pipeline"
+def pipeline_rate(bootstrap: str, topic: str, client: Any, messages: int, db: str, keys: Any) -> float:
     clickhouse.ensure_schema(client, db)
-    keys = parse_registry(
-        {"hosts": {f"P01-H{h:02d}": {"provider_id": "P01", "keys": {f"k{h}": SECRET.hex()}} for h in range(HOSTS)}}
-    )
-    consumer = make_consumer(bootstrap, topic, "bench-pipeline", fast_rebalance=True)
+    consumer = make_consumer(bootstrap, topic, f"bench-{db}", fast_rebalance=True)
     loader = Loader(consumer, client, db, topic, keys=keys)
     t0 = None
     while loader.stats.messages < messages:
@@ -117,13 +125,24 @@ def fastavro_rate(values: list[bytes]) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def verify_us(values: list[bytes], keys: Any, signed: list[list[tuple[str, bytes]]]) -> float:
+    """Microseconds per message of the registry's verify alone."""
+    t0 = time.perf_counter()
+    for value, headers in zip(values, signed, strict=True):
+        keys.verify(value, headers)
+    return (time.perf_counter() - t0) / len(values) * 1e6
+
+
 def run() -> Iterator[str]:
     by_host = host_windows(N)
     batched: list[tuple[bytes, bytes, list[tuple[str, bytes]]]] = []
+    batched_hmac: list[tuple[bytes, bytes, list[tuple[str, bytes]]]] = []
     for h, ws in by_host.items():
+        n = int(h[-2:])
         for i in range(0, len(ws), BATCH):
             value = encode_batch(h, "bench", ws[i : i + BATCH])
-            batched.append((h.encode(), value, signature_headers(value, f"k{int(h[-2:])}", SECRET)))
+            batched.append((h.encode(), value, signature_headers(value, f"k{n}", PRIVATE[n])))
+            batched_hmac.append((h.encode(), value, signature_headers(value, f"k{n}", SECRET)))
     schema = plain_writer(next(iter(schema_versions())))["fields"][2]["type"]["items"]
     singles = []
     for ws in by_host.values():
@@ -132,20 +151,33 @@ def run() -> Iterator[str]:
             fastavro.schemaless_writer(buf, schema, w)
             singles.append((w["host_id"].encode(), buf.getvalue(), []))
     with LocalBroker() as broker, tempfile.TemporaryDirectory() as tmp:
-        t_ours, t_naive = f"bench-p-{uuid.uuid4().hex[:6]}", f"bench-n-{uuid.uuid4().hex[:6]}"
-        create_topic(broker.bootstrap, t_ours, 3)
-        create_topic(broker.bootstrap, t_naive, 3)
+        tag = uuid.uuid4().hex[:6]
+        t_ours, t_hmac, t_naive = f"bench-p-{tag}", f"bench-h-{tag}", f"bench-n-{tag}"
+        for t in (t_ours, t_hmac, t_naive):
+            create_topic(broker.bootstrap, t, 3)
         produce(broker.bootstrap, t_ours, batched)
+        produce(broker.bootstrap, t_hmac, batched_hmac)
         produce(broker.bootstrap, t_naive, singles)
         client = clickhouse.connect(f"chdb://{tmp}/ch", "bench_pipeline")
         clickhouse.connect(f"chdb://{tmp}/ch", "bench_naive")
-        ours = pipeline_rate(broker.bootstrap, t_ours, client, len(batched))
+        clickhouse.connect(f"chdb://{tmp}/ch", "bench_hmac")
+        ours = pipeline_rate(broker.bootstrap, t_ours, client, len(batched), "bench_pipeline", registry(True))
+        hmac = pipeline_rate(broker.bootstrap, t_hmac, client, len(batched), "bench_hmac", registry(False))
         naive = naive_rate(broker.bootstrap, t_naive, client)
-    alone = fastavro_rate([v for _, v, _ in batched])
-    crc = "C" if consumer_config("x").get("check_crcs", True) else "off (no C crc32c; batches HMAC-verified)"
+    values = [v for _, v, _ in batched]
+    alone = fastavro_rate(values)
+    ed_us = verify_us(values, registry(True), [hd for _, _, hd in batched])
+    hmac_us = verify_us(values, registry(False), [hd for _, _, hd in batched_hmac])
+    crc = "C" if consumer_config("x").get("check_crcs", True) else "off (no C crc32c; batches signature-verified)"
     yield f"BENCH naive_loop_records_per_s {naive:.0f} records/s"
     yield f"BENCH fastavro_alone_records_per_s {alone:.0f} records/s"
+    yield f"BENCH pipeline_hmac_records_per_s {hmac:.0f} records/s vs naive_loop {hmac / naive:.2f}x"
     yield f"BENCH pipeline_records_per_s {ours:.0f} records/s vs naive_loop {ours / naive:.2f}x (kafka crc: {crc})"
+    yield f"BENCH pipeline_ed25519_vs_hmac {ours / hmac:.3f} ratio vs pipeline_hmac {ours / hmac:.3f}x"
+    # a message of 100 windows: the share of its loading time that checking its signature takes
+    per_message_us = 1e6 / ours * BATCH
+    yield f"BENCH verify_ed25519_us_per_message {ed_us:.1f} us vs hmac {ed_us / hmac_us:.1f}x"
+    yield f"BENCH verify_share_of_load {ed_us / per_message_us:.3f} ratio (Ed25519 verify / loading time per message)"
 
 
 if __name__ == "__main__":

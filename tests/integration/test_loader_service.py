@@ -178,9 +178,9 @@ def test_a_loader_with_no_broker_says_so_in_one_plain_line_and_stops_cleanly(tmp
     address, the retries back off, and a stop request ends it with exit 0."""
     port = free_port()  # nothing listens there
     env = dict(os.environ, GPUMETER_HOME=str(tmp_path), GPUMETER_CLICKHOUSE_DSN=f"chdb://{tmp_path / 'ch'}")
-    proc = subprocess.Popen([sys.executable, "-c", "from gpumeter.cli import main; main()", "pipeline", "run",
-                             "--kafka", f"127.0.0.1:{port}", "--topic", "t"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = ["pipeline", "run", "--kafka", f"127.0.0.1:{port}", "--topic", "t", "--insecure"]
+    proc = subprocess.Popen([sys.executable, "-c", "from gpumeter.cli import main; main()", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     assert proc.stderr is not None
     seen = []
     while len([ln for ln in seen if "cannot reach Kafka" in ln]) < 2:  # the first try and the first retry

@@ -45,7 +45,7 @@ def test_signed_batches_load_and_forgeries_are_quarantined_and_dead_lettered(
     kafka_bootstrap: str, topic: str, ch: Any
 ) -> None:
     fl = fleet()
-    secrets = {h.host_id: f"{n:02d}" * 16 for n, h in enumerate(fl.hosts())}
+    secrets = {h.host_id: f"{n:02d}" * 32 for n, h in enumerate(fl.hosts())}
     hosts = {
         h.host_id: {"provider_id": h.provider_id, "keys": {f"k-{h.host_id}": secrets[h.host_id]}} for h in fl.hosts()
     }
@@ -150,7 +150,7 @@ def test_garbage_drill_random_truncated_and_bit_flipped(kafka_bootstrap: str, to
     """Signed production config: 10k random byte strings, truncated and bit-flipped copies of a real
     batch, and truncated batches a buggy agent signed correctly (these reach ClickHouse and fail there)."""
     fl = fleet(seed=13)
-    secret = bytes.fromhex("ab" * 16)
+    secret = bytes.fromhex("ab" * 32)
     hosts = {h.host_id: {"provider_id": h.provider_id, "keys": {"k": secret.hex()}} for h in fl.hosts()[:1]}
     for n, h in enumerate(fl.hosts()[1:]):
         hosts[h.host_id] = {"provider_id": h.provider_id, "keys": {f"k{n}": secret.hex()}}

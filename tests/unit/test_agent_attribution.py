@@ -11,6 +11,7 @@ import pytest
 from agent import attribution as a
 from agent.config import AgentConfig
 from agent.service import build_resolver
+from gpumeter.errors import ConfigError
 
 POD = "4f1c2d3e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
 CGROUPS = {
@@ -86,12 +87,12 @@ def proc(tmp_path: Path) -> a.ProcReader:
 def test_chain_first_answer_wins_and_nobody_means_unattributed(proc: a.ProcReader) -> None:
     resolve = a.chain(
         a.kubernetes(proc, {POD: "F-POD"}.get),
-        a.slurm(proc, lambda job: None, {"acme": "F-ACME"}.get),
+        a.slurm(proc, lambda job: None, {"acme": "F-ACME"}.get, account_from_env=True),
         a.static({"GPU-static": "F-STATIC"}),
         a.env_var(proc),
     )
     assert resolve(10, "GPU-x") == "F-POD"  # the pod wins over the env var the tenant set
-    assert resolve(20, "GPU-x") == "F-ACME"  # slurm: job not mapped, account is
+    assert resolve(20, "GPU-x") == "F-ACME"  # slurm: job not mapped, account (from the env, allowed here) is
     assert resolve(30, "GPU-x") == "F-ENV"
     assert resolve(40, "GPU-static") == "F-STATIC"
     assert resolve(40, "GPU-x") == "unattributed"
@@ -119,3 +120,57 @@ def test_build_resolver_from_config(proc: a.ProcReader, tmp_path: Path) -> None:
     )
     resolve = build_resolver(cfg)
     assert [resolve(pid, "GPU-x") for pid in (10, 20, 30)] == ["F-POD", "unattributed", "F-ENV"]
+
+
+def test_a_slurm_account_comes_from_the_schedulers_record_not_the_jobs_environment(
+    proc: a.ProcReader, tmp_path: Path
+) -> None:
+    """Job 4242's process says SLURM_JOB_ACCOUNT=acme; the prolog recorded the job under 'lab'.
+    Before, the environment was believed: a job could bill another account's firm."""
+    accounts = tmp_path / "job-accounts.json"
+    accounts.write_text(json.dumps({"4242": "lab"}))
+    firms = {"acme": "F-ACME", "lab": "F-LAB"}
+    cfg = AgentConfig(attribution={"proc_root": str(proc.root), "order": ["slurm"], "slurm_account_firms": firms,
+                                   "slurm_job_accounts_file": str(accounts)})  # fmt: skip
+    assert build_resolver(cfg)(20, "GPU-x") == "F-LAB"
+    accounts.write_text(json.dumps({}))
+    os.utime(accounts, ns=(1, 2_000_000_000_000_000_000))
+    assert build_resolver(cfg)(20, "GPU-x") == "unattributed"  # not recorded: not the environment's word
+    with pytest.raises(ConfigError, match="slurm_account_firms needs to know each job's account"):
+        build_resolver(AgentConfig(attribution={"order": ["slurm"], "slurm_account_firms": firms}))
+
+
+def test_without_an_order_no_environment_variable_names_a_firm(proc: a.ProcReader, tmp_path: Path) -> None:
+    """The default order is the scheduler's and the provider's word only; before, it ended in env."""
+    cfg = AgentConfig(attribution={"proc_root": str(proc.root)})
+    assert build_resolver(cfg)(30, "GPU-x") == "unattributed"  # pid 30 says GPUMETER_FIRM=F-ENV
+
+
+@pytest.mark.parametrize("where", ["systemd", "kubernetes", "example"])
+def test_the_shipped_configs_bill_no_process_to_the_firm_its_environment_names(where: str, tmp_path: Path) -> None:
+    """Every agent config we ship, read as shipped: a process in a Slurm job or a pod whose environment
+    names a firm (GPUMETER_FIRM, SLURM_JOB_ACCOUNT) is not billed to it on that word."""
+    import textwrap
+
+    from agent.config import load_agent_config
+
+    root = Path(__file__).resolve().parents[2]
+    if where == "kubernetes":
+        text = (root / "deploy" / "kubernetes" / "agent-daemonset.yaml").read_text()
+        path = tmp_path / "agent.toml"
+        path.write_text(textwrap.dedent(text.split("  agent.toml: |\n")[1].split("\n---")[0]))
+    else:
+        path = root / ("deploy/systemd/agent.toml" if where == "systemd" else "docs/examples/agent.toml")
+    cfg = load_agent_config(path)
+    proc_root = tmp_path / "proc"
+    lies = {"GPUMETER_FIRM": "F-VICTIM", "SLURM_JOB_ACCOUNT": "acme-ai"}
+    for pid, cgroup in ((20, CGROUPS["slurm-v2"]), (10, CGROUPS["k8s-systemd-v2"]), (30, CGROUPS["plain-user"])):
+        make_proc(proc_root, pid, cgroup, lies)
+    attr = {k: v for k, v in cfg.attribution.items() if not k.endswith("_file")}
+    for key in ("slurm_job_accounts_file", "pod_firms_file", "slurm_job_firms_file"):
+        if key in cfg.attribution:  # the scheduler side has recorded nothing yet
+            (tmp_path / key).write_text("{}")
+            attr[key] = str(tmp_path / key)
+    resolve = build_resolver(AgentConfig(attribution={**attr, "proc_root": str(proc_root)}))
+    for pid in (10, 20, 30):
+        assert resolve(pid, "GPU-none") == "unattributed", (where, pid)

@@ -33,16 +33,43 @@ def test_agent_run_without_nvml_or_simulate_says_what_to_do(
     assert not (tmp_path / "spool").exists()  # nothing created on the way out
 
 
-def test_world_readable_key_is_refused(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o620, 0o604], ids=["world", "group-read", "group-write", "other"])
+def test_a_key_file_open_to_anyone_but_its_owner_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int
 ) -> None:
+    """0600 or stricter, as ssh asks of a private key: a group that can read it can sign as the host."""
     monkeypatch.setenv("GPUMETER_HOME", str(tmp_path))
     key = tmp_path / "host.key"
     key.write_text("00" * 32)
-    key.chmod(0o644)
+    key.chmod(mode)
     code, _, err = run(["agent", "run", "--simulate", "1", "--key-file", str(key), "--duration", "0"], capsys)
     assert code == 1
-    assert err.splitlines()[-1] == f"Error: signing key {key} is readable by other users (chmod 600 it)"
+    assert err.splitlines()[-1] == f"Error: signing key {key} is open to other users (mode {mode:04o}); chmod 600 {key}"
+
+
+def test_keygen_makes_a_private_ed25519_key_that_the_agent_signs_with(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.config import read_key
+    from gpumeter.record import signature_headers, verify
+    from pipeline.keys import parse_public_key
+
+    path = tmp_path / "agent.key"
+    main(["agent", "keygen", str(path), "--host", "P01-H01", "--provider", "P01"])
+    out, err = capsys.readouterr()
+    assert path.stat().st_mode & 0o777 == 0o600
+    public = out.splitlines()[1]
+    assert f"gpumeter keys new --host P01-H01 --provider P01 --public-key {public}" in err
+    key = read_key(path)
+    assert isinstance(key, Ed25519PrivateKey)
+    headers = signature_headers(b"value", "k", key)
+    assert verify(b"value", headers, {"k": parse_public_key(public)}) == "k"
+    before = path.read_bytes()
+    code, _, err = run(["agent", "keygen", str(path)], capsys)
+    assert code == 1 and "exists; a key file is never overwritten" in err
+    assert path.read_bytes() == before
 
 
 def test_window_must_be_a_multiple_of_interval_from_config_too(
@@ -83,7 +110,7 @@ def test_agent_config_file_then_flags(tmp_path: Path) -> None:
     assert (cfg.provider_id, cfg.window_s, cfg.send_retry_max_s, cfg.gpu_classes) == ("P07", 30, 3.0, {"X": "Y"})
 
 
-def test_check_key(tmp_path: Path) -> None:
+def test_check_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     key = tmp_path / "k1.hex"
     assert checks.check_key(AgentConfig()) == (
         False,
@@ -96,7 +123,14 @@ def test_check_key(tmp_path: Path) -> None:
         f"signing key {key} has 2 bytes; at least 32 are needed",
     )
     key.write_text("ab" * 32)
-    assert checks.check_key(AgentConfig(key_file=str(key))) == (True, f"key id k1 (32 bytes) from {key}")
+    assert checks.check_key(AgentConfig(key_file=str(key))) == (True, f"key id k1 (HMAC-SHA256, 32 bytes) from {key}")
+    pem = tmp_path / "P01-H01.2026.key"
+    main(["agent", "keygen", str(pem)])
+    public = capsys.readouterr().out.splitlines()[1]
+    assert checks.check_key(AgentConfig(key_file=str(pem))) == (
+        True,
+        f"key id P01-H01.2026 (Ed25519, public key {public}) from {pem}",
+    )
 
 
 @pytest.mark.parametrize(

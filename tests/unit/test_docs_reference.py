@@ -12,6 +12,7 @@ import tomllib
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -195,23 +196,41 @@ def test_vouchers_name_loaded_programs_and_firms() -> None:
         assert date.fromisoformat(v["valid_from"]) <= date.fromisoformat(v["valid_until"])
 
 
-def test_keys_example_loads_and_registers_every_usage_host() -> None:
-    from pipeline.keys import load_registry
+def _example_keys() -> Any:
+    from pipeline.keys import parse_registry
 
-    registry = load_registry(EXAMPLES / "keys.toml")
+    # parsed, not loaded: git keeps the file at 0644, which the loader refuses (as it should)
+    return parse_registry(tomllib.loads((EXAMPLES / "keys.toml").read_text()), "keys.toml")
+
+
+def test_keys_example_loads_and_registers_every_usage_host() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from pipeline.keys import public_key_text
+
+    registry = _example_keys()
     hosts = {(s.host_id, s.provider_id) for s in registry.signers.values()}
     assert {(r["host_id"], r["provider_id"]) for r in usage_rows()} <= hosts
-    for key_id, secret in registry.secrets.items():
-        assert len(secret) == 32, f"{key_id}: a demo key must have the 32 bytes the agent needs"
-        assert len(set(secret)) == 1, f"{key_id}: a demo key must look fake (one repeated byte)"
+    published = {
+        public_key_text(Ed25519PrivateKey.from_private_bytes(bytes([b]) * 32).public_key()) for b in range(256)
+    }
+    algorithms = set()
+    for key_id, key in registry.keys.items():
+        algorithms.add(key.algorithm)
+        if key.algorithm == "ed25519":
+            assert key.material in published, f"{key_id}: a demo key must be one of a published private key"
+        else:
+            secret = bytes.fromhex(key.material)
+            assert len(secret) == 32, f"{key_id}: a demo key must have the 32 bytes the agent needs"
+            assert len(set(secret)) == 1, f"{key_id}: a demo key must look fake (one repeated byte)"
+    assert algorithms == {"ed25519", "hmac-sha256"}  # the example shows both
 
 
 def test_agent_example_loads_and_matches_the_keys_example() -> None:
     from agent.config import load_agent_config
-    from pipeline.keys import load_registry
 
     cfg = load_agent_config(EXAMPLES / "agent.toml")
-    registry = load_registry(EXAMPLES / "keys.toml")
+    registry = _example_keys()
     assert cfg.window_s % cfg.interval_s == 0
     assert Path(cfg.key_file).stem == cfg.key_id
     signer = registry.signers[cfg.key_id]

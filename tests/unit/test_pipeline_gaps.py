@@ -30,6 +30,28 @@ def test_run_with_missing_keys_file_fails_before_connecting(tmp_path: Path, caps
     assert capsys.readouterr().err == f"Error: {missing}: keys file not found\n"
 
 
+def test_run_without_keys_refuses_to_start_unless_told_it_is_a_test(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loader that checks no signature loads whatever anyone writes to the topic: that is never the
+    default. (Before, it started with a warning.)"""
+    monkeypatch.delenv("GPUMETER_KEYS", raising=False)
+    monkeypatch.setenv("GPUMETER_HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pipeline", "run", "--kafka", "127.0.0.1:1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Error: no --keys file: the loader verifies every batch's signature" in err
+    assert "--insecure for a test" in err
+    assert not (tmp_path / "clickhouse").exists()  # nothing made on the way out
+    keys = tmp_path / "keys.toml"
+    keys.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pipeline", "run", "--kafka", "127.0.0.1:1", "--keys", str(keys), "--insecure"])
+    assert exit_info.value.code == 2
+    assert "--keys and --insecure together: choose one" in capsys.readouterr().err
+
+
 def test_gaps_table_reports_a_missing_tail_and_silent_and_unheard_agents() -> None:
     from datetime import UTC, datetime
 

@@ -85,10 +85,26 @@ class Result:
 
 
 def _offsets(token: str) -> str:
-    """A block token without its content digest (``block_digest``, tested on its own below)."""
+    """A block token without its content digest (``block_digest``, tested on its own below) and the
+    digest of what it accepted or refused (``accepted_digest``, below)."""
     topic, partition, span, digest, *rest = token.split(":")
     assert len(digest) == 32 and int(digest, 16) >= 0
+    if len(rest) >= 2 and (rest[0] == "q" or rest[0].startswith("v")) and len(rest[1]) == 16:
+        int(rest[1], 16)
+        rest = [rest[0], *rest[2:]]
     return ":".join((topic, partition, span, *rest))
+
+
+def test_what_a_block_accepted_and_under_which_key_is_in_its_insert_token() -> None:
+    """A retry after the keys file changed accepts other messages (a key revoked, one added): it must
+    not be taken for the first attempt's duplicate and dropped."""
+    from pipeline.framing import Framed
+    from pipeline.loader import accepted_digest
+
+    a, b = Framed(1, 0, b"x", "h", "P"), Framed(2, 0, b"y", "h", "P")
+    assert accepted_digest([a, b]) == accepted_digest([Framed(1, 0, b"other", "h", "P"), b])  # offsets, not bytes
+    assert accepted_digest([a, b]) != accepted_digest([b])
+    assert accepted_digest([a]) != accepted_digest([Framed(1, 0, b"x", "h", "P", 0, 1000)])  # other key bounds
 
 
 class FakeClient:

@@ -44,10 +44,10 @@ def test_one_ingest_table_and_two_views_per_writer_version() -> None:
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v2_to_quarantine_<checks>",
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v3_to_raw_<checks>",
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v3_to_quarantine_<checks>",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v3_to_messages_3",  # v3 batches carry a high water
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v3_to_messages_4",  # v3 batches carry a high water
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v4_to_raw_<checks>",
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v4_to_quarantine_<checks>",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v4_to_messages_3",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v4_to_messages_4",
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v4_to_gpu_<checks>",  # v4 batches carry GPU windows
         "CREATE MATERIALIZED VIEW IF NOT EXISTS gm.usage_ingest_v4_to_gpu_quarantine_<checks>",
     ]
