@@ -49,7 +49,7 @@ def check_nvml(lib: Any = None) -> Verdict:
     return True, f"{len(metered)} GPU(s): {gpus}"
 
 
-def check_kafka(bootstrap: str, topic: str, timeout_s: float = 5.0) -> Verdict:
+def check_kafka(bootstrap: str, topic: str, timeout_s: float = 5.0, security: dict[str, Any] | None = None) -> Verdict:
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the verdict line says it once
     try:
         from kafka import KafkaConsumer
@@ -58,13 +58,15 @@ def check_kafka(bootstrap: str, topic: str, timeout_s: float = 5.0) -> Verdict:
             bootstrap_servers=bootstrap,
             request_timeout_ms=int(timeout_s * 1000) + 1000,
             bootstrap_timeout_ms=int(timeout_s * 1000),
+            **(security or {}),
         )
         try:
             topics = consumer.topics()
         finally:
             consumer.close()
     except Exception as exc:
-        return False, f"{bootstrap} not reachable ({type(exc).__name__}: {exc})"
+        how = f" over {security['security_protocol']}" if security else ""
+        return False, f"{bootstrap} not reachable{how} ({type(exc).__name__}: {exc})"
     if topic not in topics:
         return False, f"{bootstrap} reachable but topic {topic} does not exist"
     return True, f"{bootstrap} reachable, topic {topic} exists"

@@ -109,9 +109,10 @@ def run(
             days=sim_days,
             mean_job_s=sim_mean_job,
         )
+    security = settings.kafka_security()  # a bad TLS/SASL setting stops here, before anything is made
     should_stop = stop_requested()
     meter, spool, sender = run_agent(
-        cfg, settings.kafka_bootstrap, settings.topic, sim, duration, should_stop, settings.home
+        cfg, settings.kafka_bootstrap, settings.topic, sim, duration, should_stop, settings.home, security
     )
     click.echo(
         f"samples={meter.samples} windows={meter.windows_closed} gpu_windows={meter.gpu_windows_closed} "
@@ -119,6 +120,18 @@ def run(
         f"windows_spooled={spool.depth_windows} windows_dropped={spool.windows_dropped}",
         file=sys.stderr,
     )
+
+
+def _check_kafka(settings: Any) -> tuple[bool, str]:
+    """The broker check, or why the TLS/SASL settings do not make sense (a line like the others)."""
+    from agent import checks
+    from gpumeter.errors import ConfigError
+
+    try:
+        security = settings.kafka_security()
+    except ConfigError as exc:
+        return False, str(exc)
+    return checks.check_kafka(settings.kafka_bootstrap, settings.topic, security=security)
 
 
 @agent.command("check")
@@ -138,7 +151,7 @@ def check(ctx: click.Context, /, agent_config: Path | None, **flags: Any) -> Non
     spool_dir = Path(cfg.spool_dir) if cfg.spool_dir else settings.home / "spool"
     verdicts = [
         ("nvml", checks.check_nvml()),
-        ("kafka", checks.check_kafka(settings.kafka_bootstrap, settings.topic)),
+        ("kafka", _check_kafka(settings)),
         ("spool", checks.check_spool(spool_dir, cfg.spool_max_bytes)),
         ("key", checks.check_key(cfg)),
         ("clock", checks.check_clock()),

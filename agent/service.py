@@ -155,6 +155,7 @@ def run_agent(
     duration_s: float | None,
     should_stop: Callable[[], bool],
     home: Path,
+    security: dict[str, Any] | None = None,
 ) -> tuple[Agent, Spool, SpoolSender]:
     key = signing_key(cfg)
     if key is None:
@@ -166,7 +167,7 @@ def run_agent(
     meter = Agent(source, identity, spool, cfg.window_s, cfg.interval_s, checkpoint=spool)
     sender = SpoolSender(
         spool,
-        lambda: KafkaSink(bootstrap, topic, **OUTAGE_TOLERANT),
+        lambda: KafkaSink(bootstrap, topic, **OUTAGE_TOLERANT, **(security or {})),
         backoff_max_s=cfg.send_retry_max_s,
         heartbeat=lambda: (identity.host_id, *spool.heartbeat(identity.host_id, AGENT_VERSION)),
     )

@@ -43,7 +43,7 @@ def _store(s: Settings) -> Store:
 
 
 def _usage(s: Settings, progress: Callable[[str], None] = lambda _: None) -> ClickHouseUsage:
-    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database, s.clickhouse_ca_file)
     clickhouse.ensure_schema(client, s.clickhouse_database)
     return ClickHouseUsage(client, s.clickhouse_database, progress)
 

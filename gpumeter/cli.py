@@ -91,6 +91,9 @@ def cli(ctx: click.Context, config: Path | None, verbose: int) -> None:
     """
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if level < logging.INFO:  # -vv: kafka-python logs each request, SASL handshakes and its config among them
+        for name in ("kafka.net.connection", "kafka.conn", "kafka.admin.client"):
+            logging.getLogger(name).setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:  # no password of a DSN in any log line
         if not any(isinstance(f, RedactFilter) for f in handler.filters):
             handler.addFilter(RedactFilter())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,20 @@ ENV_VARS = {
     "GPUMETER_CLICKHOUSE_DATABASE": "clickhouse_database",
     "GPUMETER_BILLING_DB": "billing_db",
     "GPUMETER_TOPIC": "topic",
+    # Kafka transport security (agent, loader, dead-letter producer alike)
+    "GPUMETER_KAFKA_SECURITY_PROTOCOL": "kafka_security_protocol",
+    "GPUMETER_KAFKA_SSL_CAFILE": "kafka_ssl_cafile",
+    "GPUMETER_KAFKA_SSL_CERTFILE": "kafka_ssl_certfile",
+    "GPUMETER_KAFKA_SSL_KEYFILE": "kafka_ssl_keyfile",
+    "GPUMETER_KAFKA_SASL_MECHANISM": "kafka_sasl_mechanism",
+    "GPUMETER_KAFKA_SASL_USERNAME": "kafka_sasl_username",
+    "GPUMETER_KAFKA_SASL_PASSWORD_FILE": "kafka_sasl_password_file",
+    "GPUMETER_CLICKHOUSE_CA_FILE": "clickhouse_ca_file",
 }
+# read from the environment only, never from a config file: a secret's value
+SECRET_ENV_VARS = {"GPUMETER_KAFKA_SASL_PASSWORD": "kafka_sasl_password"}
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +49,15 @@ class Settings:
     clickhouse_database: str = "gpumeter"
     billing_db: str = ""  # "" means sqlite under home
     topic: str = DEFAULT_TOPIC
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_ssl_cafile: str = ""  # "" means the system's CAs
+    kafka_ssl_certfile: str = ""  # a client certificate (mutual TLS), with its key file
+    kafka_ssl_keyfile: str = ""
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password_file: str = ""  # a file only its owner can read; or GPUMETER_KAFKA_SASL_PASSWORD
+    kafka_sasl_password: str = field(default="", repr=False)  # from the environment only (SECRET_ENV_VARS)
+    clickhouse_ca_file: str = ""  # for an https:// DSN: the CA to verify the server with ("" = system CAs)
 
     @property
     def clickhouse_dsn_resolved(self) -> str:
@@ -44,6 +66,70 @@ class Settings:
     @property
     def billing_db_resolved(self) -> str:
         return self.billing_db or f"sqlite:///{(self.home / 'billing.sqlite3').resolve()}"
+
+    def kafka_security(self) -> dict[str, Any]:
+        """kafka-python client settings for the transport: TLS (certificate and host name verified)
+        and SASL; {} for PLAINTEXT. ConfigError on a setting that does not make sense."""
+        protocol = self.kafka_security_protocol.upper()
+        if protocol not in SECURITY_PROTOCOLS:
+            raise ConfigError(
+                f"kafka_security_protocol {self.kafka_security_protocol!r}: one of {', '.join(SECURITY_PROTOCOLS)}"
+            )
+        tls_given = [n for n in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile") if getattr(self, n)]
+        sasl_given = self.kafka_sasl_username or self.kafka_sasl_password or self.kafka_sasl_password_file
+        if protocol == "PLAINTEXT":
+            if tls_given or sasl_given:
+                given = ", ".join(tls_given + (["kafka_sasl_*"] if sasl_given else []))
+                raise ConfigError(f"{given} set but kafka_security_protocol is PLAINTEXT: set it to SSL or SASL_SSL")
+            return {}
+        out: dict[str, Any] = {"security_protocol": protocol}
+        if protocol in ("SSL", "SASL_SSL"):
+            out["ssl_check_hostname"] = True
+            for name, key in (("kafka_ssl_cafile", "ssl_cafile"), ("kafka_ssl_certfile", "ssl_certfile"),
+                              ("kafka_ssl_keyfile", "ssl_keyfile")):  # fmt: skip
+                value = getattr(self, name)
+                if value:
+                    if not Path(value).is_file():
+                        raise ConfigError(f"{name} {value}: no such file")
+                    out[key] = value
+            if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+                raise ConfigError(
+                    "kafka_ssl_certfile and kafka_ssl_keyfile go together (a client certificate and its key)"
+                )
+        elif tls_given:
+            raise ConfigError(f"{', '.join(tls_given)} set but kafka_security_protocol is {protocol}: use SASL_SSL")
+        if protocol.startswith("SASL"):
+            mechanism = self.kafka_sasl_mechanism.upper()
+            if mechanism not in SASL_MECHANISMS:
+                raise ConfigError(
+                    f"kafka_sasl_mechanism {self.kafka_sasl_mechanism!r}: one of {', '.join(SASL_MECHANISMS)}"
+                )
+            if mechanism == "PLAIN" and protocol == "SASL_PLAINTEXT":
+                raise ConfigError("SASL PLAIN over SASL_PLAINTEXT sends the password in clear: use SASL_SSL or SCRAM")
+            if not self.kafka_sasl_username:
+                raise ConfigError(f"kafka_security_protocol {protocol} needs kafka_sasl_username")
+            out.update(sasl_mechanism=mechanism, sasl_plain_username=self.kafka_sasl_username,
+                       sasl_plain_password=self._sasl_password())  # fmt: skip
+        elif sasl_given:
+            raise ConfigError(f"kafka_sasl_* set but kafka_security_protocol is {protocol}: use SASL_SSL")
+        return out
+
+    def _sasl_password(self) -> str:
+        if self.kafka_sasl_password:
+            return self.kafka_sasl_password
+        if not self.kafka_sasl_password_file:
+            raise ConfigError("SASL needs a password: kafka_sasl_password_file, or GPUMETER_KAFKA_SASL_PASSWORD")
+        path = Path(self.kafka_sasl_password_file)
+        try:
+            st = path.stat()
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"kafka_sasl_password_file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        if st.st_mode & 0o077:
+            raise ConfigError(f"kafka_sasl_password_file {path} is open to other users; chmod 600 {path}")
+        if not text:
+            raise ConfigError(f"kafka_sasl_password_file {path} is empty")
+        return text
 
 
 def default_home(environ: dict[str, str] | None = None) -> Path:
@@ -64,7 +150,7 @@ def load_settings(
     if config is not None and not path.exists():
         raise ConfigError(f"{path}: config file not found")
     values: dict[str, Any] = _read_config(path) if path.exists() else {}
-    values.update({field: env[var] for var, field in ENV_VARS.items() if env.get(var)})
+    values.update({field: env[var] for var, field in {**ENV_VARS, **SECRET_ENV_VARS}.items() if env.get(var)})
     settings = replace(settings, **values)
     given = {k: v for k, v in overrides.items() if v is not None}
     return replace(settings, **given)

@@ -57,7 +57,7 @@ def init(ctx: click.Context, cluster: str | None) -> None:
       gpumeter pipeline init --cluster prod
     """
     s = settings_from(ctx)
-    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database, s.clickhouse_ca_file)
     clickhouse.ensure_schema(client, s.clickhouse_database, cluster=cluster)
     click.echo(f"ClickHouse schema ready in {s.clickhouse_database} ({redact(s.clickhouse_dsn_resolved)})")
 
@@ -146,6 +146,7 @@ def run(
       gpumeter pipeline run --keys keys.toml --metrics-port 9465
     """
     s = settings_from(ctx, kafka_bootstrap=kafka_bootstrap, topic=topic)
+    security = s.kafka_security()  # a bad TLS/SASL setting stops here, before anything is made
     if keys_file is None and not insecure:
         raise click.UsageError(NO_KEYS)
     if keys_file is not None and insecure:
@@ -153,17 +154,21 @@ def run(
     keys = RegistryFile(keys_file) if keys_file is not None else None
     if keys is None:
         click.echo(UNCHECKED, err=True)
-    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database, s.clickhouse_ca_file)
     clickhouse.ensure_schema(client, s.clickhouse_database, cluster=cluster)
     should_stop = stop_requested()
     consumer = until_connected(
-        lambda: make_consumer(s.kafka_bootstrap, s.topic, group_id, rebalance_timeout_s=rebalance_timeout),
+        lambda: make_consumer(
+            s.kafka_bootstrap, s.topic, group_id, rebalance_timeout_s=rebalance_timeout, security=security
+        ),
         s.kafka_bootstrap,
         should_stop,
     )
     dlq_topic = dead_letter_topic or f"{s.topic}.dead-letter"
     dead_letter = (
-        until_connected(lambda: DeadLetter(s.kafka_bootstrap, dlq_topic), s.kafka_bootstrap, should_stop)
+        until_connected(
+            lambda: DeadLetter(s.kafka_bootstrap, dlq_topic, security=security), s.kafka_bootstrap, should_stop
+        )
         if dlq_topic != "-" and consumer is not None
         else None
     )
@@ -237,7 +242,7 @@ def gaps(ctx: click.Context, silent_after: float, keys_file: Path | None) -> Non
     """
     s = settings_from(ctx)
     registered = sorted(load_registry(keys_file).hosts) if keys_file is not None else []
-    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database, s.clickhouse_ca_file)
     clickhouse.ensure_schema(client, s.clickhouse_database)
     db = s.clickhouse_database
     table = gaps_table(
@@ -277,7 +282,7 @@ def coverage_command(ctx: click.Context, first_day: datetime, last_day: datetime
     if last_day < first_day:
         raise click.BadParameter("--to is before --from", param_hint="--to")
     s = settings_from(ctx)
-    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database, s.clickhouse_ca_file)
     clickhouse.ensure_schema(client, s.clickhouse_database)
     start, end = first_day.replace(tzinfo=UTC), last_day.replace(tzinfo=UTC) + timedelta(days=1)
     db = s.clickhouse_database
@@ -316,7 +321,7 @@ def requeue_command(ctx: click.Context, keys_file: Path, dry_run: bool) -> None:
     """
     s = settings_from(ctx)
     keys = load_registry(keys_file)
-    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database, s.clickhouse_ca_file)
     clickhouse.ensure_schema(client, s.clickhouse_database)
 
     def progress(n: int) -> None:
@@ -350,7 +355,7 @@ def rollup(ctx: click.Context, since: str | None) -> None:
       gpumeter pipeline rollup --since 2026-03-01T00:00:00+00:00
     """
     s = settings_from(ctx)
-    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database, s.clickhouse_ca_file)
     clickhouse.ensure_schema(client, s.clickhouse_database)
     if since is not None:
         try:

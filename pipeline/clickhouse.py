@@ -32,7 +32,9 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 from gpumeter.errors import ConfigError, StoreBusyError
 from gpumeter.redact import redact
@@ -53,8 +55,35 @@ QUARANTINE_COLUMNS = (
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def connect(dsn: str, database: str) -> Any:
-    """A clickhouse-connect client with ``database`` created; StoreBusyError if chDB's path is held."""
+# DSN query parameters clickhouse-connect would take over secure/verify/ca_cert
+WEAKENING_DSN_PARAMETERS = {"verify", "secure", "ca_cert", "server_host_name", "tls_mode", "client_cert",
+                            "client_cert_key", "https_proxy"}  # fmt: skip
+
+
+def tls_options(dsn: str, ca_file: str = "") -> dict[str, Any]:
+    """What an ``https://`` DSN means: TLS, the server's certificate verified (against ``ca_file``,
+    else the system's CAs). clickhouse-connect takes TLS only from ``secure`` or the ports 8443/443,
+    never from the scheme: without this an https:// DSN on another port went over plain HTTP."""
+    scheme = dsn.split("://", 1)[0].lower() if "://" in dsn else ""
+    if scheme == "https":
+        # clickhouse-connect lets the DSN's query override what is passed here: none may weaken TLS
+        weakening = sorted(set(parse_qs(urlparse(dsn).query)) & WEAKENING_DSN_PARAMETERS)
+        if weakening:
+            raise ConfigError(
+                f"the ClickHouse DSN sets {', '.join(weakening)}: an https:// DSN is always verified TLS; "
+                "remove it (a private CA goes in clickhouse_ca_file)"
+            )
+        if ca_file and not Path(ca_file).is_file():
+            raise ConfigError(f"clickhouse_ca_file {ca_file}: no such file")
+        return {"secure": True, "verify": True, **({"ca_cert": ca_file} if ca_file else {})}
+    if ca_file and scheme != "chdb":
+        raise ConfigError(f"clickhouse_ca_file is set but the DSN is {scheme}://, not https://: no TLS to verify")
+    return {}
+
+
+def connect(dsn: str, database: str, ca_file: str = "") -> Any:
+    """A clickhouse-connect client with ``database`` created; StoreBusyError if chDB's path is held.
+    An ``https://`` DSN is TLS with the certificate verified (``tls_options``)."""
     if not _NAME.match(database):
         raise ConfigError(f"ClickHouse database name {database!r} is not a plain identifier")
     try:
@@ -64,7 +93,7 @@ def connect(dsn: str, database: str) -> Any:
 
         raise MissingExtraError("pipeline", "clickhouse_connect") from exc
     try:
-        client = clickhouse_connect.get_client(dsn=dsn)
+        client = clickhouse_connect.get_client(dsn=dsn, **tls_options(dsn, ca_file))
     except Exception as exc:
         text = str(exc)
         if "EmbeddedServer" in text or "Code: 36" in text or "already initialized" in text:

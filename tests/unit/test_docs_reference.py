@@ -244,6 +244,11 @@ def test_config_example_has_only_documented_string_settings() -> None:
     settings = tomllib.loads((EXAMPLES / "config.toml").read_text())
     documented = {"kafka_bootstrap", "topic", "clickhouse_dsn", "clickhouse_database", "billing_db"}
     assert set(settings) == documented
+    from gpumeter.settings import ENV_VARS
+
+    text = FORMATS.read_text()
+    for key, env in {field: var for var, field in ENV_VARS.items()}.items():  # every setting documented
+        assert f"`{key}`" in text and f"`{env}`" in text, key
     assert all(isinstance(value, str) for value in settings.values())
     text = FORMATS.read_text()
     assert all(f"| `{key}` |" in text for key in documented)
