@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.spool import DEFAULT_MAX_BYTES
 from gpumeter.errors import ConfigError
 from gpumeter.record import SigningKey
+from gpumeter.redact import redact
 
 MIN_KEY_BYTES = 32
 
@@ -195,7 +196,7 @@ class JsonFormatter(logging.Formatter):
             "pid": os.getpid(),
         }
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(out)
 
 

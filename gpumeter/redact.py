@@ -34,4 +34,6 @@ class RedactFilter:
         clean = redact(text)
         if clean != text:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # a traceback can quote a DSN too
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True

@@ -37,6 +37,20 @@ def test_redact_keeps_where_and_who_but_not_the_password(text: str, shown: str) 
     assert redact(text) == shown
 
 
+def test_a_logged_traceback_is_redacted_too() -> None:
+    import logging
+
+    from gpumeter.redact import RedactFilter
+
+    try:
+        raise ConnectionError(f"cannot connect to https://loader:{TEST_PASSWORD}@ch.example:8443/")
+    except ConnectionError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "insert failed", None, sys.exc_info())
+    RedactFilter().filter(record)
+    text = logging.Formatter().format(record)
+    assert "https://loader:***@ch.example:8443/" in text and TEST_PASSWORD not in text
+
+
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     try:
         main(argv)
