@@ -245,15 +245,15 @@ def rotate(
         live = [k for k in own if k.revoked_at is None and (k.valid_until is None or k.valid_until > switch)]
         if any(k.valid_from is not None and k.valid_from >= switch for k in live):
             raise ConfigError(f"host {host_id} already has a key starting at or after {_shown(switch)}")
-        retired = [replace(k, valid_until=switch) for k in live]
+        end, start = switch + timedelta(days=overlap), switch - timedelta(days=overlap)
+        # an open-ended key ends `overlap` after the switch; one with an end already never gets a later one
+        retired = [replace(k, valid_until=end if k.valid_until is None else min(k.valid_until, end)) for k in live]
         kid = _key_id(registry, host_id, switch, key_id)
-        key = HostKey(kid, host_id, own[0].provider_id, ED25519, material, valid_from=switch, note=note)
+        key = HostKey(kid, host_id, own[0].provider_id, ED25519, material, valid_from=start, note=note)
         _save(registry_path, _with(registry, *retired, key))
     for k in retired:
-        click.echo(
-            f"{registry_path}: key {k.key_id} valid until {_shown(switch)} (its batches made before then verify)"
-        )
-    click.echo(f"{registry_path}: key {kid} of host {host_id} valid from {_shown(switch)}")
+        click.echo(f"{registry_path}: key {k.key_id} valid until {_shown(k.valid_until)} (batches made before verify)")
+    click.echo(f"{registry_path}: key {kid} of host {host_id} valid from {_shown(start)}")
 
 
 @keys.command("revoke")

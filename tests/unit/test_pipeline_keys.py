@@ -251,13 +251,15 @@ def test_keys_new_rotate_revoke_list(tmp_path: Path, capsys: pytest.CaptureFixtu
                            str(pub_file), "--key-id", "H01.b", "--at", switch.isoformat()], capsys)  # fmt: skip
     assert code == 0, err
     keys = load_registry(reg).keys
-    assert keys["H01.a"].valid_until == switch == keys["H01.b"].valid_from  # the backlog of H01.a still verifies
+    # both valid a day either side of the switch: the agent switches when it restarts, not at the second
+    assert keys["H01.a"].valid_until == switch + timedelta(days=1)
+    assert keys["H01.b"].valid_from == switch - timedelta(days=1)
     assert load_registry(reg).verify(b"v", signature_headers(b"v", "H01.a", first)).valid_until_ms == int(
-        switch.timestamp() * 1000
+        (switch + timedelta(days=1)).timestamp() * 1000
     )
     code, out, _ = _cli(["keys", "list", "--registry", str(reg)], capsys)
     states = {line.split()[0]: line.split()[4] for line in out.splitlines()[1:]}
-    assert states == {"H01.a": "current", "H01.b": "future"}
+    assert states == {"H01.a": "current", "H01.b": "current"}  # both, inside the overlap
     # a switch in the past would refuse batches the old key signed since then
     past = (datetime.now(UTC) - timedelta(days=1)).isoformat()
     code, _, err = _cli(["keys", "rotate", "--registry", str(reg), "--host", "P01-H01", "--public-key",
@@ -282,3 +284,20 @@ def test_keys_commands_refuse_a_bad_public_key_and_write_nothing(
                          "--public-key", "bm90IGEga2V5"], capsys)  # fmt: skip
     assert code == 2 and "is not an Ed25519 public key" in err
     assert not reg.exists()
+
+
+def test_a_second_rotation_never_lengthens_an_ended_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reg = tmp_path / "keys.toml"
+    pubs = [public_key_text(Ed25519PrivateKey.generate().public_key()) for _ in range(3)]
+    assert _cli(["keys", "new", "--registry", str(reg), "--host", "h", "--provider", "P", "--public-key", pubs[0],
+                 "--key-id", "k0"], capsys)[0] == 0  # fmt: skip
+    first = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    second = first + timedelta(hours=2)
+    for pub, kid, at, overlap in ((pubs[1], "k1", first, "0"), (pubs[2], "k2", second, "1")):
+        code, _, err = _cli(["keys", "rotate", "--registry", str(reg), "--host", "h", "--public-key", pub,
+                             "--key-id", kid, "--at", at.isoformat(), "--overlap", overlap], capsys)  # fmt: skip
+        assert code == 0, err
+    keys = load_registry(reg).keys
+    assert keys["k0"].valid_until == first  # --overlap 0: exactly at the switch, and not moved by the next one
+    assert keys["k1"].valid_from == first and keys["k1"].valid_until == second + timedelta(days=1)
+    assert keys["k2"].valid_from == second - timedelta(days=1)

@@ -112,3 +112,19 @@ def test_the_suite_fails_a_test_whose_command_prints_a_secret(tmp_path: Path) ->
     assert "3 passed, 2 errors" in run.stdout, run.stdout[-2000:]
     assert "ERROR test_leak.py::test_echo_leaks - AssertionError: a secret was printed" in run.stdout
     assert "ERROR test_leak.py::test_log_leaks - AssertionError: a secret was printed" in run.stdout
+
+
+def test_pipeline_init_says_where_the_schema_is_without_the_password(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Before: 'ClickHouse schema ready in gpumeter (https://loader:PASSWORD@...)'. The server is
+    replaced by a stand-in here (none with a password runs on this machine); the line is the CLI's."""
+    from pipeline import clickhouse
+
+    monkeypatch.setattr(clickhouse, "connect", lambda dsn, database, ca_file="": object())
+    monkeypatch.setattr(clickhouse, "ensure_schema", lambda client, database, cluster=None: None)
+    monkeypatch.setenv("GPUMETER_HOME", str(tmp_path))
+    monkeypatch.setenv("GPUMETER_CLICKHOUSE_DSN", f"https://loader:{TEST_PASSWORD}@ch.example:8443/")
+    code, text = _run(["pipeline", "init"], capsys)
+    assert code == 0, text
+    assert text == "ClickHouse schema ready in gpumeter (https://loader:***@ch.example:8443/)\n"
