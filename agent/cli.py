@@ -11,9 +11,10 @@ from typing import Any
 
 import click
 
-from agent.config import AgentConfig, json_logging, load_agent_config, new_key_file, public_key_b64
+from agent.config import AgentConfig, json_logging, load_agent_config, new_key_file
 from agent.service import SimSpec, run_agent
 from gpumeter.cli import settings_from
+from gpumeter.record import public_key_text
 from gpumeter.signals import stop_requested
 
 
@@ -176,7 +177,7 @@ def keygen(key_file: Path, host_id: str | None, provider_id: str | None) -> None
       gpumeter agent keygen /etc/gpumeter/agent.key --host P01-H01 --provider P01
     """
     key = new_key_file(key_file)
-    public = public_key_b64(key)
+    public = public_key_text(key.public_key())
     click.echo(f"wrote {key_file} (Ed25519 private key, mode 0600); its public key:")
     click.echo(public)
     host, provider = host_id or "HOST_ID", provider_id or "PROVIDER_ID"

@@ -7,12 +7,10 @@ log lines.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
 import socket
-import stat
 import time
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -24,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.spool import DEFAULT_MAX_BYTES
 from gpumeter.errors import ConfigError
-from gpumeter.record import SigningKey
+from gpumeter.files import check_owner_only
+from gpumeter.record import SigningKey, public_key_text
 from gpumeter.redact import redact
 
 MIN_KEY_BYTES = 32
@@ -124,10 +123,7 @@ def read_key(path: Path) -> SigningKey:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"signing key {path}: {exc.strerror or exc}") from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"signing key {path} is open to other users (mode {stat.S_IMODE(mode):04o}); chmod 600 {path}"
-        )
+    check_owner_only(mode, f"signing key {path}", path)
     if data.lstrip().startswith(b"-----BEGIN"):
         try:
             key = serialization.load_pem_private_key(data, password=None)
@@ -158,12 +154,7 @@ def describe_key(key: SigningKey) -> str:
     """What kind of key it is, for ``agent check`` and the start-up log (never the key itself)."""
     if isinstance(key, bytes):
         return f"HMAC-SHA256, {len(key)} bytes"
-    return f"Ed25519, public key {public_key_b64(key)}"
-
-
-def public_key_b64(key: Ed25519PrivateKey) -> str:
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode()
+    return f"Ed25519, public key {public_key_text(key.public_key())}"
 
 
 def new_key_file(path: Path) -> Ed25519PrivateKey:

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 PRIVATE_UMASK = 0o077  # files 0600, directories 0700: usage, keys and money are nobody else's business
+
+
+def check_owner_only(st_mode: int, what: str, path: Path, group_read: bool = False) -> int:
+    """ConfigError unless the file is readable and writable by its owner only (0600 or stricter;
+    with ``group_read`` its group may read it too): key files, the keys registry, password files.
+    ``what`` names the file in the message (``"signing key /etc/..."``). Its permission bits."""
+    from gpumeter.errors import ConfigError
+
+    mode = stat.S_IMODE(st_mode)
+    allowed = stat.S_IRGRP if group_read else 0
+    if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~allowed:
+        raise ConfigError(f"{what} is open to other users (mode {mode:04o}); chmod 600 {path}")
+    return mode
 
 
 def fsync_dir(path: Path) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from gpumeter.files import write_atomic
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -51,8 +53,6 @@ def one(name: str, kind: str, help: str, value: float) -> Metric:
 def write_textfile(path: Path, text: str) -> None:
     """Replace ``path`` whole (a collector reads the old or the new text, never a mix), at 0644
     whatever the umask: node_exporter runs as another user, and self-metrics hold no secret."""
-    from gpumeter.files import write_atomic
-
     write_atomic(path, text.encode("utf-8"), sync=False, mode=0o644)
 
 

@@ -19,6 +19,7 @@ them as integer milliseconds so decoding stays cheap.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import copy
 import hashlib
@@ -33,6 +34,7 @@ from typing import Any, TypedDict, cast
 
 import fastavro
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
@@ -246,6 +248,11 @@ def decode_batch(value: bytes) -> UsageBatch:
 # key, or the same secret.
 SigningKey = Ed25519PrivateKey | bytes
 VerifyingKey = Ed25519PublicKey | bytes
+
+
+def public_key_text(key: Ed25519PublicKey) -> str:
+    """How a public key is written (the registry, ``agent keygen``): base64 of its 32 raw bytes."""
+    return base64.b64encode(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
 
 
 def sign(value: bytes, key: SigningKey) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gpumeter.errors import ConfigError
+from gpumeter.files import check_owner_only
 
 DEFAULT_TOPIC = "gpumeter.usage.v1"
 
@@ -125,8 +126,7 @@ class Settings:
             text = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"kafka_sasl_password_file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-        if st.st_mode & 0o077:
-            raise ConfigError(f"kafka_sasl_password_file {path} is open to other users; chmod 600 {path}")
+        check_owner_only(st.st_mode, f"kafka_sasl_password_file {path}", path)
         if not text:
             raise ConfigError(f"kafka_sasl_password_file {path} is empty")
         return text

@@ -46,8 +46,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gpumeter.errors import ConfigError, RecordError
-from gpumeter.files import write_atomic
-from gpumeter.record import VerifyingKey, check_signature, signed_key_id
+from gpumeter.files import check_owner_only, write_atomic
+from gpumeter.record import VerifyingKey, check_signature, public_key_text, signed_key_id
 
 log = logging.getLogger("gpumeter.keys")
 
@@ -97,6 +97,10 @@ class HostKey:
     def signer(self) -> Signer:
         return Signer(self.host_id, self.provider_id, _ms(self.valid_from), _ms(self.valid_until))
 
+    def verifier(self) -> VerifyingKey:
+        """What checks this key's signatures: the Ed25519 public key, or the HMAC secret."""
+        return parse_public_key(self.material) if self.algorithm == ED25519 else bytes.fromhex(self.material)
+
 
 def _ms(when: datetime | None) -> int:
     return NO_BOUND if when is None else int(when.timestamp() * 1000)
@@ -105,8 +109,13 @@ def _ms(when: datetime | None) -> int:
 @dataclass(frozen=True, slots=True)
 class KeyRegistry:
     keys: dict[str, HostKey]  # key id -> the key as written
-    verifiers: dict[str, VerifyingKey] = field(default_factory=dict)  # key id -> what checks its signatures
-    signers: dict[str, Signer] = field(default_factory=dict)  # key id -> the host it belongs to
+    # derived from ``keys`` once, so every registry (parsed, or built by ``gpumeter keys``) verifies
+    verifiers: dict[str, VerifyingKey] = field(init=False, repr=False)  # key id -> what checks its signatures
+    signers: dict[str, Signer] = field(init=False, repr=False)  # key id -> the host it belongs to
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "verifiers", {k: e.verifier() for k, e in self.keys.items()})
+        object.__setattr__(self, "signers", {k: e.signer for k, e in self.keys.items()})
 
     def verify(self, value: bytes, headers: Iterable[tuple[str, bytes]]) -> Signer:
         """The signer of a message value; RecordError (unsigned, unknown or revoked key, bad signature) if none."""
@@ -127,11 +136,6 @@ class KeyRegistry:
     def providers(self) -> dict[str, str]:
         """host id -> its provider."""
         return {k.host_id: k.provider_id for k in self.keys.values()}
-
-
-def public_key_text(key: Ed25519PublicKey) -> str:
-    """How the registry writes a public key: base64 of its 32 raw bytes."""
-    return base64.b64encode(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
 
 
 def parse_public_key(text: str) -> Ed25519PublicKey:
@@ -165,7 +169,8 @@ def _when(value: Any, where: str) -> datetime | None:
     return value.astimezone(UTC)
 
 
-def _host_key(where: str, key_id: str, host_id: str, provider: str, spec: Any) -> tuple[HostKey, VerifyingKey]:
+def _host_key(where: str, key_id: str, host_id: str, provider: str, spec: Any) -> HostKey:
+    """One key table checked whole; its material as the registry writes it (``HostKey.verifier``)."""
     if isinstance(spec, str):  # the 0.3 form: key id = hex secret
         spec = {"algorithm": HMAC_SHA256, "secret": spec}
     if not isinstance(spec, dict):
@@ -176,16 +181,14 @@ def _host_key(where: str, key_id: str, host_id: str, provider: str, spec: Any) -
     algorithm = spec.get("algorithm", ED25519)
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"{where}.algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-    verifier: VerifyingKey
     if algorithm == ED25519:
         material = spec.get("public_key")
         if "secret" in spec:
             raise ConfigError(f"{where}: an ed25519 key has a public_key, never a secret")
         try:
-            verifier = parse_public_key(material) if isinstance(material, str) else parse_public_key("")
+            material = public_key_text(parse_public_key(material if isinstance(material, str) else ""))
         except ValueError as exc:
             raise ConfigError(f"{where}.public_key is not an Ed25519 public key: {exc}") from None
-        material = public_key_text(verifier)
     else:
         secret = spec.get("secret")
         if "public_key" in spec:
@@ -196,7 +199,7 @@ def _host_key(where: str, key_id: str, host_id: str, provider: str, spec: Any) -
             raw = b""
         if len(raw) < MIN_SECRET_BYTES:
             raise ConfigError(f"{where} must be a secret of at least {MIN_SECRET_BYTES} bytes of hex")
-        verifier, material = raw, raw.hex()
+        material = raw.hex()
     note = spec.get("note", "")
     if not isinstance(note, str):
         raise ConfigError(f"{where}.note must be a string")
@@ -205,8 +208,7 @@ def _host_key(where: str, key_id: str, host_id: str, provider: str, spec: Any) -
     if valid_from is not None and valid_until is not None and valid_until <= valid_from:
         raise ConfigError(f"{where}: valid_until must be after valid_from")
     revoked_at = _when(spec.get("revoked_at"), f"{where}.revoked_at")
-    entry = HostKey(key_id, host_id, provider, algorithm, material, valid_from, valid_until, revoked_at, note)
-    return entry, verifier
+    return HostKey(key_id, host_id, provider, algorithm, material, valid_from, valid_until, revoked_at, note)
 
 
 def parse_registry(data: dict[str, Any], where: str = "keys file") -> KeyRegistry:
@@ -217,7 +219,6 @@ def parse_registry(data: dict[str, Any], where: str = "keys file") -> KeyRegistr
     if unknown:
         raise ConfigError(f"{where}: unknown top-level key(s) {', '.join(unknown)}; expected only [hosts.*]")
     keys: dict[str, HostKey] = {}
-    verifiers: dict[str, VerifyingKey] = {}
     for host_id, entry in sorted(hosts.items()):
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: hosts.{host_id} must be a table")
@@ -230,20 +231,15 @@ def parse_registry(data: dict[str, Any], where: str = "keys file") -> KeyRegistr
         for key_id, spec in host_keys.items():
             if key_id in keys:
                 raise ConfigError(f"{where}: key id {key_id!r} appears for more than one host")
-            keys[key_id], verifiers[key_id] = _host_key(
-                f"{where}: hosts.{host_id}.keys.{key_id}", key_id, host_id, provider, spec
-            )
-    return KeyRegistry(keys, verifiers, {k: e.signer for k, e in keys.items()})
+            keys[key_id] = _host_key(f"{where}: hosts.{host_id}.keys.{key_id}", key_id, host_id, provider, spec)
+    return KeyRegistry(keys)
 
 
 def check_private(st: os.stat_result, path: Path, what: str, group_read: bool = False) -> int:
     """ConfigError unless the file of ``st`` is readable and writable by its owner only (0600 or
     stricter; with ``group_read`` its group may read it too) and owned by root or by this user (no
     one else may be able to change it). Its mode."""
-    mode = stat.S_IMODE(st.st_mode)
-    allowed = stat.S_IRGRP if group_read else 0
-    if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~allowed:
-        raise ConfigError(f"{path}: {what} is open to other users (mode {mode:04o}); chmod 600 {path}")
+    mode = check_owner_only(st.st_mode, f"{path}: {what}", path, group_read)
     if st.st_uid not in (0, os.geteuid()):
         raise ConfigError(f"{path}: {what} is owned by uid {st.st_uid}, neither root nor this user ({os.geteuid()})")
     return mode
@@ -330,12 +326,15 @@ class RegistryFile:
 Keys = KeyRegistry | RegistryFile  # what the loader verifies with
 
 
+def key_order(key: HostKey) -> tuple[str, datetime, str]:
+    """How keys are listed and written: by host, then oldest first (no start counts as earliest)."""
+    return (key.host_id, key.valid_from or datetime.min.replace(tzinfo=UTC), key.key_id)
+
+
 def registry_document(registry: KeyRegistry) -> dict[str, Any]:
     """The registry as the TOML document ``write_registry`` writes (every key in the table form)."""
     hosts: dict[str, Any] = {}
-    for key in sorted(
-        registry.keys.values(), key=lambda k: (k.host_id, k.valid_from or datetime.min.replace(tzinfo=UTC), k.key_id)
-    ):
+    for key in sorted(registry.keys.values(), key=key_order):
         host = hosts.setdefault(key.host_id, {"provider_id": key.provider_id, "keys": {}})
         spec: dict[str, Any] = {"algorithm": key.algorithm}
         spec["public_key" if key.algorithm == ED25519 else "secret"] = key.material

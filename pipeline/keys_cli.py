@@ -14,13 +14,14 @@ import click
 
 from gpumeter.errors import ConfigError
 from gpumeter.fleet import ID
+from gpumeter.record import public_key_text
 from pipeline.keys import (
     ED25519,
     HostKey,
     KeyRegistry,
+    key_order,
     load_registry,
     parse_public_key,
-    public_key_text,
     write_registry,
 )
 
@@ -310,9 +311,8 @@ def list_keys(registry_path: Path, host_id: str | None) -> None:
     if not rows:
         raise ConfigError(f"no key of host {host_id} in {registry_path}")
     header = ("key_id", "host_id", "provider_id", "algorithm", "state", "valid_from", "valid_until", "revoked_at")
-    earliest = datetime.min.replace(tzinfo=UTC)
     table = [header]
-    for k in sorted(rows, key=lambda k: (k.host_id, k.valid_from or earliest, k.key_id)):
+    for k in sorted(rows, key=key_order):
         when = (_shown(k.valid_from), _shown(k.valid_until), _shown(k.revoked_at))
         table.append((k.key_id, k.host_id, k.provider_id, k.algorithm, k.state(now), *when))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]

@@ -31,9 +31,10 @@ from gpumeter.demo.billing_month import run_billing
 from gpumeter.demo.broker import LocalBroker, create_topic
 from gpumeter.errors import GpumeterError
 from gpumeter.fleet import fleet_text, read_fleet
+from gpumeter.record import public_key_text
 from pipeline import clickhouse, fleet_store
 from pipeline.coverage import coverage_table
-from pipeline.keys import ED25519, HostKey, KeyRegistry, load_registry, public_key_text, write_registry
+from pipeline.keys import ED25519, HostKey, KeyRegistry, load_registry, write_registry
 from pipeline.loader import Loader, make_consumer
 from pipeline.report import gpu_hours_table, hours_text
 from pipeline.usage_store import UsageStore

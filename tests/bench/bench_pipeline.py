@@ -29,9 +29,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kafka import KafkaConsumer, KafkaProducer
 
 from gpumeter.demo.broker import LocalBroker, create_topic
-from gpumeter.record import decode_batch, encode_batch, plain_writer, record_id, schema_versions, signature_headers
+from gpumeter.record import (
+    decode_batch,
+    encode_batch,
+    plain_writer,
+    public_key_text,
+    record_id,
+    schema_versions,
+    signature_headers,
+)
 from pipeline import clickhouse
-from pipeline.keys import parse_registry, public_key_text
+from pipeline.keys import parse_registry
 from pipeline.loader import Loader, consumer_config, make_consumer
 
 N = 200_000

@@ -57,11 +57,9 @@ def test_agent_loader_and_dead_letter_talk_to_kafka_over_verified_tls(
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "agent.toml").write_text('provider_id = "P01"\nhost_id = "P01-H01"\n')
     key = tmp_path / "P01-H01.key"
-    assert gpumeter(["agent", "keygen", str(key)], env).returncode == 0
-    agent_pub = subprocess.run([sys.executable, "-c", (
-        "from agent.config import read_key, public_key_b64; from pathlib import Path; "
-        f"print(public_key_b64(read_key(Path({str(key)!r}))))")], capture_output=True, text=True, env=env, check=True
-    ).stdout.strip()  # fmt: skip
+    made_key = gpumeter(["agent", "keygen", str(key)], env)
+    assert made_key.returncode == 0, made_key.stderr
+    agent_pub = made_key.stdout.splitlines()[1]  # keygen prints the public key on its second line
     registry = tmp_path / "keys.toml"
     made = gpumeter(["keys", "new", "--registry", str(registry), "--host", "P01-H01", "--provider", "P01",
                      "--public-key", agent_pub, "--key-id", "P01-H01"], env)  # fmt: skip

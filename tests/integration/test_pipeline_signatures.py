@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kafka import KafkaProducer
 
-from gpumeter.record import encode_batch, record_id, signature_headers
-from pipeline.keys import HostKey, KeyRegistry, RegistryFile, parse_registry, public_key_text, write_registry
+from gpumeter.record import encode_batch, public_key_text, record_id, signature_headers
+from pipeline.keys import HostKey, KeyRegistry, RegistryFile, parse_registry, write_registry
 from pipeline.loader import Loader, make_consumer
 from pipeline.schema import (
     KEY_BACKLOG_REASON,

@@ -206,7 +206,7 @@ def _example_keys() -> Any:
 def test_keys_example_loads_and_registers_every_usage_host() -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from pipeline.keys import public_key_text
+    from gpumeter.record import public_key_text
 
     registry = _example_keys()
     hosts = {(s.host_id, s.provider_id) for s in registry.signers.values()}

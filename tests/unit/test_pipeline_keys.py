@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_run import run_cli
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gpumeter.cli import main
 from gpumeter.errors import ConfigError, RecordError
-from gpumeter.record import signature_headers
+from gpumeter.record import public_key_text, signature_headers
 from pipeline.keys import (
     HostKey,
     RegistryFile,
@@ -21,7 +21,6 @@ from pipeline.keys import (
     load_registry,
     parse_public_key,
     parse_registry,
-    public_key_text,
     write_registry,
 )
 
@@ -222,32 +221,22 @@ def test_a_running_loader_reads_a_changed_registry_and_keeps_the_last_good_one(t
 # --- gpumeter keys -------------------------------------------------------------------------------
 
 
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_keys_new_rotate_revoke_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     reg = tmp_path / "keys.toml"
     first, second = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     pub1, pub2 = public_key_text(first.public_key()), public_key_text(second.public_key())
-    code, out, err = _cli(["keys", "new", "--registry", str(reg), "--host", "P01-H01", "--provider", "P01",
+    code, out, err = run_cli(["keys", "new", "--registry", str(reg), "--host", "P01-H01", "--provider", "P01",
                            "--public-key", pub1, "--key-id", "H01.a"], capsys)  # fmt: skip
     assert code == 0, err
     assert reg.stat().st_mode & 0o777 == 0o600
     assert "set key_id = 'H01.a'" in out
     # a second first key for the same host is a mistake: rotate is the way
-    code, _, err = _cli(["keys", "new", "--registry", str(reg), "--host", "P01-H01", "--provider", "P01",
+    code, _, err = run_cli(["keys", "new", "--registry", str(reg), "--host", "P01-H01", "--provider", "P01",
                          "--public-key", pub2], capsys)  # fmt: skip
     assert code == 1 and "already has keys" in err
     switch = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
     pub_file = _write(tmp_path / "second.pub", pub2 + "\n")
-    code, out, err = _cli(["keys", "rotate", "--registry", str(reg), "--host", "P01-H01", "--public-key",
+    code, out, err = run_cli(["keys", "rotate", "--registry", str(reg), "--host", "P01-H01", "--public-key",
                            str(pub_file), "--key-id", "H01.b", "--at", switch.isoformat()], capsys)  # fmt: skip
     assert code == 0, err
     keys = load_registry(reg).keys
@@ -257,22 +246,24 @@ def test_keys_new_rotate_revoke_list(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert load_registry(reg).verify(b"v", signature_headers(b"v", "H01.a", first)).valid_until_ms == int(
         (switch + timedelta(days=1)).timestamp() * 1000
     )
-    code, out, _ = _cli(["keys", "list", "--registry", str(reg)], capsys)
+    code, out, _ = run_cli(["keys", "list", "--registry", str(reg)], capsys)
     states = {line.split()[0]: line.split()[4] for line in out.splitlines()[1:]}
     assert states == {"H01.a": "current", "H01.b": "current"}  # both, inside the overlap
     # a switch in the past would refuse batches the old key signed since then
     past = (datetime.now(UTC) - timedelta(days=1)).isoformat()
-    code, _, err = _cli(["keys", "rotate", "--registry", str(reg), "--host", "P01-H01", "--public-key",
+    code, _, err = run_cli(["keys", "rotate", "--registry", str(reg), "--host", "P01-H01", "--public-key",
                          public_key_text(Ed25519PrivateKey.generate().public_key()), "--at", past], capsys)  # fmt: skip
     assert code == 2 and "is in the past" in err
     before = reg.read_bytes()
-    code, _, err = _cli(["keys", "revoke", "--registry", str(reg), "H01.a", "--reason", "disk stolen", "--yes"], capsys)
+    code, _, err = run_cli(
+        ["keys", "revoke", "--registry", str(reg), "H01.a", "--reason", "disk stolen", "--yes"], capsys
+    )
     assert code == 0, err
     with pytest.raises(RecordError, match=r"revoked signing key id 'H01\.a'"):
         load_registry(reg).verify(b"v", signature_headers(b"v", "H01.a", first))
     assert load_registry(reg).keys["H01.a"].note == "revoked: disk stolen"
     assert reg.read_bytes() != before
-    code, _, err = _cli(["keys", "revoke", "--registry", str(reg), "H01.x", "--reason", "r", "--yes"], capsys)
+    code, _, err = run_cli(["keys", "revoke", "--registry", str(reg), "H01.x", "--reason", "r", "--yes"], capsys)
     assert code == 1 and "no key 'H01.x'" in err
 
 
@@ -280,7 +271,7 @@ def test_keys_commands_refuse_a_bad_public_key_and_write_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     reg = tmp_path / "keys.toml"
-    code, _, err = _cli(["keys", "new", "--registry", str(reg), "--host", "h", "--provider", "P",
+    code, _, err = run_cli(["keys", "new", "--registry", str(reg), "--host", "h", "--provider", "P",
                          "--public-key", "bm90IGEga2V5"], capsys)  # fmt: skip
     assert code == 2 and "is not an Ed25519 public key" in err
     assert not reg.exists()
@@ -289,12 +280,12 @@ def test_keys_commands_refuse_a_bad_public_key_and_write_nothing(
 def test_a_second_rotation_never_lengthens_an_ended_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     reg = tmp_path / "keys.toml"
     pubs = [public_key_text(Ed25519PrivateKey.generate().public_key()) for _ in range(3)]
-    assert _cli(["keys", "new", "--registry", str(reg), "--host", "h", "--provider", "P", "--public-key", pubs[0],
+    assert run_cli(["keys", "new", "--registry", str(reg), "--host", "h", "--provider", "P", "--public-key", pubs[0],
                  "--key-id", "k0"], capsys)[0] == 0  # fmt: skip
     first = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
     second = first + timedelta(hours=2)
     for pub, kid, at, overlap in ((pubs[1], "k1", first, "0"), (pubs[2], "k2", second, "1")):
-        code, _, err = _cli(["keys", "rotate", "--registry", str(reg), "--host", "h", "--public-key", pub,
+        code, _, err = run_cli(["keys", "rotate", "--registry", str(reg), "--host", "h", "--public-key", pub,
                              "--key-id", kid, "--at", at.isoformat(), "--overlap", overlap], capsys)  # fmt: skip
         assert code == 0, err
     keys = load_registry(reg).keys

@@ -10,9 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_run import run_cli
 from secret_watch import TEST_PASSWORD
 
-from gpumeter.cli import main
 from gpumeter.redact import redact
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,12 +52,7 @@ def test_a_logged_traceback_is_redacted_too() -> None:
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(argv, capsys)
     return code, out + err
 
 
